@@ -1,0 +1,27 @@
+"""Model adapters: one file per model family, registered in :data:`ADAPTERS`."""
+
+from __future__ import annotations
+
+from .base import Conditioning, ModelAdapter, select_rows
+from .flux import FluxAdapter
+
+ADAPTERS: list[type[ModelAdapter]] = [FluxAdapter]
+"""Adapter classes tried in order by :func:`get_adapter`."""
+
+
+def get_adapter(pipeline, **kwargs) -> ModelAdapter:
+    """The adapter for ``pipeline``, built with ``kwargs`` (see :class:`ModelAdapter`).
+
+    Raises:
+        ValueError: no adapter supports this pipeline class; the message lists the supported ones.
+    """
+    for adapter_class in ADAPTERS:
+        if adapter_class.supports(pipeline):
+            return adapter_class(pipeline, **kwargs)
+    supported = ", ".join(name for cls in ADAPTERS for name in cls.pipeline_class_names)
+    raise ValueError(f"E-GRPO does not support {type(pipeline).__name__}. Supported pipelines: {supported}. "
+                     "Load one of them (e.g. `FluxPipeline.from_pretrained('black-forest-labs/FLUX.1-dev')`), "
+                     "or add an adapter for your model family (docs/adding-a-model.md).")
+
+
+__all__ = ["ADAPTERS", "Conditioning", "FluxAdapter", "ModelAdapter", "get_adapter", "select_rows"]

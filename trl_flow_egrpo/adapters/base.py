@@ -1,0 +1,108 @@
+"""The model-adapter interface: everything the trainer needs from a model family.
+
+The trainer and the rollout engine never touch a pipeline's internals; they go through a
+:class:`ModelAdapter`. Adding a model family is one new file implementing this class (see
+``docs/adding-a-model.md``), registered in ``trl_flow_egrpo/adapters/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from ..schedule import Schedule
+
+Conditioning = dict[str, torch.Tensor]
+"""Per-prompt conditioning: a dict of tensors whose first dimension is the prompt batch."""
+
+
+def select_rows(conditioning: Conditioning, rows: torch.Tensor) -> Conditioning:
+    """The conditioning of the prompts ``rows`` (a LongTensor of prompt indices, repeats allowed)."""
+    return {name: tensor.index_select(0, rows.to(tensor.device)) for name, tensor in conditioning.items()}
+
+
+class ModelAdapter(ABC):
+    """What E-GRPO needs from a text-to-image flow-matching pipeline.
+
+    Subclasses set :attr:`pipeline_class_names` and :attr:`default_lora_target_modules` and implement the
+    abstract methods. Latents handed between methods are float32 and laid out the way the model
+    consumes them (packed for FLUX, ``[B, C, h, w]`` for SD3).
+
+    Args:
+        pipeline: the diffusers pipeline; its transformer is the trained module.
+        height: image height in pixels.
+        width: image width in pixels.
+        guidance_scale: the family's guidance (FLUX.1-dev: the distilled guidance embedding; SD3:
+            classifier-free guidance). ``None`` uses the family's default.
+        max_sequence_length: T5 token length of the prompt encoding.
+        negative_prompt: for families with classifier-free guidance.
+    """
+
+    pipeline_class_names: ClassVar[tuple[str, ...]] = ()
+    default_lora_target_modules: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, pipeline, height: int, width: int, guidance_scale: float | None = None,
+                 max_sequence_length: int = 512, negative_prompt: str = ""):
+        self.pipeline = pipeline
+        self.height = height
+        self.width = width
+        self.guidance_scale = guidance_scale
+        self.max_sequence_length = max_sequence_length
+        self.negative_prompt = negative_prompt
+
+    @classmethod
+    def supports(cls, pipeline) -> bool:
+        """Whether this adapter drives ``pipeline`` (by class name, so subclasses and wrappers of the
+        same pipeline class match without importing every family's module)."""
+        return any(klass.__name__ in cls.pipeline_class_names for klass in type(pipeline).__mro__)
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The denoiser that E-GRPO trains."""
+        return self.pipeline.transformer
+
+    @property
+    def device(self) -> torch.device:
+        """Where the denoiser lives."""
+        return next(self.transformer.parameters()).device
+
+    @property
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """The modules that are never trained (VAE, text encoders): kept frozen and in eval mode."""
+        return [module for name, module in self.pipeline.components.items()
+                if isinstance(module, torch.nn.Module) and name != "transformer"]
+
+    @abstractmethod
+    def schedule(self, num_steps: int, shift: float | None) -> Schedule:
+        """The sampling schedule: a static ``shift``, or the scheduler's own when ``shift`` is None."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Encode prompts once; the result is indexed per rollout with :func:`select_rows`."""
+
+    @abstractmethod
+    def initial_noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """Standard normal initial latents (float32, model layout), drawn as the pipeline draws them."""
+
+    @abstractmethod
+    def velocity(self, model: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
+                 conditioning: Conditioning) -> torch.Tensor:
+        """The policy's velocity for a batch with per-sample timesteps, as float32.
+
+        Args:
+            model: the (possibly wrapped) denoiser to call; the trainer passes its prepared module.
+            latents: float32 latents ``[B, ...]``.
+            timesteps: ``[B]`` schedule timesteps (``Schedule.timesteps`` entries).
+            conditioning: ``B`` rows of :meth:`encode_prompts` output.
+        """
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents to float32 images ``[B, 3, H, W]`` in [0, 1]."""
+
+    def save_lora_weights(self, directory: str, lora_state_dict: dict[str, torch.Tensor]) -> None:
+        """Write a transformer LoRA in the diffusers format (``pipe.load_lora_weights(directory)``)."""
+        type(self.pipeline).save_lora_weights(directory, transformer_lora_layers=lora_state_dict,
+                                              safe_serialization=True)

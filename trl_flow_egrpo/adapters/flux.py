@@ -1,0 +1,93 @@
+"""FLUX.1 (dev / schnell) through ``diffusers.FluxPipeline``.
+
+FLUX specifics: latents are 2x2-packed into tokens ``[B, (h/2)(w/2), 4C]`` with a per-token position
+grid (``img_ids``); the transformer is conditioned on ``timestep / 1000`` and, for FLUX.1-dev, on a
+distilled guidance embedding (no classifier-free guidance pass); the scheduler of FLUX.1-dev shifts
+its schedule dynamically with the image's token count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..schedule import Schedule, scheduler_schedule
+from .base import Conditioning, ModelAdapter
+
+
+class FluxAdapter(ModelAdapter):
+    """Adapter for ``FluxPipeline`` (FLUX.1-dev default guidance embedding 3.5)."""
+
+    pipeline_class_names = ("FluxPipeline",)
+    default_lora_target_modules = (
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        "proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    )
+    default_guidance_scale = 3.5
+
+    def __init__(self, pipeline, height: int, width: int, guidance_scale: float | None = None,
+                 max_sequence_length: int = 512, negative_prompt: str = ""):
+        super().__init__(pipeline, height, width, guidance_scale, max_sequence_length, negative_prompt)
+        multiple = pipeline.vae_scale_factor * 2
+        if height % multiple or width % multiple:
+            raise ValueError(f"FLUX needs height and width divisible by {multiple}, got {height}x{width}.")
+        # Latent grid as FluxPipeline.prepare_latents computes it, before 2x2 packing.
+        self.latent_height = 2 * (height // multiple)
+        self.latent_width = 2 * (width // multiple)
+        self.num_channels = pipeline.transformer.config.in_channels // 4
+        if self.guidance_scale is None:
+            self.guidance_scale = self.default_guidance_scale
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Sequence length of the packed latents (what FLUX.1-dev's dynamic shift depends on)."""
+        return (self.latent_height // 2) * (self.latent_width // 2)
+
+    def schedule(self, num_steps: int, shift: float | None) -> Schedule:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = self.pipeline.scheduler.config
+        mu = calculate_shift(self.num_image_tokens, config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        return scheduler_schedule(self.pipeline.scheduler, num_steps, shift=shift, mu=mu)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        prompt_embeds, pooled_prompt_embeds, _ = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+
+    def initial_noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        shape = (batch_size, self.num_channels, self.latent_height, self.latent_width)
+        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        return self.pipeline._pack_latents(noise, batch_size, self.num_channels, self.latent_height,
+                                           self.latent_width).to(self.device)
+
+    def velocity(self, model, latents, timesteps, conditioning):
+        transformer = self.transformer
+        dtype = transformer.dtype
+        batch_size = latents.shape[0]
+        device = latents.device
+        image_ids = self.pipeline._prepare_latent_image_ids(batch_size, self.latent_height // 2,
+                                                            self.latent_width // 2, device, dtype)
+        text_ids = torch.zeros(conditioning["prompt_embeds"].shape[1], 3, device=device, dtype=dtype)
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full((batch_size,), self.guidance_scale, device=device, dtype=torch.float32)
+        hidden_states = latents.to(dtype)
+        # As FluxPipeline: the timestep is cast to the latents' dtype, then scaled to [0, 1].
+        timestep = timesteps.to(device=device, dtype=hidden_states.dtype) / 1000
+        velocity = model(hidden_states=hidden_states, timestep=timestep, guidance=guidance,
+                         pooled_projections=conditioning["pooled_prompt_embeds"],
+                         encoder_hidden_states=conditioning["prompt_embeds"], txt_ids=text_ids,
+                         img_ids=image_ids, return_dict=False)[0]
+        return velocity.to(torch.float32)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        latents = self.pipeline._unpack_latents(latents, self.height, self.width, self.pipeline.vae_scale_factor)
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)

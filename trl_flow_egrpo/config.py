@@ -1,0 +1,177 @@
+"""``EGRPOConfig``: every knob of an E-GRPO run, documented field by field.
+
+Defaults are the paper's recipe for FLUX.1-dev (METHOD.md section 7), except that LoRA is the default
+(with a learning rate suited to LoRA) and full fine-tuning is one flag (``use_peft=False``).
+Works with ``transformers.HfArgumentParser`` and ``trl.TrlParser`` (YAML config + CLI overrides).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+def _doc(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class EGRPOConfig:
+    r"""Configuration of :class:`~trl_flow_egrpo.EGRPOTrainer`.
+
+    Every field is documented in its ``metadata["help"]`` (shown by ``--help`` of ``HfArgumentParser``)
+    and in ``docs/configuration.md``. Grouped as: output and logging; sampling schedule and SDE;
+    entropy-aware merging; rollouts; policy update; optimization; model (LoRA, precision); rewards and
+    data; checkpointing.
+    """
+
+    # --- output, logging, reproducibility -------------------------------------------------------
+    output_dir: str = _doc("Where checkpoints, logs and the final model are written.", default="egrpo-output")
+    seed: int = _doc("Seed of the data order, initial noise and SDE noise (each process adds its rank).",
+                     default=42)
+    max_steps: int = _doc("Number of E-GRPO iterations (sample rollouts, then update). Paper: 300.", default=300)
+    logging_steps: int = _doc("Log metrics to the trackers every this many iterations.", default=1)
+    log_with: str | None = _doc(
+        "Comma-separated accelerate trackers ('tensorboard', 'wandb', 'trackio', 'all'), or None.", default=None)
+    tracker_project_name: str = _doc("Project name handed to the trackers.", default="trl-flow-egrpo")
+    run_name: str | None = _doc("Run name for the trackers (default: the output_dir's name).", default=None)
+    disable_tqdm: bool = _doc("Hide the progress bar.", default=False)
+
+    # --- schedule and SDE (METHOD.md sections 1-2) ------------------------------------------------
+    num_inference_steps: int = _doc("T, sampling steps per rollout. Paper: 16.", default=16)
+    shift: float | None = _doc(
+        "Static time shift of the schedule (paper: 3.0). None keeps the pipeline scheduler's own shift "
+        "(e.g. FLUX.1-dev's resolution-dependent dynamic shift).", default=3.0)
+    noise_level: float = _doc("a, the SDE noise level of the stochastic step (> 0). Paper: 0.7.", default=0.7)
+
+    # --- entropy-aware merging (METHOD.md section 3) ----------------------------------------------
+    entropy_threshold: float = _doc(
+        "tau: a step with exp(h) >= tau is trained alone; lower-entropy steps are merged with the next "
+        "intervals until the merged step's exp(h) reaches tau. 0 disables merging. Paper: 2.2.", default=2.2)
+    num_active_steps: int = _doc("Train the steps starting at the first this many schedule indices. Paper: 8.",
+                                 default=8)
+    merge: str = _doc(
+        "'adaptive' (entropy-driven lengths), 'none' (every step alone), or an integer (fixed merge "
+        "length for all steps, the paper's ablation).", default="adaptive")
+    merge_windows: str = _doc(
+        "'overlap': every active index starts a merged step (Algorithm 1); 'partition': the next merged "
+        "step starts where the previous one ended.", default="overlap")
+
+    # --- rollouts (METHOD.md section 4) -----------------------------------------------------------
+    num_generations: int = _doc("G, rollouts per (prompt, merged step) group (>= 2). Paper code: 12.", default=12)
+    prompts_per_device: int = _doc("Prompts per process per iteration. Paper: 1 per GPU on 8 GPUs.", default=1)
+    height: int = _doc("Image height in pixels. Authors' code: 720.", default=720)
+    width: int = _doc("Image width in pixels. Authors' code: 720.", default=720)
+    guidance_scale: float | None = _doc(
+        "The model family's guidance: FLUX.1-dev's guidance embedding (3.5 by default) or SD3's "
+        "classifier-free guidance scale. None uses the family's default.", default=None)
+    negative_prompt: str = _doc("Negative prompt for families with classifier-free guidance (SD3).", default="")
+    max_sequence_length: int = _doc("T5 token length of the prompt encoding (at most 512).", default=512)
+    rollout_batch_size: int = _doc(
+        "Transformer rows per forward call while sampling (anchors and branches of all prompts and steps "
+        "share calls, with per-sample timesteps).", default=16)
+    decode_batch_size: int | None = _doc("Images per VAE decode call (default: rollout_batch_size).",
+                                         default=None)
+
+    # --- policy update (METHOD.md sections 5-6) -----------------------------------------------------
+    clip_range: float = _doc("PPO clip range epsilon on the ratio. Paper: 1e-4.", default=1e-4)
+    advantage_clip: float = _doc("A_max: advantages are clipped to [-A_max, A_max]. Reference code: 5.",
+                                 default=5.0)
+    advantage_eps: float = _doc("Added to the group std when normalizing rewards.", default=1e-8)
+    beta: float = _doc(
+        "Weight of a KL penalty to the frozen base model (LoRA disabled; a frozen copy when full "
+        "fine-tuning). 0 = no penalty, as in the paper.", default=0.0)
+    per_device_train_batch_size: int = _doc(
+        "Groups per forward/backward micro-batch in the update (one forward per group serves its G "
+        "ratios). Gradients accumulate over all micro-batches of an optimizer step.", default=1)
+    optimizer_step: str = _doc(
+        "'iteration': one optimizer step per iteration over all groups (Algorithm 1); 'active_step': one "
+        "optimizer step per merged step of the plan (the reference code).", default="iteration")
+    num_inner_epochs: int = _doc("Passes over each iteration's rollouts (PPO epochs). Paper: 1.", default=1)
+
+    # --- optimization -----------------------------------------------------------------------------
+    learning_rate: float = _doc(
+        "AdamW learning rate. Default 1e-4 suits LoRA; the paper's full fine-tune uses 2e-6.", default=1e-4)
+    adam_beta1: float = _doc("AdamW beta1.", default=0.9)
+    adam_beta2: float = _doc("AdamW beta2.", default=0.999)
+    adam_epsilon: float = _doc("AdamW epsilon.", default=1e-8)
+    weight_decay: float = _doc("AdamW weight decay. Paper: 1e-4.", default=1e-4)
+    max_grad_norm: float | None = _doc("Gradient-norm clipping. Paper: 1.0. None disables it.", default=1.0)
+    lr_scheduler_type: str = _doc("transformers learning-rate schedule name ('constant', 'cosine', ...).",
+                                  default="constant")
+    warmup_steps: int = _doc("Learning-rate warm-up, in optimizer steps.", default=0)
+
+    # --- model ------------------------------------------------------------------------------------
+    use_peft: bool = _doc("Train a LoRA (peft) on the transformer; False = full fine-tuning.", default=True)
+    lora_r: int = _doc("LoRA rank.", default=32)
+    lora_alpha: int = _doc("LoRA alpha (scale = alpha / r).", default=64)
+    lora_dropout: float = _doc("LoRA dropout.", default=0.0)
+    lora_target_modules: list[str] | None = _doc(
+        "Module names the LoRA targets (default: the model family's attention and MLP projections).",
+        default=None)
+    mixed_precision: str = _doc("accelerate mixed precision: 'no', 'fp16' or 'bf16'. Paper: bf16.",
+                                default="bf16")
+    gradient_checkpointing: bool = _doc("Recompute activations in the backward pass to save memory.",
+                                        default=False)
+    allow_tf32: bool = _doc("Allow TF32 matmuls on Ampere+ GPUs.", default=True)
+
+    # --- rewards and data -------------------------------------------------------------------------
+    reward_weights: list[float] | None = _doc("One weight per reward function (default: all 1).", default=None)
+    reward_aggregation: str = _doc(
+        "With several rewards: 'advantage' normalizes each reward in its group, then sums with the weights "
+        "(scale-free); 'sum' sums the weighted raw rewards, then normalizes.", default="advantage")
+    prompt_column: str = _doc("Dataset column holding the prompts.", default="prompt")
+    shuffle_dataset: bool = _doc("Shuffle the prompts each epoch (seeded).", default=True)
+
+    # --- checkpointing --------------------------------------------------------------------------
+    save_steps: int = _doc("Write a checkpoint every this many iterations (0: never).", default=50)
+    save_total_limit: int | None = _doc("Keep at most this many checkpoints (oldest deleted).", default=None)
+    resume_from_checkpoint: str | None = _doc(
+        "Resume from this checkpoint directory, or 'true' for the latest one in output_dir.", default=None)
+
+    def __post_init__(self):
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (advantages are normalized within a group of G "
+                             f"rollouts), got {self.num_generations}. The paper uses 12.")
+        if not 1 <= self.num_active_steps <= self.num_inference_steps:
+            raise ValueError(f"num_active_steps ({self.num_active_steps}) must be between 1 and num_inference_steps "
+                             f"({self.num_inference_steps}): it counts the trained steps among the sampling steps.")
+        if self.noise_level <= 0:
+            raise ValueError(f"noise_level must be > 0 (it is the SDE noise of the one stochastic step), "
+                             f"got {self.noise_level}.")
+        if self.entropy_threshold < 0:
+            raise ValueError(f"entropy_threshold must be >= 0, got {self.entropy_threshold}.")
+        self.merge_length  # validates `merge`
+        checks = {
+            "merge_windows": (self.merge_windows, ("overlap", "partition")),
+            "optimizer_step": (self.optimizer_step, ("iteration", "active_step")),
+            "reward_aggregation": (self.reward_aggregation, ("advantage", "sum")),
+            "mixed_precision": (self.mixed_precision, ("no", "fp16", "bf16")),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+        for name in ("max_steps", "prompts_per_device", "rollout_batch_size", "per_device_train_batch_size",
+                     "num_inner_epochs", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.clip_range <= 0:
+            raise ValueError(f"clip_range must be > 0, got {self.clip_range}.")
+        if self.max_sequence_length > 512:
+            raise ValueError(f"max_sequence_length must be <= 512 (T5's limit in the pipelines), got "
+                             f"{self.max_sequence_length}.")
+
+    @property
+    def merge_length(self) -> str | int | None:
+        """``merge`` parsed for :func:`~trl_flow_egrpo.plan_merges`: ``"adaptive"``, an int, or None."""
+        value = str(self.merge).strip().lower()
+        if value == "adaptive":
+            return "adaptive"
+        if value in ("none", "0"):
+            return None
+        if value.isdigit():
+            return int(value)
+        raise ValueError(f"merge must be 'adaptive', 'none' or a positive integer, got {self.merge!r}.")
+
+    def to_dict(self) -> dict:
+        """The config as a JSON-serializable dict (for trackers, checkpoints and the model card)."""
+        return asdict(self)

@@ -1,0 +1,27 @@
+"""Reward functions for E-GRPO.
+
+A reward is any callable ``fn(images, prompts, **columns)`` that returns one float per image:
+``images`` is a float tensor ``[B, 3, H, W]`` with values in [0, 1], ``prompts`` the ``B`` prompts, and
+``columns`` the dataset's other columns for those prompts (lists of length ``B``). An optional
+``name`` attribute names the reward in the logs.
+
+Model-based rewards load their weights lazily, on first call; importing this package needs none of their
+optional dependencies (``pip install "trl-flow-egrpo[rewards]"`` for the open_clip ones).
+"""
+
+from .clip_score import CLIPScoreReward
+from .hps import HPSv2Reward
+from .image_reward import ImageRewardReward
+from .pickscore import PickScoreReward
+from .weight_free import BrightnessReward, ColorReward, JpegCompressibilityReward, JpegIncompressibilityReward
+
+__all__ = [
+    "BrightnessReward",
+    "CLIPScoreReward",
+    "ColorReward",
+    "HPSv2Reward",
+    "ImageRewardReward",
+    "JpegCompressibilityReward",
+    "JpegIncompressibilityReward",
+    "PickScoreReward",
+]

@@ -1,0 +1,70 @@
+"""Calling reward functions: names, validation, weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+
+def reward_name(reward_fn: Callable) -> str:
+    """The name a reward is logged under: its ``name`` attribute, else its function or class name."""
+    name = getattr(reward_fn, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return getattr(reward_fn, "__name__", None) or type(reward_fn).__name__
+
+
+def unique_reward_names(reward_fns: Sequence[Callable]) -> list[str]:
+    """Reward names made unique by suffixing repeats (``clip``, ``clip_1``, ...)."""
+    names, seen = [], {}
+    for fn in reward_fns:
+        base = reward_name(fn)
+        count = seen.get(base, 0)
+        names.append(base if count == 0 else f"{base}_{count}")
+        seen[base] = count + 1
+    return names
+
+
+def validate_reward_fns(reward_fns) -> list[Callable]:
+    """A non-empty list of callables, or a clear error."""
+    if callable(reward_fns):
+        reward_fns = [reward_fns]
+    reward_fns = list(reward_fns or [])
+    if not reward_fns:
+        raise ValueError("Pass at least one reward function: a callable fn(images, prompts, **columns) that "
+                         "returns one float per image (see trl_flow_egrpo.rewards).")
+    for fn in reward_fns:
+        if not callable(fn):
+            raise ValueError(f"Reward functions must be callables fn(images, prompts, **columns); got {fn!r}.")
+    return reward_fns
+
+
+def call_reward(name: str, reward_fn: Callable, images: torch.Tensor, prompts: list[str],
+                columns: dict[str, list]) -> torch.Tensor:
+    """Call one reward and check its output: one finite float per image, returned as float32 ``[B]`` (CPU).
+
+    Raises:
+        ValueError: naming the reward, when it returns the wrong number of values, non-numbers, NaN or inf.
+    """
+    values = reward_fn(images, prompts, **columns)
+    try:
+        if isinstance(values, torch.Tensor):
+            values = values.detach().to(device="cpu", dtype=torch.float32)
+        else:
+            values = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"Reward '{name}' returned {type(values).__name__} that is not a sequence of floats: it "
+                         f"must return one float per image (a list, numpy array or 1-D tensor).") from error
+    values = values.reshape(-1) if values.dim() > 1 and values.numel() == len(images) else values
+    if values.dim() != 1 or len(values) != len(images):
+        raise ValueError(f"Reward '{name}' returned {tuple(values.shape)} values for {len(images)} images: it must "
+                         "return exactly one float per image, in the order of the images.")
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        examples = [prompts[i] for i in bad.nonzero().flatten()[:3].tolist()]
+        raise ValueError(f"Reward '{name}' returned NaN or inf for {int(bad.sum())} of {len(images)} images (prompts "
+                         f"e.g. {examples}). Make the reward return finite values for every image, e.g. by "
+                         "handling blank or degenerate images.")
+    return values

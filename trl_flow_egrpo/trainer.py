@@ -1,0 +1,524 @@
+"""``EGRPOTrainer``: E-GRPO for flow-matching text-to-image pipelines, on accelerate.
+
+One iteration (Algorithm 1 of the paper, METHOD.md sections 4-6):
+
+1. take ``prompts_per_device`` prompts per process;
+2. sample the anchor trajectories and the branched rollouts of every merged step of the plan;
+3. score the images with the reward functions; normalize rewards within each (prompt, step) group;
+4. PPO-clip update of the policy on the one stochastic step of every rollout.
+
+The trainer orchestrates; the math lives in :mod:`~trl_flow_egrpo.sde`, :mod:`~trl_flow_egrpo.merging`,
+:mod:`~trl_flow_egrpo.advantages` and :mod:`~trl_flow_egrpo.loss`, and everything model-specific in
+:mod:`~trl_flow_egrpo.adapters`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from . import checkpoints
+from .adapters import get_adapter, select_rows
+from .advantages import group_advantages
+from .config import EGRPOConfig
+from .loss import ppo_clip_loss
+from .merging import format_merge_plan, plan_merges
+from .rollout import Rollouts, sample_rollouts
+from .scoring import call_reward, unique_reward_names, validate_reward_fns
+from .sde import gaussian_kl, sde_step
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"
+TRAINABLE_PARAMS = "trainable_params.safetensors"
+
+
+@dataclass
+class TrainerState:
+    """What the trainer knows about its progress; saved in every checkpoint.
+
+    Attributes:
+        iteration: completed E-GRPO iterations.
+        log_history: one dict of metrics per iteration.
+    """
+
+    iteration: int = 0
+    log_history: list[dict] = field(default_factory=list)
+
+
+class EGRPOTrainer:
+    """Fine-tune a flow-matching text-to-image pipeline with E-GRPO.
+
+    Args:
+        config: the run's :class:`~trl_flow_egrpo.EGRPOConfig`.
+        pipeline: a diffusers pipeline (``FluxPipeline``; see ``trl_flow_egrpo.adapters.ADAPTERS``). Its
+            transformer is trained in place (a LoRA is added to it unless ``config.use_peft`` is False).
+        reward_fns: one reward callable or a list: ``fn(images, prompts, **columns)`` returning one float
+            per image (``images``: float ``[B, 3, H, W]`` in [0, 1]; ``columns``: the dataset's other
+            columns for those prompts). Weighted by ``config.reward_weights``.
+        train_dataset: a ``datasets.Dataset`` (or any sized, indexable collection of dicts) with the
+            prompts in ``config.prompt_column``.
+
+    Example::
+
+        from datasets import Dataset
+        from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer
+        from trl_flow_egrpo.rewards import ColorReward
+        from trl_flow_egrpo.tiny import build_tiny_flux_pipeline
+
+        config = EGRPOConfig(height=64, width=64, max_steps=10, mixed_precision="no")
+        trainer = EGRPOTrainer(config, build_tiny_flux_pipeline(), [ColorReward()],
+                               Dataset.from_dict({"prompt": ["a red apple", "a fire truck"]}))
+        trainer.train()
+    """
+
+    def __init__(self, config: EGRPOConfig, pipeline, reward_fns: Callable | Sequence[Callable], train_dataset):
+        self.config = config
+        self.reward_fns = validate_reward_fns(reward_fns)
+        self.reward_names = unique_reward_names(self.reward_fns)
+        if config.reward_weights is not None and len(config.reward_weights) != len(self.reward_fns):
+            raise ValueError(f"reward_weights has {len(config.reward_weights)} values for {len(self.reward_fns)} "
+                             "reward functions: give one weight per reward function.")
+        self.reward_weights = torch.tensor(config.reward_weights or [1.0] * len(self.reward_fns))
+        self.train_dataset = self._validated_dataset(train_dataset)
+        self.adapter = get_adapter(pipeline, height=config.height, width=config.width,
+                                   guidance_scale=config.guidance_scale,
+                                   max_sequence_length=config.max_sequence_length,
+                                   negative_prompt=config.negative_prompt)
+        self.pipeline = pipeline
+
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            log_with=[name.strip() for name in config.log_with.split(",")] if config.log_with else None,
+            project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                                logging_dir=os.path.join(config.output_dir, "logs")),
+        )
+        set_seed(config.seed, device_specific=True)
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+        self.schedule = self.adapter.schedule(config.num_inference_steps, config.shift)
+        self.merge_plan = plan_merges(self.schedule.sigmas, config.noise_level, config.entropy_threshold,
+                                      config.num_active_steps, config.merge_length, config.merge_windows)
+
+        self.model, self.reference_model = self._prepare_transformer()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                           eps=config.adam_epsilon, weight_decay=config.weight_decay)
+        from transformers import get_scheduler
+
+        self.lr_scheduler = get_scheduler(config.lr_scheduler_type, self.optimizer, num_warmup_steps=config.warmup_steps,
+                                          num_training_steps=config.max_steps * self.optimizer_steps_per_iteration)
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.model, self.optimizer,
+                                                                                 self.lr_scheduler)
+        if config.use_peft:
+            self.accelerator.register_save_state_pre_hook(self._save_trainable_params)
+            self.accelerator.register_load_state_pre_hook(self._load_trainable_params)
+
+        # Rollout noise has its own generator (per process, on the CPU so that runs reproduce across devices).
+        self.generator = torch.Generator("cpu").manual_seed(config.seed + self.accelerator.process_index)
+        self.state = TrainerState()
+        self.num_trainable_parameters = sum(p.numel() for p in trainable)
+
+    # ------------------------------------------------------------------ setup
+
+    def _validated_dataset(self, dataset):
+        column = self.config.prompt_column
+        if dataset is None or len(dataset) == 0:
+            raise ValueError("train_dataset is empty: pass a dataset with at least one prompt, e.g. "
+                             "Dataset.from_dict({'prompt': ['a photo of a cat']}).")
+        columns = getattr(dataset, "column_names", None) or list(dataset[0].keys())
+        if column not in columns:
+            raise ValueError(f"train_dataset has no prompt column '{column}' (columns: {columns}). Rename the column "
+                             f"(dataset.rename_column(..., '{column}')) or set EGRPOConfig.prompt_column.")
+        return dataset
+
+    def _prepare_transformer(self):
+        config, adapter = self.config, self.adapter
+        device = self.accelerator.device
+        for module in adapter.frozen_modules:
+            module.requires_grad_(False).eval()
+        self.pipeline.to(device)
+        transformer = adapter.transformer
+        reference = None
+        if config.use_peft:
+            from peft import LoraConfig
+
+            transformer.requires_grad_(False)
+            transformer.add_adapter(LoraConfig(
+                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                init_lora_weights="gaussian",
+                target_modules=list(config.lora_target_modules or adapter.default_lora_target_modules)))
+        elif config.beta > 0:
+            reference = copy.deepcopy(transformer).requires_grad_(False).eval()
+        # Trainable parameters live in float32 whatever the base dtype (mixed precision autocasts compute).
+        for parameter in transformer.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.to(torch.float32)
+        if config.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        return transformer.eval(), reference
+
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        """Optimizer steps in one iteration (per ``optimizer_step`` and ``num_inner_epochs``)."""
+        per_epoch = len(self.merge_plan) if self.config.optimizer_step == "active_step" else 1
+        return per_epoch * self.config.num_inner_epochs
+
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The trained transformer without distributed wrappers."""
+        return self.accelerator.unwrap_model(self.model)
+
+    # ------------------------------------------------------------------ data
+
+    def _iteration_rows(self, iteration: int) -> list[dict]:
+        """This process's prompt rows for ``iteration``: a deterministic function of seed and iteration,
+        so that resuming needs no data-loader state. Processes take disjoint, consecutive slices."""
+        size = len(self.train_dataset)
+        per_process = self.config.prompts_per_device
+        first = (iteration * self.accelerator.num_processes + self.accelerator.process_index) * per_process
+        rows = []
+        for position in range(first, first + per_process):
+            epoch, offset = divmod(position, size)
+            rows.append(self.train_dataset[int(self._epoch_order(epoch, size)[offset])])
+        return rows
+
+    def _epoch_order(self, epoch: int, size: int) -> torch.Tensor:
+        if not self.config.shuffle_dataset:
+            return torch.arange(size)
+        cached = getattr(self, "_cached_order", None)
+        if cached is None or cached[0] != epoch:
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.config.seed + epoch))
+            self._cached_order = cached = (epoch, order)
+        return cached[1]
+
+    # ------------------------------------------------------------------ training loop
+
+    def train(self) -> TrainerState:
+        """Run E-GRPO for ``config.max_steps`` iterations (resuming first if configured)."""
+        config, accelerator = self.config, self.accelerator
+        if config.resume_from_checkpoint not in (None, "", "false", "False"):
+            self.load_checkpoint(config.resume_from_checkpoint)
+        accelerator.init_trackers(config.tracker_project_name, config=_flat_config(config),
+                                  init_kwargs=self._tracker_init_kwargs())
+        self._log_start()
+
+        progress = tqdm(total=config.max_steps, initial=self.state.iteration, desc="E-GRPO",
+                        disable=config.disable_tqdm or not accelerator.is_local_main_process)
+        while self.state.iteration < config.max_steps:
+            metrics = self.step()
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['reward/weighted_mean']:.4f}")
+            if config.save_steps and self.state.iteration % config.save_steps == 0:
+                self.save_checkpoint()
+        progress.close()
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return self.state
+
+    def step(self) -> dict[str, float]:
+        """One E-GRPO iteration: sample, score, update. Returns (and logs) the iteration's metrics."""
+        config = self.config
+        rows = self._iteration_rows(self.state.iteration)
+        prompts = [row[config.prompt_column] for row in rows]
+
+        start = time.perf_counter()
+        rollouts = self.generate(prompts)
+        sampling_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        rewards, anchor_rewards = self.score(rollouts, rows)
+        reward_seconds = time.perf_counter() - start
+
+        advantages = group_advantages(rewards, self.reward_weights, config.reward_aggregation,
+                                      config.advantage_clip, config.advantage_eps)
+        start = time.perf_counter()
+        update_metrics = self.update(rollouts, advantages)
+        update_seconds = time.perf_counter() - start
+
+        self.state.iteration += 1
+        metrics = self._metrics(rollouts, rewards, anchor_rewards, advantages, update_metrics)
+        metrics.update({"time/sampling": sampling_seconds, "time/rewards": reward_seconds,
+                        "time/update": update_seconds, "iteration": self.state.iteration})
+        self.state.log_history.append(metrics)
+        if self.state.iteration % config.logging_steps == 0:
+            self.accelerator.log(metrics, step=self.state.iteration)
+        return metrics
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str]) -> Rollouts:
+        """Sample this process's anchors and branched rollouts for ``prompts`` with the current policy."""
+        config = self.config
+        conditioning = self.adapter.encode_prompts(prompts)
+        noise = self.adapter.initial_noise(len(prompts), self.generator).to(self.accelerator.device)
+        self.model.eval()
+        with self.accelerator.autocast():
+            return sample_rollouts(self.adapter, self.unwrapped_model, self.schedule, self.merge_plan, conditioning,
+                                   noise, config.num_generations, config.noise_level, self.generator,
+                                   config.rollout_batch_size, config.decode_batch_size)
+
+    def score(self, rollouts: Rollouts, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards of every rollout ``[num_groups, G, num_rewards]`` and of the anchors ``[P, num_rewards]``.
+
+        All images of the iteration (branches, then anchors) go to each reward in one call.
+        """
+        num_groups, num_generations = rollouts.samples.shape[:2]
+        images = torch.cat([rollouts.images.flatten(0, 1), rollouts.anchor_images])
+        prompt_of_image = torch.cat([rollouts.group_prompt.cpu().repeat_interleave(num_generations),
+                                     torch.arange(len(rows))]).tolist()
+        prompts = [rows[i][self.config.prompt_column] for i in prompt_of_image]
+        other_columns = [name for name in rows[0] if name != self.config.prompt_column]
+        columns = {name: [rows[i][name] for i in prompt_of_image] for name in other_columns}
+        scores = torch.stack([call_reward(name, fn, images, prompts, columns)
+                              for name, fn in zip(self.reward_names, self.reward_fns)], dim=-1)
+        branch_scores = scores[:num_groups * num_generations].view(num_groups, num_generations, -1)
+        return branch_scores, scores[num_groups * num_generations:]
+
+    def update(self, rollouts: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
+        """PPO-clip updates on the iteration's rollouts. Returns the update's statistics."""
+        config, accelerator = self.config, self.accelerator
+        advantages = advantages.to(accelerator.device)
+        if config.optimizer_step == "active_step":
+            step_groups = [(rollouts.group_step == i).nonzero().flatten() for i in range(len(self.merge_plan))]
+        else:
+            step_groups = [torch.arange(rollouts.num_groups, device=accelerator.device)]
+
+        stats: dict[str, list[torch.Tensor]] = {"ratio": [], "clipped": [], "approx_kl": [], "loss": [], "kl": [],
+                                                "grad_norm": []}
+        on_policy_deviation = []
+        on_policy = True
+        self.model.train()
+        for _ in range(config.num_inner_epochs):
+            for groups in step_groups:
+                micro_batches = groups.split(config.per_device_train_batch_size)
+                for i, micro_batch in enumerate(micro_batches):
+                    sync = i == len(micro_batches) - 1
+                    with contextlib.nullcontext() if sync else accelerator.no_sync(self.model):
+                        output, kl = self._policy_loss(rollouts, advantages, micro_batch)
+                        loss = output.loss + config.beta * kl.mean() if config.beta > 0 else output.loss
+                        accelerator.backward(loss * len(micro_batch) / len(groups))
+                    stats["ratio"].append(output.ratio)
+                    stats["clipped"].append(output.clipped.float())
+                    stats["approx_kl"].append(output.approx_kl.view(1))
+                    stats["loss"].append(loss.detach().view(1))
+                    stats["kl"].append(kl.detach())
+                    if on_policy:
+                        on_policy_deviation.append((output.ratio - 1).abs().max().view(1))
+                max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+                grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+                stats["grad_norm"].append(torch.as_tensor(grad_norm, dtype=torch.float32).view(1))
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                on_policy = False
+        self.model.eval()
+
+        gathered = {name: accelerator.gather(torch.cat(values).float().to(accelerator.device))
+                    for name, values in stats.items() if values}
+        on_policy = accelerator.gather(torch.cat(on_policy_deviation).to(accelerator.device))
+        ratio = gathered["ratio"]
+        metrics = {
+            "loss": gathered["loss"].mean().item(),
+            "ratio/mean": ratio.mean().item(), "ratio/min": ratio.min().item(), "ratio/max": ratio.max().item(),
+            "ratio/on_policy_max_abs_dev": on_policy.max().item(),
+            "clip_fraction": gathered["clipped"].mean().item(),
+            "approx_kl": gathered["approx_kl"].mean().item(),
+            "grad_norm": gathered["grad_norm"].mean().item(),
+            "learning_rate": self.lr_scheduler.get_last_lr()[0],
+        }
+        if config.beta > 0:
+            metrics["kl_to_reference"] = gathered["kl"].mean().item()
+        return metrics
+
+    def _policy_loss(self, rollouts: Rollouts, advantages: torch.Tensor, groups: torch.Tensor):
+        """PPO-clip loss of the groups ``groups``: one forward per group, shared by its G ratios."""
+        config, adapter = self.config, self.adapter
+        num_generations = rollouts.samples.shape[1]
+        starts = rollouts.group_start[groups]
+        latents = rollouts.branch_latents[groups]
+        timesteps = self.schedule.timesteps.to(latents.device)[starts]
+        conditioning = select_rows(rollouts.conditioning, rollouts.group_prompt[groups])
+        with self.accelerator.autocast():
+            velocity = adapter.velocity(self.model, latents, timesteps, conditioning)
+
+        def repeat(tensor):
+            return tensor.repeat_interleave(num_generations, dim=0)
+
+        step = sde_step(repeat(latents), repeat(velocity), self.schedule.sigmas, repeat(starts),
+                        repeat(rollouts.group_length[groups]), config.noise_level,
+                        sample=rollouts.samples[groups].flatten(0, 1))
+        output = ppo_clip_loss(step.log_prob, rollouts.log_probs[groups].flatten(),
+                               advantages[groups].flatten(), config.clip_range)
+        kl = torch.zeros(len(groups), device=latents.device)
+        if config.beta > 0:
+            with torch.no_grad(), self.accelerator.autocast(), self._reference_model() as reference:
+                reference_velocity = adapter.velocity(reference, latents, timesteps, conditioning)
+            reference_mean = sde_step(latents, reference_velocity, self.schedule.sigmas, starts,
+                                      rollouts.group_length[groups], config.noise_level, sample=latents).mean
+            mean = step.mean.view(len(groups), num_generations, *latents.shape[1:])[:, 0]
+            kl = gaussian_kl(mean, reference_mean, step.std.view(len(groups), num_generations)[:, 0])
+        return output, kl
+
+    @contextlib.contextmanager
+    def _reference_model(self):
+        """The frozen base model: the LoRA disabled, or the frozen copy when fully fine-tuning."""
+        if self.reference_model is not None:
+            yield self.reference_model
+            return
+        model = self.unwrapped_model
+        model.disable_adapters()
+        try:
+            yield model
+        finally:
+            model.enable_adapters()
+
+    # ------------------------------------------------------------------ metrics and logging
+
+    def _metrics(self, rollouts: Rollouts, rewards, anchor_rewards, advantages, update_metrics) -> dict[str, float]:
+        gather = self.accelerator.gather
+        device = self.accelerator.device
+        all_rewards = gather(rewards.to(device))  # [groups over processes, G, R]
+        steps = gather(rollouts.group_step.to(device))
+        anchors = gather(anchor_rewards.to(device))
+        weighted = (all_rewards * self.reward_weights.to(device)).sum(-1)
+        metrics = {"reward/weighted_mean": weighted.mean().item(), "reward/weighted_std": weighted.std().item()}
+        for r, name in enumerate(self.reward_names):
+            metrics[f"reward/{name}/mean"] = all_rewards[..., r].mean().item()
+            metrics[f"reward/{name}/std"] = all_rewards[..., r].std().item()
+            metrics[f"reward/{name}/anchor_mean"] = anchors[:, r].mean().item()
+            for i, step in enumerate(self.merge_plan):
+                metrics[f"reward/{name}/step_{step.start}"] = all_rewards[steps == i][..., r].mean().item()
+        all_advantages = gather(advantages.to(device))
+        metrics.update({"advantage/mean": all_advantages.mean().item(), "advantage/std": all_advantages.std().item(),
+                        "advantage/abs_max": all_advantages.abs().max().item()})
+        evaluations = gather(torch.tensor([rollouts.num_evaluations], device=device)).sum().item()
+        metrics["transformer_evaluations"] = evaluations
+        metrics["transformer_evaluations_per_rollout"] = evaluations / all_rewards.shape[0] / all_rewards.shape[1]
+        metrics["transformer_calls"] = rollouts.num_model_calls
+        metrics.update(update_metrics)
+        return metrics
+
+    def _tracker_init_kwargs(self) -> dict:
+        name = self.config.run_name or os.path.basename(os.path.abspath(self.config.output_dir))
+        return {"wandb": {"name": name}, "trackio": {"name": name}}
+
+    def _log_start(self):
+        config = self.config
+        plan_table = format_merge_plan(self.merge_plan, self.schedule.sigmas)
+        per_prompt = self.evaluations_per_prompt()
+        if self.accelerator.is_main_process:
+            logger.info("E-GRPO merge plan (T=%d, a=%.3g, tau=%.3g, %d active steps):\n%s", config.num_inference_steps,
+                        config.noise_level, config.entropy_threshold, config.num_active_steps, plan_table)
+            logger.info("Per prompt: %d groups x %d rollouts, %d transformer evaluations; %d trainable parameters; "
+                        "%d process(es).", len(self.merge_plan), config.num_generations, per_prompt,
+                        self.num_trainable_parameters, self.accelerator.num_processes)
+
+    def evaluations_per_prompt(self) -> int:
+        """Transformer evaluations (rows) the rollouts of one prompt cost: ``T`` for the anchor plus
+        ``G * (T - k - l)`` per merged step (the branch step reuses the anchor's velocity)."""
+        num_steps = self.schedule.num_steps
+        return num_steps + self.config.num_generations * sum(num_steps - s.end for s in self.merge_plan)
+
+    # ------------------------------------------------------------------ saving
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        """Write the trained model: the LoRA in diffusers format (``pipe.load_lora_weights(output_dir)``),
+        or, when fully fine-tuning, the transformer's ``save_pretrained`` in ``output_dir/transformer``."""
+        output_dir = output_dir or self.config.output_dir
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            os.makedirs(output_dir, exist_ok=True)
+            model = self.unwrapped_model
+            if self.config.use_peft:
+                from peft import get_peft_model_state_dict
+
+                self.adapter.save_lora_weights(output_dir, get_peft_model_state_dict(model))
+            else:
+                model.save_pretrained(os.path.join(output_dir, "transformer"))
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self) -> str:
+        """Write a resumable checkpoint of the current iteration, atomically; returns its directory."""
+        config, accelerator = self.config, self.accelerator
+        final = checkpoints.checkpoint_dir(config.output_dir, self.state.iteration)
+        staging = checkpoints.staging_dir(config.output_dir, self.state.iteration)
+        if accelerator.is_main_process and os.path.exists(staging):
+            shutil.rmtree(staging)  # left over by an interrupted save
+        accelerator.wait_for_everyone()
+        accelerator.save_state(staging)
+        torch.save(self.generator.get_state(), os.path.join(staging, f"rollout_generator_{accelerator.process_index}.pt"))
+        if accelerator.is_main_process:
+            with open(os.path.join(staging, TRAINER_STATE), "w") as handle:
+                json.dump({"iteration": self.state.iteration, "log_history": self.state.log_history,
+                           "config": config.to_dict()}, handle, indent=1)
+        if config.use_peft:
+            self.save_model(staging)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            checkpoints.publish(staging, final)
+            checkpoints.prune(config.output_dir, config.save_total_limit)
+        accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, checkpoint: str | bool) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint` (``True``/``"true"``: the latest in
+        ``output_dir``), so that training continues exactly as if it had not stopped."""
+        if checkpoint is True or str(checkpoint).lower() == "true":
+            checkpoint = checkpoints.latest_checkpoint(self.config.output_dir)
+            if checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=true but {self.config.output_dir} holds no checkpoint-N "
+                                 "directory. Start without resume_from_checkpoint, or point it at a checkpoint.")
+        if not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE)):
+            raise ValueError(f"{checkpoint} is not an E-GRPO checkpoint (no {TRAINER_STATE}). Pass a checkpoint-N "
+                             "directory written by EGRPOTrainer, or 'true' for the latest one in output_dir.")
+        self.accelerator.load_state(checkpoint)
+        generator_file = os.path.join(checkpoint, f"rollout_generator_{self.accelerator.process_index}.pt")
+        self.generator.set_state(torch.load(generator_file))
+        with open(os.path.join(checkpoint, TRAINER_STATE)) as handle:
+            saved = json.load(handle)
+        self.state = TrainerState(iteration=saved["iteration"], log_history=saved["log_history"])
+        logger.info("Resumed from %s at iteration %d.", checkpoint, self.state.iteration)
+
+    def _save_trainable_params(self, models, weights, output_dir):
+        # LoRA: checkpoint only the trainable parameters, not the frozen base model (24 GB for FLUX).
+        from safetensors.torch import save_file
+
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(models[0])
+            params = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+            save_file(params, os.path.join(output_dir, TRAINABLE_PARAMS))
+        weights.clear()
+
+    def _load_trainable_params(self, models, input_dir):
+        from safetensors.torch import load_file
+
+        model = self.accelerator.unwrap_model(models.pop())
+        params = load_file(os.path.join(input_dir, TRAINABLE_PARAMS))
+        expected = {name for name, p in model.named_parameters() if p.requires_grad}
+        if set(params) != expected:
+            raise ValueError(f"The checkpoint in {input_dir} was written for other trainable parameters (e.g. another "
+                             "LoRA rank or target modules). Resume with the configuration it was trained with.")
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name in params:
+                    parameter.copy_(params[name])
+
+
+def _flat_config(config: EGRPOConfig) -> dict:
+    """The config with lists turned into strings, as tensorboard's hparams accept only scalars."""
+    return {key: (str(value) if isinstance(value, (list, tuple)) or value is None else value)
+            for key, value in config.to_dict().items()}
