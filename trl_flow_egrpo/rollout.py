@@ -80,6 +80,24 @@ def decode_in_chunks(adapter: ModelAdapter, latents: torch.Tensor, batch_size: i
 
 
 @torch.no_grad()
+def sample_ode(adapter: ModelAdapter, model, schedule: Schedule, conditioning: Conditioning,
+               initial_noise: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Deterministic (ODE, Euler) sampling of one trajectory per prompt; returns the final latents.
+
+    This is the anchor trajectory alone: what the pipeline itself samples from the same noise, and what
+    evaluation uses (fixed noise in, deterministic images out).
+    """
+    sigmas = schedule.sigmas.to(initial_noise.device)
+    prompts = torch.arange(len(initial_noise), device=initial_noise.device)
+    latents = initial_noise.to(torch.float32)
+    for index in range(schedule.num_steps):
+        timesteps = schedule.timesteps[index].expand(len(latents)).to(latents.device)
+        velocity = batched_velocity(adapter, model, latents, timesteps, conditioning, prompts, batch_size)
+        latents = euler_step(latents, velocity, sigmas, index)
+    return latents
+
+
+@torch.no_grad()
 def sample_rollouts(
     adapter: ModelAdapter,
     model,

@@ -48,12 +48,11 @@ def _per_sample(value, batch_size: int, device) -> torch.Tensor:
 
 
 def diffusion_coefficient(sigmas: torch.Tensor, index, noise_level: float) -> torch.Tensor:
-    """``c_k = a * sqrt(s / (1 - s~))`` at schedule index ``index`` (int or LongTensor), in float32.
+    """``c_k = a * sqrt(s / (1 - s~))`` at schedule index ``index`` (int or LongTensor), in the sigmas' dtype.
 
     ``s~ = s`` except at ``s = 1``, where ``s~ = sigmas[1]``: the coefficient is frozen at the left end
     of a (merged) interval, so it depends on the start index alone.
     """
-    sigmas = sigmas.to(torch.float32)
     s = sigmas[index]
     s_tilde = torch.where(s >= 1.0, sigmas[1], s)
     return noise_level * torch.sqrt(s / (1.0 - s_tilde))

@@ -36,7 +36,7 @@ from .advantages import group_advantages
 from .config import EGRPOConfig
 from .loss import ppo_clip_loss
 from .merging import format_merge_plan, plan_merges
-from .rollout import Rollouts, sample_rollouts
+from .rollout import Rollouts, decode_in_chunks, sample_ode, sample_rollouts
 from .scoring import call_reward, unique_reward_names, validate_reward_fns
 from .sde import gaussian_kl, sde_step
 
@@ -270,6 +270,19 @@ class EGRPOTrainer:
             return sample_rollouts(self.adapter, self.unwrapped_model, self.schedule, self.merge_plan, conditioning,
                                    noise, config.num_generations, config.noise_level, self.generator,
                                    config.rollout_batch_size, config.decode_batch_size)
+
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str], seed: int = 0) -> torch.Tensor:
+        """Deterministic (ODE) images of the current policy for ``prompts``, from noise seeded by ``seed``
+        (the same seed gives the same noise, so before/after comparisons are paired). ``[B, 3, H, W]``."""
+        config = self.config
+        conditioning = self.adapter.encode_prompts(prompts)
+        noise = self.adapter.initial_noise(len(prompts), torch.Generator("cpu").manual_seed(seed))
+        self.model.eval()
+        with self.accelerator.autocast():
+            latents = sample_ode(self.adapter, self.unwrapped_model, self.schedule, conditioning,
+                                 noise.to(self.accelerator.device), config.rollout_batch_size)
+            return decode_in_chunks(self.adapter, latents, config.decode_batch_size or config.rollout_batch_size)
 
     def score(self, rollouts: Rollouts, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of every rollout ``[num_groups, G, num_rewards]`` and of the anchors ``[P, num_rewards]``.

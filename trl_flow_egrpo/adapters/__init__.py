@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from .base import Conditioning, ModelAdapter, select_rows
 from .flux import FluxAdapter
+from .sd3 import SD3Adapter
 
-ADAPTERS: list[type[ModelAdapter]] = [FluxAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [FluxAdapter, SD3Adapter]
 """Adapter classes tried in order by :func:`get_adapter`."""
 
 
@@ -24,4 +25,4 @@ def get_adapter(pipeline, **kwargs) -> ModelAdapter:
                      "or add an adapter for your model family (docs/adding-a-model.md).")
 
 
-__all__ = ["ADAPTERS", "Conditioning", "FluxAdapter", "ModelAdapter", "get_adapter", "select_rows"]
+__all__ = ["ADAPTERS", "Conditioning", "FluxAdapter", "ModelAdapter", "SD3Adapter", "get_adapter", "select_rows"]

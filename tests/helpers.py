@@ -1,0 +1,28 @@
+"""Shared builders for the tests: a tiny E-GRPO setup that trains on a CPU in seconds."""
+
+from datasets import Dataset
+
+from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer
+from trl_flow_egrpo.rewards import ColorReward
+from trl_flow_egrpo.tiny import build_tiny_flux_pipeline
+
+PROMPTS = ["a red apple", "a fire truck", "a cat on a mat", "sunset over the sea", "a rose", "a bowl of cherries"]
+
+
+def tiny_config(output_dir, **overrides) -> EGRPOConfig:
+    """A config for the tiny FLUX pipeline: 64x64 images, 8 steps (4 trained), 4 rollouts per group, float32."""
+    values = dict(output_dir=str(output_dir), height=64, width=64, max_sequence_length=32, num_generations=4,
+                  num_inference_steps=8, num_active_steps=4,
+                  prompts_per_device=2, max_steps=2, mixed_precision="no", learning_rate=1e-2, clip_range=1e-2,
+                  lora_r=8, lora_alpha=8, rollout_batch_size=32, per_device_train_batch_size=4, save_steps=0,
+                  disable_tqdm=True, seed=0)
+    values.update(overrides)
+    return EGRPOConfig(**values)
+
+
+def tiny_trainer(output_dir, reward_fns=None, dataset=None, pipeline=None, **overrides) -> EGRPOTrainer:
+    """An EGRPOTrainer on the tiny FLUX pipeline (seeded weights) with the colour reward by default."""
+    return EGRPOTrainer(tiny_config(output_dir, **overrides),
+                        build_tiny_flux_pipeline(seed=0) if pipeline is None else pipeline,
+                        [ColorReward()] if reward_fns is None else reward_fns,
+                        Dataset.from_dict({"prompt": PROMPTS}) if dataset is None else dataset)
