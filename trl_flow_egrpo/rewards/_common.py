@@ -1,0 +1,180 @@
+"""Shared machinery of the model-based rewards: optional imports, the base class, torch preprocessing.
+
+Every model-based reward subclasses :class:`ModelReward`, which loads the model once on first call, moves it
+to the scoring device and dtype, scores in batches without gradients and checks the scores. Preprocessing
+runs in torch on the float images the trainer produces: the PIL round trip of the official scorers would
+quantize to uint8 and copy to the CPU on every step.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+EXTRA_HINT = 'pip install "trl-flow-egrpo[rewards]"'
+
+# Mean and std of the OpenAI CLIP training images, used by open_clip's ViT-H-14, HPSv2, PickScore's processor
+# and BLIP/ImageReward alike.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def require(module: str, reward: str) -> ModuleType:
+    """Import an optional dependency of a reward, or raise an ImportError that says how to install it.
+
+    Args:
+        module: the module to import, e.g. ``"open_clip"``.
+        reward: the reward that needs it, named in the error.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(f"The {reward} reward needs the optional package '{module}', which could not be "
+                          f"imported ({error}). Install the reward extras with: {EXTRA_HINT}") from error
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.float16`` or its name (``"float16"``, ``"bfloat16"``, ``"float32"``) -> a floating torch dtype."""
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}.")
+    return resolved
+
+
+def check_scores(scores: torch.Tensor, expected: int, reward: str) -> torch.Tensor:
+    """Check a reward's output: a 1-D tensor of ``expected`` finite values, else a ValueError naming ``reward``."""
+    if scores.dim() != 1 or scores.shape[0] != expected:
+        raise ValueError(f"Reward '{reward}' produced scores of shape {tuple(scores.shape)} for {expected} images; "
+                         "expected one score per image.")
+    bad = ~torch.isfinite(scores)
+    if bool(bad.any()):
+        raise ValueError(f"Reward '{reward}' produced NaN or inf for {int(bad.sum())} of {expected} images "
+                         f"(indices {bad.nonzero().flatten().tolist()[:8]}). The model weights or the images are "
+                         "broken, or the dtype overflows: try dtype=torch.float32.")
+    return scores
+
+
+def resize_center_crop_normalize(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float], *,
+                                 interpolation: str = "bicubic", resize_mode: str = "shortest",
+                                 crop_rounding: str = "round") -> torch.Tensor:
+    """The eval transform of CLIP-like models, in torch: resize, center crop to ``size`` x ``size``, normalize.
+
+    It reproduces torchvision's ``Resize(size) -> CenterCrop(size) -> ToTensor -> Normalize`` on a PIL image
+    (open_clip, BLIP) and transformers' ``CLIPImageProcessor``, up to uint8 rounding: those resize uint8
+    images, so they round to 1/255 after each resampling pass, and this function does not.
+
+    * Resize: ``"shortest"`` scales the short side to ``size`` and the long side to ``int(size * long /
+      short)``, as torchvision does; ``"squash"`` resizes to ``size`` x ``size``. Resampling is antialiased,
+      which makes torch's bicubic kernel PIL's (a = -0.5). It runs as two passes, width first, clamping to
+      [0, 1] after each, because PIL resamples 8-bit images that way: its intermediate image saturates,
+      which changes bicubic overshoot on sharp edges.
+    * Crop: the top-left offset is ``round(margin / 2)`` in torchvision (``crop_rounding="round"``, Python's
+      round half to even) and ``margin // 2`` in transformers (``"floor"``).
+
+    Args:
+        images: ``[B, 3, H, W]`` floats in [0, 1].
+        size: side of the square output.
+        mean: per-channel mean subtracted after cropping.
+        std: per-channel standard deviation divided by after cropping.
+        interpolation: ``"bicubic"`` or ``"bilinear"``.
+        resize_mode: ``"shortest"`` or ``"squash"``.
+        crop_rounding: ``"round"`` (torchvision) or ``"floor"`` (transformers).
+
+    Returns:
+        ``[B, 3, size, size]`` float tensor on the images' device.
+    """
+    if interpolation not in ("bicubic", "bilinear"):
+        raise ValueError(f"interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}.")
+    if crop_rounding not in ("round", "floor"):
+        raise ValueError(f"crop_rounding must be 'round' or 'floor', got {crop_rounding!r}.")
+    height, width = images.shape[-2:]
+    if resize_mode == "shortest":
+        short, long = min(height, width), max(height, width)
+        new_long = int(size * long / short)
+        new_height, new_width = (size, new_long) if height <= width else (new_long, size)
+    elif resize_mode == "squash":
+        new_height, new_width = size, size
+    else:
+        raise ValueError(f"resize_mode must be 'shortest' or 'squash', got {resize_mode!r}.")
+
+    if new_width != width:
+        images = F.interpolate(images, size=(height, new_width), mode=interpolation, antialias=True,
+                               align_corners=False).clamp_(0, 1)
+    if new_height != height:
+        images = F.interpolate(images, size=(new_height, new_width), mode=interpolation, antialias=True,
+                               align_corners=False).clamp_(0, 1)
+
+    def offset(margin: int) -> int:
+        return int(round(margin / 2)) if crop_rounding == "round" else margin // 2
+
+    top, left = offset(new_height - size), offset(new_width - size)
+    images = images[..., top:top + size, left:left + size]
+    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - mean_t) / std_t
+
+
+class ModelReward(ABC):
+    """Base class of the rewards backed by a neural network.
+
+    Subclasses implement :meth:`_load` (build the model, on the CPU, and whatever else scoring needs) and
+    :meth:`_score` (score one batch). This class makes the model load lazily and once, moves it to the
+    scoring device and dtype, runs batches under ``torch.no_grad()`` and validates the scores.
+
+    Args:
+        batch_size: how many images go through the model at once; lower it if the device runs out of memory.
+        device: where the model runs; ``None`` (default) means the device of the images of each call.
+        dtype: dtype of the model weights and inputs (``torch.float32`` default; ``torch.bfloat16`` or
+            ``torch.float16`` halve memory on GPU). Scores are returned as float32 either way.
+    """
+
+    name = "model_reward"
+
+    def __init__(self, *, batch_size: int = 16, device: torch.device | str | None = None,
+                 dtype: torch.dtype | str = torch.float32):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device is not None else None
+        self.dtype = resolve_dtype(dtype)
+        self._model: torch.nn.Module | None = None
+
+    @abstractmethod
+    def _load(self) -> torch.nn.Module:
+        """Build the model with its weights on the CPU (and set up tokenizer, preprocessing, ...); return it."""
+
+    @abstractmethod
+    def _score(self, model: torch.nn.Module, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Score one batch: ``images`` ``[b, 3, H, W]`` float32 in [0, 1] on the model's device -> ``[b]``."""
+
+    def model(self, device: torch.device) -> torch.nn.Module:
+        """The model, loaded on first use, in eval mode, without gradients, on ``device`` in ``self.dtype``."""
+        if self._model is None:
+            self._model = self._load().eval().requires_grad_(False).to(dtype=self.dtype)
+        return self._model.to(device)
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **columns) -> torch.Tensor:
+        """Score ``images`` (``[B, 3, H, W]`` in [0, 1]) against ``prompts`` (B strings).
+
+        Other dataset ``columns`` are accepted and ignored. Returns a float32 tensor ``[B]`` on the images'
+        device.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"Reward '{self.name}' expects images of shape [B, 3, H, W], got {tuple(images.shape)}.")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"Reward '{self.name}' got {images.shape[0]} images but {len(prompts)} prompts.")
+        device = self.device if self.device is not None else images.device
+        model = self.model(device)
+        prompts = list(prompts)
+        scores = []
+        with torch.no_grad():
+            for start in range(0, len(prompts), self.batch_size):
+                batch = images[start:start + self.batch_size].detach().to(device=device, dtype=torch.float32)
+                scores.append(self._score(model, batch, prompts[start:start + self.batch_size]).float())
+        scores = torch.cat(scores) if scores else torch.zeros(0)
+        return check_scores(scores, images.shape[0], self.name).to(images.device)
