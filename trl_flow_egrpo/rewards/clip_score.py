@@ -65,8 +65,8 @@ class CLIPScoreReward(OpenCLIPCosineReward):
     """CLIP score: how well the image matches its prompt, as judged by an open_clip CLIP model.
 
     The default score is the raw cosine similarity of the normalized image and text embeddings, in
-    [-1, 1]; for ViT-H-14 and matching image-prompt pairs it is typically 0.2-0.4 (the E-GRPO paper reports
-    CLIP scores of about 0.35-0.40 on this scale). With ``scale=w`` the score is ``w * max(cos, 0)`` instead:
+    [-1, 1]; for ViT-H-14 and matching image-prompt pairs it is typically 0.2-0.4, the scale on which the
+    E-GRPO paper reports its CLIP scores. With ``scale=w`` the score is ``w * max(cos, 0)`` instead:
     ``w=2.5`` is the CLIP-S of the CLIPScore paper (Hessel et al., 2021), ``w=100`` the convention of
     torchmetrics.
 
