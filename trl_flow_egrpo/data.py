@@ -1,0 +1,151 @@
+"""Prompt datasets: HPD v2 (the paper's prompts), local prompt files, and any Hub dataset.
+
+:func:`load_prompts` turns any of these into a ``datasets.Dataset`` with the prompts in one column, ready
+for :class:`~trl_flow_egrpo.EGRPOTrainer` (``train_dataset`` / ``eval_dataset``)::
+
+    load_prompts("ymhao/HPDv2")                          # HPD v2 training prompts (unique), ~107k
+    load_prompts("ymhao/HPDv2", split="test")            # the 400 HPD v2 test prompts (paper's evaluation)
+    load_prompts("zhwang/HPDv2", split="photo")          # HPSv2 benchmark prompts of one style (+ 'style')
+    load_prompts("zhwang/HPDv2", split="all")            # all four benchmark styles, 3,200 prompts
+    load_prompts("my_prompts.txt")                       # one prompt per line
+    load_prompts("prompts.csv", prompt_column="caption") # csv/json/jsonl/parquet with a prompt column
+    load_prompts("some-user/some-dataset", split="train", prompt_column="text")
+
+The two HPD v2 repositories are read file by file (``hf_hub_download``), because ``ymhao/HPDv2`` ships a
+loading script that ``datasets >= 4`` no longer runs. With ``local_dir`` the same files are read from a
+local copy laid out as the Hub repository (e.g. made by ``hf download ymhao/HPDv2 test.json --repo-type
+dataset --local-dir hpd``), so nothing is downloaded; the two repositories' files do not collide, so one
+directory can hold both.
+"""
+
+from __future__ import annotations
+
+import os
+
+import datasets
+
+HPD_REPO_ID = "ymhao/HPDv2"
+"""HPD v2 (Wu et al., 2023): ``train.json`` (~107k prompts with image pairs) and ``test.json`` (400 prompts)."""
+HPD_SPLIT_FILES = {"train": "train.json", "test": "test.json"}
+
+HPD_BENCHMARK_REPO_ID = "zhwang/HPDv2"
+"""The HPSv2 benchmark: ``benchmark/<style>.json``, each a JSON list of 800 prompt strings."""
+HPD_BENCHMARK_STYLES = ("anime", "concept-art", "paintings", "photo")
+
+# Builder of `datasets.load_dataset` for each local file extension (.txt files are read directly).
+_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_prompts(source: str, split: str = "train", prompt_column: str = "prompt", *,
+                 local_dir: str | None = None, cache_dir: str | None = None) -> datasets.Dataset:
+    """Load prompts as a ``datasets.Dataset`` whose ``prompt_column`` holds the prompt strings.
+
+    Args:
+        source: where the prompts are:
+
+            - ``"ymhao/HPDv2"``: HPD v2; ``split`` is ``"train"`` or ``"test"``. Only the unique prompts
+              are kept (in order of first appearance), in a single column.
+            - ``"zhwang/HPDv2"``: the HPSv2 benchmark; ``split`` is a style (``"anime"``,
+              ``"concept-art"``, ``"paintings"``, ``"photo"``) or ``"all"``. A ``style`` column says which
+              style each prompt belongs to.
+            - a local ``.txt`` (one prompt per line, blank lines skipped), ``.csv``, ``.json`` (a list of
+              objects, or a list of strings), ``.jsonl`` or ``.parquet`` file;
+            - anything else goes to ``datasets.load_dataset(source, split=split)``: a Hub dataset name
+              or a local dataset directory.
+        split: the split (or HPD benchmark style) to load; ignored for single local files.
+        prompt_column: the column holding the prompts. Files without named columns (``.txt``, a JSON
+            list of strings) and the HPD repositories get their prompts put in this column.
+        local_dir: a local copy of an HPD repository (same file layout as on the Hub), used instead of
+            downloading. Ignored for other sources.
+        cache_dir: the ``datasets`` cache directory (default: ``datasets``' own).
+
+    Returns:
+        The dataset, with every other column of the source kept (the trainer passes them to the rewards).
+
+    Raises:
+        ValueError: unknown HPD split or style, empty dataset, or no ``prompt_column`` (the message lists
+            the columns there are and names the option that selects the column).
+        FileNotFoundError: ``local_dir`` lacks the file the split needs.
+    """
+    if source == HPD_REPO_ID:
+        dataset = _load_hpd(split, prompt_column, local_dir, cache_dir)
+    elif source == HPD_BENCHMARK_REPO_ID:
+        dataset = _load_hpd_benchmark(split, prompt_column, local_dir, cache_dir)
+    elif os.path.isfile(source):
+        dataset = _load_file(source, prompt_column, cache_dir)
+    else:
+        dataset = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+    _check_prompts(dataset, prompt_column, source)
+    return dataset
+
+
+def _hpd_file(repo_id: str, filename: str, local_dir: str | None) -> str:
+    """Path of ``filename`` of the HPD dataset repo ``repo_id``: in ``local_dir``, or downloaded."""
+    if local_dir is not None:
+        path = os.path.join(local_dir, filename)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} does not exist. local_dir must hold a copy of the Hub dataset {repo_id} laid out as on the "
+                f"Hub; fetch the file with `hf download {repo_id} {filename} --repo-type dataset --local-dir "
+                f"{local_dir}`.")
+        return path
+    # Looked up on the module at call time, so that tests (and users) can redirect downloads.
+    import huggingface_hub
+
+    return huggingface_hub.hf_hub_download(repo_id, filename, repo_type="dataset")
+
+
+def _unique_prompts(dataset: datasets.Dataset, prompt_column: str) -> datasets.Dataset:
+    # dict keeps insertion order: the first appearance of every prompt, in file order.
+    prompts = dict.fromkeys(dataset["prompt"])
+    return datasets.Dataset.from_dict({prompt_column: list(prompts)})
+
+
+def _load_hpd(split: str, prompt_column: str, local_dir: str | None, cache_dir: str | None) -> datasets.Dataset:
+    if split not in HPD_SPLIT_FILES:
+        raise ValueError(f"{HPD_REPO_ID} has the splits {sorted(HPD_SPLIT_FILES)}, got {split!r}. For the HPSv2 "
+                         f"benchmark styles load '{HPD_BENCHMARK_REPO_ID}' with split one of "
+                         f"{list(HPD_BENCHMARK_STYLES) + ['all']}.")
+    path = _hpd_file(HPD_REPO_ID, HPD_SPLIT_FILES[split], local_dir)
+    dataset = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir)
+    return _unique_prompts(dataset.select_columns(["prompt"]), prompt_column)
+
+
+def _load_hpd_benchmark(split: str, prompt_column: str, local_dir: str | None,
+                        cache_dir: str | None) -> datasets.Dataset:
+    styles = HPD_BENCHMARK_STYLES if split == "all" else (split,)
+    if not set(styles) <= set(HPD_BENCHMARK_STYLES):
+        raise ValueError(f"The {HPD_BENCHMARK_REPO_ID} benchmark has the styles {list(HPD_BENCHMARK_STYLES)} "
+                         f"(or 'all'), got split={split!r}.")
+    parts = []
+    for style in styles:
+        path = _hpd_file(HPD_BENCHMARK_REPO_ID, f"benchmark/{style}.json", local_dir)
+        # Each file is a JSON list of strings, which the json builder reads into a 'text' column.
+        part = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir)
+        part = part.rename_column("text", prompt_column)
+        parts.append(part.add_column("style", [style] * len(part)))
+    return datasets.concatenate_datasets(parts)
+
+
+def _load_file(path: str, prompt_column: str, cache_dir: str | None) -> datasets.Dataset:
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in (".txt", *_FILE_BUILDERS):
+        raise ValueError(f"Cannot read prompts from {path}: supported files are {sorted(['.txt', *_FILE_BUILDERS])} "
+                         "(.txt: one prompt per line).")
+    if extension == ".txt":
+        with open(path, encoding="utf-8") as handle:
+            return datasets.Dataset.from_dict({prompt_column: [line.strip() for line in handle if line.strip()]})
+    dataset = datasets.load_dataset(_FILE_BUILDERS[extension], data_files=path, split="train", cache_dir=cache_dir)
+    # A JSON list of strings comes back as a single 'text' column: it holds the prompts.
+    if dataset.column_names == ["text"] and prompt_column != "text":
+        dataset = dataset.rename_column("text", prompt_column)
+    return dataset
+
+
+def _check_prompts(dataset: datasets.Dataset, prompt_column: str, source: str) -> None:
+    if prompt_column not in dataset.column_names:
+        raise ValueError(f"{source} has no prompt column '{prompt_column}'; its columns are {dataset.column_names}. "
+                         "Choose the column with `prompt_column` (EGRPOConfig.prompt_column, `--prompt_column` in "
+                         "the example scripts).")
+    if len(dataset) == 0:
+        raise ValueError(f"{source} holds no prompts.")

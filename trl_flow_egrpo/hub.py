@@ -1,0 +1,297 @@
+"""Hugging Face Hub: the model card of an E-GRPO run, uploading it, and downloading checkpoints back.
+
+:meth:`EGRPOTrainer.push_to_hub <trl_flow_egrpo.EGRPOTrainer.push_to_hub>` saves the model and the eval
+grid into ``output_dir``, writes ``README.md`` with :func:`build_model_card` and uploads the folder with
+:func:`upload_folder`. :func:`download_checkpoint` fetches a pushed repository to resume from it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+
+import yaml
+from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
+
+from .registry import describe_reward
+
+DEFAULT_IGNORE_PATTERNS = ("checkpoint-*/**", "logs/**", "*.tmp/**")
+"""What :func:`upload_folder` leaves out of ``output_dir`` by default: resumable checkpoints (optimizer
+state, many GB when fully fine-tuning), tracker logs and interrupted checkpoint saves."""
+
+# Config fields that must never reach a public card.
+_SECRET_FIELDS = ("hub_token",)
+
+# Pipeline and transformer classes of each model family (the adapter's name, case-insensitive).
+_FAMILIES = {
+    "flux": ("FluxPipeline", "FluxTransformer2DModel", "flux"),
+    "sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel", "sd3"),
+}
+
+# Licenses of well-known base models: a fine-tune is a derivative and inherits them.
+_BASE_LICENSES = {
+    "black-forest-labs/FLUX.1-dev": dict(
+        license="other", license_name="flux-1-dev-non-commercial-license",
+        license_link="https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"),
+    "black-forest-labs/FLUX.1-schnell": dict(license="apache-2.0"),
+    "stabilityai/stable-diffusion-3.5-medium": dict(
+        license="other", license_name="stabilityai-ai-community",
+        license_link="https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/blob/main/LICENSE.md"),
+    "stabilityai/stable-diffusion-3.5-large": dict(
+        license="other", license_name="stabilityai-ai-community",
+        license_link="https://huggingface.co/stabilityai/stable-diffusion-3.5-large/blob/main/LICENSE.md"),
+}
+
+CITATION = """@article{zhang2026egrpo,
+  title   = {E-GRPO: High Entropy Steps Drive Effective Reinforcement Learning for Flow Models},
+  author  = {Zhang, Shengjun and Zhang, Zhang and Dai, Chensheng and Duan, Yueqi},
+  journal = {arXiv preprint arXiv:2601.00423},
+  year    = {2026}
+}"""
+
+_FRAMEWORKS = ("trl-flow-egrpo", "torch", "diffusers", "transformers", "accelerate", "peft", "trl", "datasets",
+               "huggingface_hub")
+
+_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ repo_id }}
+
+{{ model_kind }} of [`{{ base_model }}`]({{ base_model_link }}) trained with **E-GRPO** (entropy-aware GRPO,
+[arXiv 2601.00423](https://arxiv.org/abs/2601.00423)) with `trl-flow-egrpo`, for {{ max_steps }}
+iterations.
+
+## Usage
+
+```python
+{{ usage }}
+```
+
+Training sampled with {{ schedule }}; the snippet samples the same way. Other step counts and shifts
+work too, but this schedule is the one the policy was optimized for.
+
+## Rewards
+
+Rewards are combined with `reward_aggregation: {{ reward_aggregation }}`.
+
+| reward | weight | what it is |
+|---|---|---|
+{% for row in reward_rows -%}
+| `{{ row.name }}` | {{ row.weight }} | {{ row.source }} |
+{% endfor %}
+{% if eval_rows -%}
+Evaluated, never trained on:
+
+| eval reward | what it is |
+|---|---|
+{% for row in eval_rows -%}
+| `{{ row.name }}` | {{ row.source }} |
+{% endfor %}
+{%- endif %}
+
+## Merge plan
+
+E-GRPO trains only the stochastic steps of this plan: each one starts at schedule index `k` of the
+deterministic anchor trajectory and spans `l` intervals, merged until its entropy `exp(h)` reaches
+`tau = {{ entropy_threshold }}`; `num_generations = {{ num_generations }}` rollouts branch off per step and
+prompt, and their rewards are normalized within that group.
+
+{{ merge_plan_table }}
+
+## Evaluation
+
+{% if metric_rows -%}
+Final evaluation: deterministic (ODE) samples of the eval prompts from fixed seeds.
+
+| metric | mean | std |
+|---|---|---|
+{% for row in metric_rows -%}
+| {{ row.name }} | {{ row.mean }} | {{ row.std }} |
+{% endfor %}
+{%- else -%}
+No evaluation was run (pass an `eval_dataset` and set `eval_steps`, or call `trainer.evaluate()`).
+{%- endif %}
+
+{% if image_grid_path -%}
+![Evaluation samples]({{ image_grid_path }})
+{%- endif %}
+
+## Training configuration
+
+<details>
+<summary>Full <code>EGRPOConfig</code></summary>
+
+```yaml
+{{ config_yaml }}
+```
+
+</details>
+
+## Framework versions
+
+{% for name, version in versions -%}
+- {{ name }}: {{ version }}
+{% endfor %}
+## Citation
+
+```bibtex
+{{ citation }}
+```
+"""
+
+
+def build_model_card(*, base_model: str, repo_id: str, config_dict: dict, merge_plan_table: str,
+                     reward_names: list[str], reward_weights: list[float], eval_reward_names: list[str],
+                     metrics: dict[str, float], image_grid_path: str | None, model_family: str,
+                     use_lora: bool) -> ModelCard:
+    """The model card (``README.md``) of an E-GRPO run.
+
+    Args:
+        base_model: Hub id (or local path) of the pipeline that was fine-tuned.
+        repo_id: the Hub repository the model is pushed to (used in the usage snippet).
+        config_dict: ``EGRPOConfig.to_dict()``; shown in full, except secrets (``hub_token``).
+        merge_plan_table: the Markdown table of :func:`~trl_flow_egrpo.format_merge_plan`.
+        reward_names: logged names of the training rewards (``hps_v2.1``, ``clip_score``, ...).
+        reward_weights: one weight per training reward.
+        eval_reward_names: logged names of the evaluation-only rewards.
+        metrics: final evaluation metrics, ``eval/<reward>/mean`` and ``eval/<reward>/std`` (as returned by
+            ``EGRPOTrainer.evaluate``); empty when no evaluation was run.
+        image_grid_path: path of the eval image grid relative to the uploaded folder, or None.
+        model_family: the adapter's family (``"flux"``, ``"sd3"``; case-insensitive), for the usage snippet
+            and tags.
+        use_lora: True when the repository holds a LoRA (``pytorch_lora_weights.safetensors``), False when
+            it holds a fully fine-tuned ``transformer/``.
+
+    Returns:
+        A ``huggingface_hub.ModelCard`` with YAML metadata (base_model, library_name, tags, license,
+        pipeline_tag) and sections: usage, rewards (weights, checkpoints), merge plan, evaluation metrics,
+        sample grid, full config, framework versions, citation.
+    """
+    if len(reward_weights) != len(reward_names):
+        raise ValueError(f"{len(reward_weights)} reward weights for {len(reward_names)} rewards.")
+    family = model_family.lower()
+    pipeline_class, transformer_class, family_tag = _FAMILIES.get(family, ("DiffusionPipeline", None, family))
+    on_hub = _is_hub_id(base_model)
+    tags = ["trl-flow-egrpo", "e-grpo", "text-to-image", "diffusers-training", "diffusers", family_tag]
+    if use_lora:
+        tags.append("lora")
+    card_data = ModelCardData(
+        base_model=base_model if on_hub else None, library_name="diffusers", pipeline_tag="text-to-image",
+        tags=tags, **_BASE_LICENSES.get(base_model, {"license": "other"}))
+
+    config = {key: value for key, value in config_dict.items() if key not in _SECRET_FIELDS}
+    shift = config.get("shift")
+    schedule = (f"{config.get('num_inference_steps')} steps, "
+                + (f"static shift {shift}" if shift is not None else "the scheduler's own shift"))
+    return ModelCard.from_template(
+        card_data, template_str=_TEMPLATE,
+        repo_id=repo_id, base_model=base_model,
+        base_model_link=f"https://huggingface.co/{base_model}" if on_hub else "#",
+        model_kind="A LoRA" if use_lora else "A full fine-tune",
+        max_steps=config.get("max_steps"), schedule=schedule,
+        usage=_usage(base_model, repo_id, pipeline_class, transformer_class, use_lora, config),
+        reward_aggregation=config.get("reward_aggregation"),
+        reward_rows=[{"name": name, "weight": f"{weight:g}", "source": describe_reward(name)}
+                     for name, weight in zip(reward_names, reward_weights)],
+        eval_rows=[{"name": name, "source": describe_reward(name)} for name in eval_reward_names],
+        entropy_threshold=config.get("entropy_threshold"), num_generations=config.get("num_generations"),
+        merge_plan_table=merge_plan_table,
+        metric_rows=_metric_rows(metrics), image_grid_path=image_grid_path,
+        config_yaml=yaml.safe_dump(config, sort_keys=False).strip(),
+        versions=[(name, _version(name)) for name in _FRAMEWORKS], citation=CITATION,
+    )
+
+
+def upload_folder(folder: str, repo_id: str, *, private: bool = False, token: str | None = None,
+                  commit_message: str = "Upload E-GRPO model", ignore_patterns: list[str] | None = None) -> str:
+    """Create the model repository ``repo_id`` if needed and upload ``folder`` to it in one commit.
+
+    Args:
+        folder: the directory to upload (an ``output_dir`` with the model, ``README.md`` and eval grid).
+        repo_id: ``"user/name"`` (or ``"name"`` for the token's own namespace).
+        private: create the repository as private (an existing repository keeps its visibility).
+        token: Hub token; ``None`` uses the logged-in token or ``HF_TOKEN``.
+        commit_message: the commit's message.
+        ignore_patterns: glob patterns of files not to upload; ``None`` means
+            :data:`DEFAULT_IGNORE_PATTERNS` (checkpoints, logs, interrupted saves).
+
+    Returns:
+        The URL of the commit.
+    """
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True)
+    # A fresh list: HfApi.upload_folder appends its own patterns to the list it is given, in place.
+    ignore = list(DEFAULT_IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns)
+    commit = api.upload_folder(repo_id=repo.repo_id, folder_path=folder, commit_message=commit_message,
+                               ignore_patterns=ignore)
+    return str(commit.commit_url)
+
+
+def download_checkpoint(repo_id: str, revision: str | None = None, token: str | None = None) -> str:
+    """Download a checkpoint pushed to the Hub and return its local directory.
+
+    To resume training from the Hub, push a checkpoint directory (``checkpoint-N`` of ``output_dir``:
+    ``upload_folder(f"{output_dir}/checkpoint-N", "user/run-checkpoint")``), then on the new machine::
+
+        config.resume_from_checkpoint = download_checkpoint("user/run-checkpoint")
+        EGRPOTrainer(config, ...).train()
+
+    Args:
+        repo_id: the model repository holding the checkpoint files at its root.
+        revision: branch, tag or commit (default: the main branch).
+        token: Hub token for private repositories.
+    """
+    return snapshot_download(repo_id, revision=revision, token=token)
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` looks like a Hub repository id (``org/name``) rather than a local path or class name."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not os.path.exists(name)
+
+
+def _usage(base_model: str, repo_id: str, pipeline_class: str, transformer_class: str | None, use_lora: bool,
+           config: dict) -> str:
+    shift = config.get("shift")
+    imports = ["FlowMatchEulerDiscreteScheduler"] if shift is not None else []
+    if not use_lora and transformer_class is not None:
+        imports.append(transformer_class)
+    lines = ["import torch", f"from diffusers import {', '.join(imports + [pipeline_class])}", ""]
+    if use_lora or transformer_class is None:
+        lines += [f'pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16)',
+                  f'pipe.load_lora_weights("{repo_id}")']
+    else:
+        lines += [f'transformer = {transformer_class}.from_pretrained("{repo_id}", subfolder="transformer", '
+                  "torch_dtype=torch.bfloat16)",
+                  f'pipe = {pipeline_class}.from_pretrained("{base_model}", transformer=transformer, '
+                  "torch_dtype=torch.bfloat16)"]
+    if shift is not None:
+        lines += ["# The static time shift the model was trained with:",
+                  "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(",
+                  f"    pipe.scheduler.config, shift={shift}, use_dynamic_shifting=False)"]
+    call = [f"num_inference_steps={config.get('num_inference_steps')}", f"height={config.get('height')}",
+            f"width={config.get('width')}"]
+    if config.get("guidance_scale") is not None:
+        call.append(f"guidance_scale={config['guidance_scale']}")
+    lines += ['pipe.to("cuda")',
+              f'image = pipe("a photo of an astronaut riding a horse", {", ".join(call)}).images[0]',
+              'image.save("sample.png")']
+    return "\n".join(lines)
+
+
+def _metric_rows(metrics: dict[str, float]) -> list[dict]:
+    """``eval/<name>/mean`` and ``eval/<name>/std`` pairs as table rows; other metrics as rows of their own."""
+    rows: dict[str, dict] = {}
+    for key, value in metrics.items():
+        match = re.fullmatch(r"eval/(.+)/(mean|std)", key)
+        name, stat = match.groups() if match else (key, "mean")
+        rows.setdefault(name, {"name": name, "mean": "", "std": ""})[stat] = f"{value:.4f}"
+    return list(rows.values())
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"

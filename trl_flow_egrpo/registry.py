@@ -1,0 +1,68 @@
+"""Rewards by name, for command lines and recipes (``--reward_funcs hps clip``).
+
+The example scripts and the model card share this table, so a name means the same reward (and the same
+checkpoint) everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .rewards import (
+    BrightnessReward,
+    CLIPScoreReward,
+    ColorReward,
+    HPSv2Reward,
+    ImageRewardReward,
+    JpegCompressibilityReward,
+    JpegIncompressibilityReward,
+    PickScoreReward,
+)
+
+REWARDS: dict[str, Callable[..., Callable]] = {
+    "hps": HPSv2Reward,
+    "clip": CLIPScoreReward,
+    "pickscore": PickScoreReward,
+    "image_reward": ImageRewardReward,
+    "jpeg_compressibility": JpegCompressibilityReward,
+    "jpeg_incompressibility": JpegIncompressibilityReward,
+    "color": ColorReward,
+    "brightness": BrightnessReward,
+}
+"""Command-line name -> reward class (built with its defaults: the checkpoints of :data:`REWARD_SOURCES`)."""
+
+REWARD_SOURCES: dict[str, str] = {
+    "hps_v2.1": "HPSv2.1: open_clip ViT-H-14, checkpoint `HPS_v2.1_compressed.pt` of the Hub repo `xswu/HPSv2`",
+    "hps_v2.0": "HPSv2.0: open_clip ViT-H-14, checkpoint `HPS_v2_compressed.pt` of the Hub repo `xswu/HPSv2`",
+    "clip_score": "CLIP score: cosine similarity of open_clip ViT-H-14 `laion2b_s32b_b79k` embeddings",
+    "pickscore": "PickScore v1: `yuvalkirstain/PickScore_v1` with the `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` "
+                 "processor",
+    "image_reward": "ImageReward v1.0: `ImageReward.pt` of the Hub repo `THUDM/ImageReward`",
+    "jpeg_compressibility": "JPEG compressibility (weight-free): minus the JPEG size in kB at quality 95",
+    "jpeg_incompressibility": "JPEG incompressibility (weight-free): the JPEG size in kB at quality 95",
+    "color": "Colour (weight-free): minus the distance of the mean RGB colour to a target (default red)",
+    "brightness": "Brightness (weight-free): the mean pixel value",
+}
+"""A reward's logged name (its ``name`` attribute) -> what it is and which weights it uses by default."""
+
+
+def build_reward(name: str, **kwargs) -> Callable:
+    """The reward registered as ``name`` in :data:`REWARDS`, built with ``kwargs`` (e.g. ``dtype``,
+    ``checkpoint``: see the reward's class).
+
+    Model-based rewards load their weights on first call, so building one is instant and offline.
+
+    Raises:
+        ValueError: unknown name; the message lists the known ones.
+    """
+    if name not in REWARDS:
+        raise ValueError(f"Unknown reward {name!r}. Known rewards: {', '.join(REWARDS)}. Custom rewards are any "
+                         "callable fn(images, prompts, **columns) passed to EGRPOTrainer directly.")
+    return REWARDS[name](**kwargs)
+
+
+def describe_reward(name: str) -> str:
+    """What the reward logged as ``name`` is (with its default checkpoint), for model cards and reports.
+    Rewards not in :data:`REWARD_SOURCES` (custom ones) are described by their name alone."""
+    base = name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1].isdigit() else name  # "clip_score_1" repeats
+    return REWARD_SOURCES.get(base, f"`{name}` (custom reward)")
