@@ -83,6 +83,16 @@ def assert_matches_uint8_pipeline(ours: torch.Tensor, official: torch.Tensor, st
 # Fixtures: tiny models on disk, built once per module.
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Run this module single-threaded: the tiny models gain nothing from intra-op threads, and on a busy
+    two-core machine competing threads made the module four times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def open_clip_checkpoints(tmp_path_factory):
     """(hps_checkpoint, open_clip_checkpoint) of one tiny open_clip model."""
