@@ -20,9 +20,11 @@ def tiny_config(output_dir, **overrides) -> EGRPOConfig:
     return EGRPOConfig(**values)
 
 
-def tiny_trainer(output_dir, reward_fns=None, dataset=None, pipeline=None, **overrides) -> EGRPOTrainer:
+def tiny_trainer(output_dir, reward_fns=None, dataset=None, pipeline=None, eval_dataset=None, eval_reward_fns=None,
+                 **overrides) -> EGRPOTrainer:
     """An EGRPOTrainer on the tiny FLUX pipeline (seeded weights) with the colour reward by default."""
     return EGRPOTrainer(tiny_config(output_dir, **overrides),
                         build_tiny_flux_pipeline(seed=0) if pipeline is None else pipeline,
                         [ColorReward()] if reward_fns is None else reward_fns,
-                        Dataset.from_dict({"prompt": PROMPTS}) if dataset is None else dataset)
+                        Dataset.from_dict({"prompt": PROMPTS}) if dataset is None else dataset,
+                        eval_dataset=eval_dataset, eval_reward_fns=eval_reward_fns)

@@ -128,6 +128,24 @@ class EGRPOConfig:
     resume_from_checkpoint: str | None = _doc(
         "Resume from this checkpoint directory, or 'true' for the latest one in output_dir.", default=None)
 
+    # --- evaluation -----------------------------------------------------------------------------------
+    eval_steps: int = _doc(
+        "Evaluate every this many iterations (0: never): deterministic ODE samples of the eval prompts with "
+        "fixed seeds, scored by the training and evaluation rewards, logged as metrics and an image grid.",
+        default=0)
+    eval_seed: int = _doc("Seed of eval prompt i's initial noise is eval_seed + i (the same every evaluation).",
+                          default=0)
+    eval_grid_images: int = _doc("Eval images shown in the logged image grid.", default=16)
+
+    # --- Hugging Face Hub -------------------------------------------------------------------------
+    push_to_hub: bool = _doc("Push the trained model and its model card to the Hub (see hub_strategy).",
+                             default=False)
+    hub_model_id: str | None = _doc("Hub repository 'user/name' (default: the output_dir's name).", default=None)
+    hub_private: bool = _doc("Create the Hub repository as private.", default=False)
+    hub_strategy: str = _doc("'end': push once after training; 'every_save': also push at every checkpoint.",
+                             default="end")
+    hub_token: str | None = _doc("Hub token (default: the logged-in token / HF_TOKEN).", default=None)
+
     def __post_init__(self):
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (advantages are normalized within a group of G "
@@ -146,12 +164,13 @@ class EGRPOConfig:
             "optimizer_step": (self.optimizer_step, ("iteration", "active_step")),
             "reward_aggregation": (self.reward_aggregation, ("advantage", "sum")),
             "mixed_precision": (self.mixed_precision, ("no", "fp16", "bf16")),
+            "hub_strategy": (self.hub_strategy, ("end", "every_save")),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
         for name in ("max_steps", "prompts_per_device", "rollout_batch_size", "per_device_train_batch_size",
-                     "num_inner_epochs", "logging_steps"):
+                     "num_inner_epochs", "logging_steps", "eval_grid_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.clip_range <= 0:

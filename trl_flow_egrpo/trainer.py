@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -43,6 +44,7 @@ from .sde import gaussian_kl, sde_step
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
+EVAL_GRID = "eval_grid.png"
 TRAINABLE_PARAMS = "trainable_params.safetensors"
 
 
@@ -53,10 +55,12 @@ class TrainerState:
     Attributes:
         iteration: completed E-GRPO iterations.
         log_history: one dict of metrics per iteration.
+        eval_history: one dict of metrics per evaluation.
     """
 
     iteration: int = 0
     log_history: list[dict] = field(default_factory=list)
+    eval_history: list[dict] = field(default_factory=list)
 
 
 class EGRPOTrainer:
@@ -71,6 +75,9 @@ class EGRPOTrainer:
             columns for those prompts). Weighted by ``config.reward_weights``.
         train_dataset: a ``datasets.Dataset`` (or any sized, indexable collection of dicts) with the
             prompts in ``config.prompt_column``.
+        eval_dataset: optional prompts for evaluation (every ``config.eval_steps`` and :meth:`evaluate`).
+        eval_reward_fns: rewards scored on evaluation samples only, never trained on: watch them to catch
+            reward hacking (e.g. train on HPS, evaluate with PickScore and ImageReward).
 
     Example::
 
@@ -85,15 +92,22 @@ class EGRPOTrainer:
         trainer.train()
     """
 
-    def __init__(self, config: EGRPOConfig, pipeline, reward_fns: Callable | Sequence[Callable], train_dataset):
+    def __init__(self, config: EGRPOConfig, pipeline, reward_fns: Callable | Sequence[Callable], train_dataset,
+                 eval_dataset=None, eval_reward_fns: Sequence[Callable] | None = None):
         self.config = config
         self.reward_fns = validate_reward_fns(reward_fns)
+        self.eval_reward_fns = validate_reward_fns(eval_reward_fns) if eval_reward_fns else []
         self.reward_names = unique_reward_names(self.reward_fns)
+        self.eval_reward_names = unique_reward_names(self.reward_fns + self.eval_reward_fns)[len(self.reward_fns):]
         if config.reward_weights is not None and len(config.reward_weights) != len(self.reward_fns):
             raise ValueError(f"reward_weights has {len(config.reward_weights)} values for {len(self.reward_fns)} "
                              "reward functions: give one weight per reward function.")
         self.reward_weights = torch.tensor(config.reward_weights or [1.0] * len(self.reward_fns))
-        self.train_dataset = self._validated_dataset(train_dataset)
+        self.train_dataset = self._validated_dataset(train_dataset, "train_dataset")
+        self.eval_dataset = None if eval_dataset is None else self._validated_dataset(eval_dataset, "eval_dataset")
+        if config.eval_steps and self.eval_dataset is None:
+            raise ValueError(f"eval_steps={config.eval_steps} but no eval_dataset was given: pass eval_dataset to the "
+                             "trainer, or set eval_steps=0.")
         self.adapter = get_adapter(pipeline, height=config.height, width=config.width,
                                    guidance_scale=config.guidance_scale,
                                    max_sequence_length=config.max_sequence_length,
@@ -135,14 +149,14 @@ class EGRPOTrainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _validated_dataset(self, dataset):
+    def _validated_dataset(self, dataset, role: str):
         column = self.config.prompt_column
-        if dataset is None or len(dataset) == 0:
-            raise ValueError("train_dataset is empty: pass a dataset with at least one prompt, e.g. "
+        if len(dataset) == 0:
+            raise ValueError(f"{role} is empty: pass a dataset with at least one prompt, e.g. "
                              "Dataset.from_dict({'prompt': ['a photo of a cat']}).")
         columns = getattr(dataset, "column_names", None) or list(dataset[0].keys())
         if column not in columns:
-            raise ValueError(f"train_dataset has no prompt column '{column}' (columns: {columns}). Rename the column "
+            raise ValueError(f"{role} has no prompt column '{column}' (columns: {columns}). Rename the column "
                              f"(dataset.rename_column(..., '{column}')) or set EGRPOConfig.prompt_column.")
         return dataset
 
@@ -223,9 +237,17 @@ class EGRPOTrainer:
             metrics = self.step()
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward/weighted_mean']:.4f}")
+            if accelerator.is_main_process and self.state.iteration % config.logging_steps == 0:
+                progress.write(_summary_line(metrics, config.max_steps))
+            if config.eval_steps and self.state.iteration % config.eval_steps == 0:
+                self.evaluate()
             if config.save_steps and self.state.iteration % config.save_steps == 0:
                 self.save_checkpoint()
+                if config.push_to_hub and config.hub_strategy == "every_save":
+                    self.push_to_hub(f"E-GRPO iteration {self.state.iteration}")
         progress.close()
+        if config.push_to_hub:
+            self.push_to_hub()
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return self.state
@@ -272,17 +294,68 @@ class EGRPOTrainer:
                                    config.rollout_batch_size, config.decode_batch_size)
 
     @torch.no_grad()
-    def sample_images(self, prompts: list[str], seed: int = 0) -> torch.Tensor:
-        """Deterministic (ODE) images of the current policy for ``prompts``, from noise seeded by ``seed``
-        (the same seed gives the same noise, so before/after comparisons are paired). ``[B, 3, H, W]``."""
+    def sample_images(self, prompts: list[str], seed: int | Sequence[int] = 0) -> torch.Tensor:
+        """Deterministic (ODE) images of the current policy, ``[B, 3, H, W]`` in [0, 1].
+
+        Prompt ``i`` starts from noise seeded by ``seed + i`` (or ``seed[i]`` given a list), so the same
+        prompts and seeds give the same noise: before/after comparisons are paired.
+        """
         config = self.config
+        seeds = list(seed) if isinstance(seed, Sequence) else [seed + i for i in range(len(prompts))]
         conditioning = self.adapter.encode_prompts(prompts)
-        noise = self.adapter.initial_noise(len(prompts), torch.Generator("cpu").manual_seed(seed))
+        noise = torch.cat([self.adapter.initial_noise(1, torch.Generator("cpu").manual_seed(s)) for s in seeds])
         self.model.eval()
         with self.accelerator.autocast():
             latents = sample_ode(self.adapter, self.unwrapped_model, self.schedule, conditioning,
                                  noise.to(self.accelerator.device), config.rollout_batch_size)
             return decode_in_chunks(self.adapter, latents, config.decode_batch_size or config.rollout_batch_size)
+
+    def evaluate(self) -> dict[str, float]:
+        """Score deterministic samples of the eval prompts with the training and evaluation rewards.
+
+        Eval prompt ``i`` always starts from the noise of seed ``eval_seed + i``, so evaluations along a run
+        compare the same images. Prompts are sharded across processes and the scores gathered. Metrics
+        (``eval/<reward>/mean``, ``.../std``) and an image grid (also saved to ``output_dir/eval_grid.png``)
+        go to the trackers.
+        """
+        config, accelerator = self.config, self.accelerator
+        if self.eval_dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset: pass one to EGRPOTrainer(..., eval_dataset=...).")
+        # Pad the shard so every process scores the same number of prompts (gather needs equal shapes).
+        size = len(self.eval_dataset)
+        per_process = -(-size // accelerator.num_processes)
+        positions = [min(i, size - 1) for i in range(accelerator.process_index * per_process,
+                                                      (accelerator.process_index + 1) * per_process)]
+        rows = [self.eval_dataset[i] for i in positions]
+        prompts = [row[config.prompt_column] for row in rows]
+        images = self.sample_images(prompts, [config.eval_seed + i for i in positions])
+        columns = {name: [row[name] for row in rows] for name in rows[0] if name != config.prompt_column}
+        names = self.reward_names + self.eval_reward_names
+        scores = torch.stack([call_reward(name, fn, images, prompts, columns)
+                              for name, fn in zip(names, self.reward_fns + self.eval_reward_fns)], dim=-1)
+        scores = accelerator.gather(scores.to(accelerator.device))[:size]
+        metrics = {}
+        for r, name in enumerate(names):
+            metrics[f"eval/{name}/mean"] = scores[:, r].mean().item()
+            metrics[f"eval/{name}/std"] = scores[:, r].std().item() if size > 1 else 0.0
+        grid_images = accelerator.gather(images.contiguous())[:min(size, config.eval_grid_images)]
+        if accelerator.is_main_process:
+            self._log_image_grid(grid_images)
+        accelerator.log(metrics, step=self.state.iteration)
+        self.state.eval_history.append({"iteration": self.state.iteration, **metrics})
+        return metrics
+
+    def _log_image_grid(self, images: torch.Tensor) -> None:
+        from PIL import Image
+
+        grid = image_grid(images)
+        os.makedirs(self.config.output_dir, exist_ok=True)
+        Image.fromarray(grid).save(os.path.join(self.config.output_dir, EVAL_GRID))
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"eval/images": grid[None]}, step=self.state.iteration, dataformats="NHWC")
+            elif hasattr(tracker, "log_images"):
+                tracker.log_images({"eval/images": [grid]}, step=self.state.iteration)
 
     def score(self, rollouts: Rollouts, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of every rollout ``[num_groups, G, num_rewards]`` and of the anchors ``[P, num_rewards]``.
@@ -464,6 +537,38 @@ class EGRPOTrainer:
                 model.save_pretrained(os.path.join(output_dir, "transformer"))
         self.accelerator.wait_for_everyone()
 
+    def push_to_hub(self, commit_message: str | None = None) -> str | None:
+        """Save the model to ``output_dir`` with a generated model card (``README.md``) and upload it to
+        ``config.hub_model_id``. The repository then loads with ``pipe.load_lora_weights(repo_id)``.
+
+        Returns the commit reference on the main process (None on the others).
+        """
+        from . import hub
+
+        config = self.config
+        self.save_model(config.output_dir)
+        if not self.accelerator.is_main_process:
+            return None
+        repo_id = config.hub_model_id or os.path.basename(os.path.abspath(config.output_dir))
+        last_eval = self.state.eval_history[-1] if self.state.eval_history else {}
+        metrics = {key: value for key, value in last_eval.items() if key != "iteration"}
+        grid = os.path.join(config.output_dir, EVAL_GRID)
+        card = hub.build_model_card(
+            base_model=self.base_model_name, repo_id=repo_id, config_dict=config.to_dict(),
+            merge_plan_table=format_merge_plan(self.merge_plan, self.schedule.sigmas),
+            reward_names=self.reward_names, reward_weights=self.reward_weights.tolist(),
+            eval_reward_names=self.eval_reward_names, metrics=metrics,
+            image_grid_path=EVAL_GRID if os.path.isfile(grid) else None,
+            model_family=type(self.adapter).__name__.removesuffix("Adapter"), use_lora=config.use_peft)
+        card.save(os.path.join(config.output_dir, "README.md"))
+        return hub.upload_folder(config.output_dir, repo_id, private=config.hub_private, token=config.hub_token,
+                                 commit_message=commit_message or f"E-GRPO: {self.state.iteration} iterations")
+
+    @property
+    def base_model_name(self) -> str:
+        """The pipeline's Hub id or path (``_name_or_path``), or its class name when built in memory."""
+        return self.pipeline.config.get("_name_or_path") or type(self.pipeline).__name__
+
     def save_checkpoint(self) -> str:
         """Write a resumable checkpoint of the current iteration, atomically; returns its directory."""
         config, accelerator = self.config, self.accelerator
@@ -477,7 +582,7 @@ class EGRPOTrainer:
         if accelerator.is_main_process:
             with open(os.path.join(staging, TRAINER_STATE), "w") as handle:
                 json.dump({"iteration": self.state.iteration, "log_history": self.state.log_history,
-                           "config": config.to_dict()}, handle, indent=1)
+                           "eval_history": self.state.eval_history, "config": config.to_dict()}, handle, indent=1)
         if config.use_peft:
             self.save_model(staging)
         accelerator.wait_for_everyone()
@@ -503,7 +608,8 @@ class EGRPOTrainer:
         self.generator.set_state(torch.load(generator_file))
         with open(os.path.join(checkpoint, TRAINER_STATE)) as handle:
             saved = json.load(handle)
-        self.state = TrainerState(iteration=saved["iteration"], log_history=saved["log_history"])
+        self.state = TrainerState(iteration=saved["iteration"], log_history=saved["log_history"],
+                                  eval_history=saved.get("eval_history", []))
         logger.info("Resumed from %s at iteration %d.", checkpoint, self.state.iteration)
 
     def _save_trainable_params(self, models, weights, output_dir):
@@ -529,6 +635,26 @@ class EGRPOTrainer:
             for name, parameter in model.named_parameters():
                 if name in params:
                     parameter.copy_(params[name])
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None) -> np.ndarray:
+    """``[N, 3, H, W]`` images in [0, 1] tiled into one ``[rows*H, columns*W, 3]`` uint8 array."""
+    count, _, height, width = images.shape
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    grid = torch.zeros(3, rows * height, columns * width)
+    for i, image in enumerate(images.float().cpu()):
+        row, column = divmod(i, columns)
+        grid[:, row * height:(row + 1) * height, column * width:(column + 1) * width] = image
+    return grid.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _summary_line(metrics: dict[str, float], max_steps: int) -> str:
+    seconds = metrics["time/sampling"] + metrics["time/rewards"] + metrics["time/update"]
+    return (f"iteration {metrics['iteration']}/{max_steps} | reward {metrics['reward/weighted_mean']:.4f} "
+            f"(std {metrics['reward/weighted_std']:.4f}) | loss {metrics['loss']:+.2e} | "
+            f"on-policy max|r-1| {metrics['ratio/on_policy_max_abs_dev']:.1e} | "
+            f"{metrics['transformer_evaluations']} evals | {seconds:.2f}s")
 
 
 def _flat_config(config: EGRPOConfig) -> dict:
