@@ -1,0 +1,121 @@
+"""E-GRPO on the HPD v2 prompts: the paper's recipe (FLUX.1-dev, HPS-v2.1 reward), from a YAML recipe.
+
+The paper's setting (full fine-tuning, 8 GPUs):
+
+    accelerate launch --config_file examples/accelerate/fsdp_full_shard.yaml examples/hpd.py \\
+        --config examples/recipes/flux_dev_hps.yaml
+
+A LoRA on one 80 GB GPU:
+
+    accelerate launch --config_file examples/accelerate/single_gpu.yaml examples/hpd.py \\
+        --config examples/recipes/flux_dev_lora_single_gpu.yaml
+
+Offline, on a CPU, in a minute (the embedded tiny FLUX pipeline, a local prompt file, a weight-free reward):
+
+    python examples/hpd.py --model_name_or_path tiny --torch_dtype float32 --dataset_name prompts.txt \\
+        --reward_funcs color --height 64 --width 64 --max_sequence_length 32 --num_generations 4 \\
+        --mixed_precision no --max_steps 2 --output_dir tiny-run
+
+Every field of the script arguments below and of ``EGRPOConfig`` is an option, in the YAML file given to
+``--config`` or on the command line (which overrides the file).
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+from accelerate import PartialState
+from trl import TrlParser
+
+from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer
+from trl_flow_egrpo.data import load_prompts
+from trl_flow_egrpo.registry import REWARDS, build_reward
+
+logger = logging.getLogger("hpd")
+
+
+@dataclass
+class ScriptArguments:
+    """What the script loads: the model, the rewards, the prompts."""
+
+    model_name_or_path: str = field(
+        default="black-forest-labs/FLUX.1-dev",
+        metadata={"help": "Hub id or local path of a diffusers pipeline; 'tiny' builds the embedded tiny FLUX "
+                          "pipeline (random weights, offline)."})
+    torch_dtype: str = field(default="bfloat16", metadata={"help": "dtype the pipeline is loaded in."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["hps"],
+        metadata={"help": f"Training rewards, weighted by reward_weights. One of: {', '.join(REWARDS)}."})
+    eval_reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Rewards scored at evaluation only (never trained on): watch them for reward hacking."})
+    dataset_name: str = field(
+        default="ymhao/HPDv2",
+        metadata={"help": "Training prompts: 'ymhao/HPDv2', a local .txt/.csv/.json/.jsonl/.parquet file, or a "
+                          "Hub dataset."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of dataset_name."})
+    eval_dataset_name: str = field(
+        default="zhwang/HPDv2",
+        metadata={"help": "Evaluation prompts (loaded only when eval_steps > 0); default: the HPSv2 benchmark."})
+    eval_dataset_split: str = field(
+        default="photo", metadata={"help": "Split of eval_dataset_name (for zhwang/HPDv2: a style, or 'all')."})
+    num_eval_prompts: int = field(default=64, metadata={"help": "Evaluate on the first this many prompts (0: all)."})
+    hpd_local_dir: str | None = field(
+        default=None,
+        metadata={"help": "A local copy of the HPD v2 files (train.json, test.json, benchmark/*.json) laid out as "
+                          "on the Hub, used instead of downloading."})
+
+
+def load_pipeline(name: str, dtype: torch.dtype):
+    """The diffusers pipeline ``name`` in ``dtype`` ('tiny': the embedded tiny FLUX pipeline)."""
+    if name == "tiny":
+        from trl_flow_egrpo.tiny import build_tiny_flux_pipeline
+
+        return build_tiny_flux_pipeline(dtype=dtype)
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(name, torch_dtype=dtype)
+
+
+def main(args: ScriptArguments, config: EGRPOConfig):
+    main_process = PartialState().is_main_process
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if main_process else logging.WARNING)
+    datasets.disable_progress_bars()  # a bar per tiny prompt file would drown the first lines of the log
+
+    train_dataset = load_prompts(args.dataset_name, args.dataset_split, config.prompt_column,
+                                 local_dir=args.hpd_local_dir)
+    eval_dataset = None
+    if config.eval_steps > 0:
+        eval_dataset = load_prompts(args.eval_dataset_name, args.eval_dataset_split, config.prompt_column,
+                                    local_dir=args.hpd_local_dir)
+        if args.num_eval_prompts:
+            eval_dataset = eval_dataset.select(range(min(args.num_eval_prompts, len(eval_dataset))))
+    logger.info("Prompts: %d for training (%s, %s)%s.", len(train_dataset), args.dataset_name, args.dataset_split,
+                f", {len(eval_dataset)} for evaluation ({args.eval_dataset_name}, {args.eval_dataset_split})"
+                if eval_dataset is not None else "")
+
+    pipeline = load_pipeline(args.model_name_or_path, getattr(torch, args.torch_dtype))
+    rewards = [build_reward(name) for name in args.reward_funcs]
+    eval_rewards = [build_reward(name) for name in args.eval_reward_funcs]
+    logger.info("Model: %s (%s). Rewards: %s (weights %s, aggregation '%s'); eval-only rewards: %s.",
+                args.model_name_or_path, args.torch_dtype, ", ".join(args.reward_funcs),
+                config.reward_weights or "all 1", config.reward_aggregation,
+                ", ".join(args.eval_reward_funcs) or "none")
+
+    trainer = EGRPOTrainer(config, pipeline, rewards, train_dataset, eval_dataset=eval_dataset,
+                           eval_reward_fns=eval_rewards)
+    trainer.train()
+    if not config.push_to_hub:  # push_to_hub (at the end of train) has already saved the model
+        trainer.save_model()
+    if trainer.state.eval_history:
+        final = trainer.state.eval_history[-1]
+        logger.info("Evaluation at iteration %d: %s", final["iteration"],
+                    ", ".join(f"{key} {value:.4f}" for key, value in final.items() if key.endswith("/mean")))
+    logger.info("Saved the %s to %s.", "LoRA (pipe.load_lora_weights(path))" if config.use_peft
+                else "transformer (subfolder 'transformer')", config.output_dir)
+
+
+if __name__ == "__main__":
+    main(*TrlParser((ScriptArguments, EGRPOConfig)).parse_args_and_config())
