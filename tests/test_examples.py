@@ -9,6 +9,10 @@ import sys
 
 import pytest
 
+# The runs log to both trackers (the dev extras install them).
+pytest.importorskip("tensorboard")
+pytest.importorskip("wandb")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RECIPE = """\

@@ -69,13 +69,18 @@ class FakeHub:
 def pushed(tmp_path_factory):
     """One tiny run, end to end: train 1 iteration with evaluation and a checkpoint, then push_to_hub."""
     tmp = tmp_path_factory.mktemp("hub")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        fake = FakeHub(tmp / "remote").install(monkeypatch)
-        trainer = tiny_trainer(tmp / "run", max_steps=1, save_steps=1, eval_steps=1,
-                               eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:4]}),
-                               eval_reward_fns=[BrightnessReward()], push_to_hub=True, hub_model_id=REPO_ID,
-                               hub_private=True, hub_token=TOKEN)
-        trainer.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many times faster than 2 threads on a busy 2-core machine
+    try:
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            fake = FakeHub(tmp / "remote").install(monkeypatch)
+            trainer = tiny_trainer(tmp / "run", max_steps=1, save_steps=1, eval_steps=1,
+                                   eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:4]}),
+                                   eval_reward_fns=[BrightnessReward()], push_to_hub=True, hub_model_id=REPO_ID,
+                                   hub_private=True, hub_token=TOKEN)
+            trainer.train()
+    finally:
+        torch.set_num_threads(threads)
     lora = {name: value.detach().clone() for name, value in get_peft_model_state_dict(trainer.unwrapped_model).items()}
     return fake, trainer, lora
 
