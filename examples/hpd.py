@@ -96,9 +96,10 @@ def main(args: ScriptArguments, config: EGRPOConfig):
                 f", {len(eval_dataset)} for evaluation ({args.eval_dataset_name}, {args.eval_dataset_split})"
                 if eval_dataset is not None else "")
 
-    pipeline = load_pipeline(args.model_name_or_path, getattr(torch, args.torch_dtype))
+    # Rewards first: a misspelled name fails before the pipeline (24 GB for FLUX.1-dev) is loaded.
     rewards = [build_reward(name) for name in args.reward_funcs]
     eval_rewards = [build_reward(name) for name in args.eval_reward_funcs]
+    pipeline = load_pipeline(args.model_name_or_path, getattr(torch, args.torch_dtype))
     logger.info("Model: %s (%s). Rewards: %s (weights %s, aggregation '%s'); eval-only rewards: %s.",
                 args.model_name_or_path, args.torch_dtype, ", ".join(args.reward_funcs),
                 config.reward_weights or "all 1", config.reward_aggregation,
