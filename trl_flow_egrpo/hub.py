@@ -61,7 +61,7 @@ _TEMPLATE = """---
 
 {{ model_kind }} of [`{{ base_model }}`]({{ base_model_link }}) trained with **E-GRPO** (entropy-aware GRPO,
 [arXiv 2601.00423](https://arxiv.org/abs/2601.00423)) with `trl-flow-egrpo`, for {{ max_steps }}
-iterations.
+iterations. The weights derive from the base model and are subject to its license.
 
 ## Usage
 
@@ -165,8 +165,8 @@ def build_model_card(*, base_model: str, repo_id: str, config_dict: dict, merge_
             it holds a fully fine-tuned ``transformer/``.
 
     Returns:
-        A ``huggingface_hub.ModelCard`` with YAML metadata (base_model, library_name, tags, license,
-        pipeline_tag) and sections: usage, rewards (weights, checkpoints), merge plan, evaluation metrics,
+        A ``huggingface_hub.ModelCard`` with YAML metadata (base_model when it is a Hub id, library_name,
+        tags, pipeline_tag, and the license of well-known base models, ``other`` for the rest) and sections: usage, rewards (weights, checkpoints), merge plan, evaluation metrics,
         sample grid, full config, framework versions, citation.
     """
     if len(reward_weights) != len(reward_names):
