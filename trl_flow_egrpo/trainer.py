@@ -115,6 +115,8 @@ class EGRPOTrainer:
         self.pipeline = pipeline
 
         self.accelerator = Accelerator(
+            # accelerate sets up a multi-process CPU run (gloo) only when told it runs on the CPU.
+            cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
             mixed_precision=config.mixed_precision,
             log_with=[name.strip() for name in config.log_with.split(",")] if config.log_with else None,
             project_config=ProjectConfiguration(project_dir=config.output_dir,
