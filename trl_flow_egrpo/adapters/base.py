@@ -103,6 +103,12 @@ class ModelAdapter(ABC):
         """Final latents to float32 images ``[B, 3, H, W]`` in [0, 1]."""
 
     def save_lora_weights(self, directory: str, lora_state_dict: dict[str, torch.Tensor]) -> None:
-        """Write a transformer LoRA in the diffusers format (``pipe.load_lora_weights(directory)``)."""
+        """Write a transformer LoRA in the diffusers format (``pipe.load_lora_weights(directory)``).
+
+        The LoRA's peft config goes into the file's metadata: without it diffusers loads the LoRA with
+        ``lora_alpha = r``, i.e. at the wrong scale whenever they differ (the default config has 64 vs 32).
+        """
+        (lora_config,) = self.transformer.peft_config.values()  # the trainer adds exactly one LoRA
         type(self.pipeline).save_lora_weights(directory, transformer_lora_layers=lora_state_dict,
+                                              transformer_lora_adapter_metadata=lora_config.to_dict(),
                                               safe_serialization=True)
