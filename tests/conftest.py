@@ -6,6 +6,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The tiny models are far too small for intra-op parallelism to pay; with other processes on the same two
+# cores, extra threads only oversubscribe them (measured 20x slower). One thread also keeps timings stable.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -216,3 +216,10 @@ def test_ppo_clip_loss_on_policy():
     output = ppo_clip_loss(log_prob, log_prob.clone(), torch.randn(5), clip_range=1e-4)
     assert torch.equal(output.ratio, torch.ones(5))
     assert output.approx_kl.item() == 0 and not output.clipped.any()
+
+
+def test_plan_from_a_later_first_step():
+    plan = plan_merges(SIGMAS, 0.7, 0.0, 8, first_step=8)
+    assert [(s.start, s.length) for s in plan] == [(k, 1) for k in range(8, 16)]
+    with pytest.raises(ValueError, match="first_step"):
+        plan_merges(SIGMAS, 0.7, 0.0, 9, first_step=8)

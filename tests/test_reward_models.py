@@ -29,9 +29,9 @@ from trl_flow_egrpo.rewards._common import (  # noqa: E402
     EXTRA_HINT,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
-    check_scores,
     resize_center_crop_normalize,
 )
+from trl_flow_egrpo.scoring import check_scores  # noqa: E402
 from trl_flow_egrpo.rewards.image_reward import official_key_to_module_key  # noqa: E402
 from trl_flow_egrpo.rewards.pickscore import _clip_processor_preprocess  # noqa: E402
 
@@ -152,11 +152,11 @@ def test_package_imports_without_open_clip_and_the_open_clip_rewards_say_what_to
 
 def test_check_scores_names_the_reward():
     assert torch.equal(check_scores(torch.tensor([0.5, -1.0]), 2, "r"), torch.tensor([0.5, -1.0]))
-    with pytest.raises(ValueError, match="Reward 'my_reward' produced scores of shape \\(3,\\) for 2 images"):
+    with pytest.raises(ValueError, match="Reward 'my_reward' returned \\(3,\\) values for 2 images"):
         check_scores(torch.zeros(3), 2, "my_reward")
-    with pytest.raises(ValueError, match="Reward 'my_reward' produced scores of shape \\(2, 1\\)"):
+    with pytest.raises(ValueError, match="Reward 'my_reward' returned \\(2, 1\\) values"):
         check_scores(torch.zeros(2, 1), 2, "my_reward")
-    with pytest.raises(ValueError, match="Reward 'my_reward' produced NaN or inf for 2 of 3 images"):
+    with pytest.raises(ValueError, match="Reward 'my_reward' returned NaN or inf for 2 of 3 images"):
         check_scores(torch.tensor([0.0, math.nan, math.inf]), 3, "my_reward")
 
 
@@ -166,7 +166,7 @@ def test_broken_model_output_raises_naming_the_reward(open_clip_checkpoints):
     reward(images, PROMPTS[:2])
     with torch.no_grad():
         reward._model.visual.proj.fill_(math.nan)
-    with pytest.raises(ValueError, match="Reward 'hps_v2.1' produced NaN or inf for 2 of 2 images"):
+    with pytest.raises(ValueError, match="Reward 'hps_v2.1' returned NaN or inf for 2 of 2 images.*dtype"):
         reward(images, PROMPTS[:2])
 
 

@@ -205,3 +205,40 @@ def test_optimizer_step_per_active_step(tmp_path):
     assert metrics["ratio/on_policy_max_abs_dev"] < 1e-5
     # After the first optimizer step the policy moved: later groups see ratios != 1.
     assert metrics["ratio/max"] - metrics["ratio/min"] > 0
+
+
+def test_async_rewards_give_the_same_groups(tmp_path):
+    calls = []
+
+    def reward(images, prompts, **columns):
+        calls.append(len(images))
+        return images.mean(dim=(1, 2, 3))
+
+    trainer = tiny_trainer(tmp_path, reward_fns=[reward], async_rewards=True, prompts_per_device=3, max_steps=1)
+    metrics = trainer.step()
+    groups_per_prompt = len(trainer.merge_plan)
+    # One scoring call per prompt (its G rollouts of every group, plus its anchor).
+    assert calls == [groups_per_prompt * 4 + 1] * 3
+    assert metrics["transformer_evaluations"] == 3 * trainer.evaluations_per_prompt()
+    assert metrics["ratio/on_policy_max_abs_dev"] < 1e-5
+
+
+@pytest.mark.parametrize("aggregation", ["advantage", "sum"])
+def test_two_rewards_log_both_and_raise_the_weighted_objective(tmp_path, aggregation):
+    rewards = [ColorReward(), BrightnessReward()]
+    weights = [1.0, 0.5]
+    trainer = tiny_trainer(tmp_path, reward_fns=rewards, reward_weights=weights, reward_aggregation=aggregation,
+                           max_steps=8, num_generations=6)
+
+    def objective():
+        images = trainer.sample_images(EVAL_PROMPTS, seed=7)
+        return sum(w * r(images, EVAL_PROMPTS) for w, r in zip(weights, rewards))
+
+    before = objective()
+    history = trainer.train().log_history
+    gain = objective() - before
+    assert gain.mean() > 4 * gain.std() / len(gain) ** 0.5 and gain.mean() > 0
+    for name in ("color", "brightness"):
+        assert all(f"reward/{name}/mean" in m and f"reward/{name}/std" in m for m in history)
+    expected = sum(w * history[-1][f"reward/{n}/mean"] for w, n in zip(weights, ["color", "brightness"]))
+    assert history[-1]["reward/weighted_mean"] == pytest.approx(expected, rel=1e-5)

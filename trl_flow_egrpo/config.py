@@ -49,6 +49,9 @@ class EGRPOConfig:
         "intervals until the merged step's exp(h) reaches tau. 0 disables merging. Paper: 2.2.", default=2.2)
     num_active_steps: int = _doc("Train the steps starting at the first this many schedule indices. Paper: 8.",
                                  default=8)
+    first_active_step: int = _doc(
+        "Index of the first trained step (0 = the paper's 'first 8'; 8 with 8 active steps of 16 = its 'second "
+        "half' ablation).", default=0)
     merge: str = _doc(
         "'adaptive' (entropy-driven lengths), 'none' (every step alone), or an integer (fixed merge "
         "length for all steps, the paper's ablation).", default="adaptive")
@@ -119,6 +122,10 @@ class EGRPOConfig:
     reward_aggregation: str = _doc(
         "With several rewards: 'advantage' normalizes each reward in its group, then sums with the weights "
         "(scale-free); 'sum' sums the weighted raw rewards, then normalizes.", default="advantage")
+    async_rewards: bool = _doc(
+        "Score each prompt's images in a worker thread while the next prompt's rollouts are sampled. Sampling "
+        "then runs prompt by prompt (smaller transformer batches): it pays only when scoring is slow and does "
+        "not compete for the same device (CPU-bound rewards, a reward model on another GPU).", default=False)
     prompt_column: str = _doc("Dataset column holding the prompts.", default="prompt")
     shuffle_dataset: bool = _doc("Shuffle the prompts each epoch (seeded).", default=True)
 
@@ -153,6 +160,9 @@ class EGRPOConfig:
         if not 1 <= self.num_active_steps <= self.num_inference_steps:
             raise ValueError(f"num_active_steps ({self.num_active_steps}) must be between 1 and num_inference_steps "
                              f"({self.num_inference_steps}): it counts the trained steps among the sampling steps.")
+        if not 0 <= self.first_active_step <= self.num_inference_steps - self.num_active_steps:
+            raise ValueError(f"first_active_step ({self.first_active_step}) + num_active_steps ({self.num_active_steps}) "
+                             f"must not exceed num_inference_steps ({self.num_inference_steps}).")
         if self.noise_level <= 0:
             raise ValueError(f"noise_level must be > 0 (it is the SDE noise of the one stochastic step), "
                              f"got {self.noise_level}.")

@@ -57,6 +57,7 @@ def plan_merges(
     num_active_steps: int,
     merge: str | int | None = "adaptive",
     windows: str = "overlap",
+    first_step: int = 0,
 ) -> list[MergeStep]:
     """The list of (merged) SDE steps E-GRPO trains on.
 
@@ -65,12 +66,14 @@ def plan_merges(
         noise_level: the SDE noise level ``a``.
         entropy_threshold: ``tau``; with ``merge="adaptive"`` a step's merge length is the smallest one
             whose entropy ``exp(h)`` reaches ``tau``. ``tau = 0`` means no merging.
-        num_active_steps: only start indices ``k < num_active_steps`` are trained (paper: 8 of 16). A
-            window that starts among them may end after them.
+        num_active_steps: only start indices ``first_step <= k < first_step + num_active_steps`` are
+            trained (paper: the first 8 of 16). A window that starts among them may end after them.
         merge: ``"adaptive"`` (entropy-driven length), an int (every step spans that many intervals:
             the paper's fixed-merge ablations), or ``None`` (no merging, ``l = 1``).
         windows: ``"overlap"``: every active index starts its own step (Algorithm 1); ``"partition"``:
             the next step starts where the previous one landed.
+        first_step: the first trained start index (0 = the paper's setting; 8 of 16 = its "second half"
+            ablation).
 
     Returns:
         The plan, a list of :class:`MergeStep` ordered by start index. Lengths are capped so that no
@@ -82,9 +85,9 @@ def plan_merges(
         [(0, 1), (1, 1), (2, 2), (3, 2), (4, 2), (5, 3), (6, 3), (7, 3)]
     """
     num_steps = len(sigmas) - 1
-    if not 1 <= num_active_steps <= num_steps:
-        raise ValueError(f"num_active_steps must be between 1 and the number of inference steps ({num_steps}), "
-                         f"got {num_active_steps}.")
+    if not 1 <= num_active_steps <= num_steps - first_step or first_step < 0:
+        raise ValueError(f"num_active_steps must be between 1 and the number of inference steps ({num_steps}) minus "
+                         f"first_step ({first_step}), got {num_active_steps}.")
     if windows not in ("overlap", "partition"):
         raise ValueError(f"windows must be 'overlap' or 'partition', got {windows!r}.")
     if isinstance(merge, int) and not isinstance(merge, bool):
@@ -104,8 +107,8 @@ def plan_merges(
                 return length
         return longest
 
-    plan, k = [], 0
-    while k < num_active_steps:
+    plan, k = [], first_step
+    while k < first_step + num_active_steps:
         length = length_at(k)
         plan.append(MergeStep(start=k, length=length, entropy=step_entropy(sigmas, k, length, noise_level)))
         k += length if windows == "partition" else 1

@@ -63,6 +63,21 @@ class Rollouts:
         return len(self.group_prompt)
 
 
+def concat_rollouts(parts: list[Rollouts]) -> Rollouts:
+    """Join the rollouts of disjoint prompt batches into one, renumbering the prompts in order."""
+    offsets = [0]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + len(part.anchor_images))
+    return Rollouts(
+        group_prompt=torch.cat([part.group_prompt + offset for part, offset in zip(parts, offsets)]),
+        **{name: torch.cat([getattr(part, name) for part in parts])
+           for name in ("group_step", "group_start", "group_length", "branch_latents", "samples", "log_probs",
+                        "images", "anchor_images", "anchor_latents")},
+        conditioning={name: torch.cat([part.conditioning[name] for part in parts]) for name in parts[0].conditioning},
+        num_evaluations=sum(part.num_evaluations for part in parts),
+        num_model_calls=sum(part.num_model_calls for part in parts))
+
+
 def batched_velocity(adapter: ModelAdapter, model, latents: torch.Tensor, timesteps: torch.Tensor,
                      conditioning: Conditioning, prompt_rows: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Velocities for a batch of trajectories, in chunks of ``batch_size`` transformer rows."""

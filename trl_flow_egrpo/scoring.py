@@ -58,13 +58,21 @@ def call_reward(name: str, reward_fn: Callable, images: torch.Tensor, prompts: l
         raise ValueError(f"Reward '{name}' returned {type(values).__name__} that is not a sequence of floats: it "
                          f"must return one float per image (a list, numpy array or 1-D tensor).") from error
     values = values.reshape(-1) if values.dim() > 1 and values.numel() == len(images) else values
-    if values.dim() != 1 or len(values) != len(images):
-        raise ValueError(f"Reward '{name}' returned {tuple(values.shape)} values for {len(images)} images: it must "
+    return check_scores(values, len(images), name, prompts=prompts)
+
+
+def check_scores(scores: torch.Tensor, expected: int, reward: str, prompts: Sequence[str] | None = None,
+                 hint: str = "Make the reward return finite values for every image, e.g. by handling blank or "
+                             "degenerate images.") -> torch.Tensor:
+    """Check a reward's output: a 1-D tensor of ``expected`` finite values, else a ValueError naming ``reward``
+    (and, given ``prompts``, a few prompts of the offending images) and ending with ``hint``."""
+    if scores.dim() != 1 or scores.shape[0] != expected:
+        raise ValueError(f"Reward '{reward}' returned {tuple(scores.shape)} values for {expected} images: it must "
                          "return exactly one float per image, in the order of the images.")
-    bad = ~torch.isfinite(values)
+    bad = ~torch.isfinite(scores)
     if bool(bad.any()):
-        examples = [prompts[i] for i in bad.nonzero().flatten()[:3].tolist()]
-        raise ValueError(f"Reward '{name}' returned NaN or inf for {int(bad.sum())} of {len(images)} images (prompts "
-                         f"e.g. {examples}). Make the reward return finite values for every image, e.g. by "
-                         "handling blank or degenerate images.")
-    return values
+        where = bad.nonzero().flatten().tolist()
+        examples = f"prompts e.g. {[prompts[i] for i in where[:3]]}" if prompts is not None else f"indices {where[:8]}"
+        raise ValueError(f"Reward '{reward}' returned NaN or inf for {len(where)} of {expected} images ({examples}). "
+                         f"{hint}")
+    return scores

@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +38,7 @@ from .advantages import group_advantages
 from .config import EGRPOConfig
 from .loss import ppo_clip_loss
 from .merging import format_merge_plan, plan_merges
-from .rollout import Rollouts, decode_in_chunks, sample_ode, sample_rollouts
+from .rollout import Rollouts, concat_rollouts, decode_in_chunks, sample_ode, sample_rollouts
 from .scoring import call_reward, unique_reward_names, validate_reward_fns
 from .sde import gaussian_kl, sde_step
 
@@ -128,7 +129,8 @@ class EGRPOTrainer:
 
         self.schedule = self.adapter.schedule(config.num_inference_steps, config.shift)
         self.merge_plan = plan_merges(self.schedule.sigmas, config.noise_level, config.entropy_threshold,
-                                      config.num_active_steps, config.merge_length, config.merge_windows)
+                                      config.num_active_steps, config.merge_length, config.merge_windows,
+                                      first_step=config.first_active_step)
 
         self.model, self.reference_model = self._prepare_transformer()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -258,15 +260,15 @@ class EGRPOTrainer:
         """One E-GRPO iteration: sample, score, update. Returns (and logs) the iteration's metrics."""
         config = self.config
         rows = self._iteration_rows(self.state.iteration)
-        prompts = [row[config.prompt_column] for row in rows]
-
-        start = time.perf_counter()
-        rollouts = self.generate(prompts)
-        sampling_seconds = time.perf_counter() - start
-
-        start = time.perf_counter()
-        rewards, anchor_rewards = self.score(rollouts, rows)
-        reward_seconds = time.perf_counter() - start
+        if config.async_rewards:
+            rollouts, rewards, anchor_rewards, timings = self._sample_and_score_overlapped(rows)
+        else:
+            start = time.perf_counter()
+            rollouts = self.generate([row[config.prompt_column] for row in rows])
+            sampling_seconds = time.perf_counter() - start
+            rewards, anchor_rewards = self.score(rollouts, rows)
+            timings = {"time/sampling": sampling_seconds,
+                       "time/rewards": time.perf_counter() - start - sampling_seconds}
 
         advantages = group_advantages(rewards, self.reward_weights, config.reward_aggregation,
                                       config.advantage_clip, config.advantage_eps)
@@ -276,12 +278,26 @@ class EGRPOTrainer:
 
         self.state.iteration += 1
         metrics = self._metrics(rollouts, rewards, anchor_rewards, advantages, update_metrics)
-        metrics.update({"time/sampling": sampling_seconds, "time/rewards": reward_seconds,
-                        "time/update": update_seconds, "iteration": self.state.iteration})
+        metrics.update({**timings, "time/update": update_seconds, "iteration": self.state.iteration})
         self.state.log_history.append(metrics)
         if self.state.iteration % config.logging_steps == 0:
             self.accelerator.log(metrics, step=self.state.iteration)
         return metrics
+
+    def _sample_and_score_overlapped(self, rows: list[dict]):
+        """Sample prompt by prompt; each prompt's images are scored in a worker thread while the next prompt
+        is sampled. ``time/rewards`` is then only the scoring time that sampling did not hide."""
+        start = time.perf_counter()
+        parts, futures = [], []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for i in range(len(rows)):
+                parts.append(self.generate([rows[i][self.config.prompt_column]]))
+                futures.append(pool.submit(self.score, parts[-1], rows[i:i + 1]))
+            sampling_seconds = time.perf_counter() - start
+            scores = [future.result() for future in futures]
+        timings = {"time/sampling": sampling_seconds, "time/rewards": time.perf_counter() - start - sampling_seconds}
+        return (concat_rollouts(parts), torch.cat([branch for branch, _ in scores]),
+                torch.cat([anchor for _, anchor in scores]), timings)
 
     @torch.no_grad()
     def generate(self, prompts: list[str]) -> Rollouts:
@@ -408,6 +424,8 @@ class EGRPOTrainer:
                         on_policy_deviation.append((output.ratio - 1).abs().max().view(1))
                 max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
                 grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+                # DeepSpeed clips inside its engine and returns no norm.
+                grad_norm = math.nan if grad_norm is None else grad_norm
                 stats["grad_norm"].append(torch.as_tensor(grad_norm, dtype=torch.float32).view(1))
                 self.optimizer.step()
                 self.lr_scheduler.step()
@@ -509,8 +527,9 @@ class EGRPOTrainer:
         plan_table = format_merge_plan(self.merge_plan, self.schedule.sigmas)
         per_prompt = self.evaluations_per_prompt()
         if self.accelerator.is_main_process:
-            logger.info("E-GRPO merge plan (T=%d, a=%.3g, tau=%.3g, %d active steps):\n%s", config.num_inference_steps,
-                        config.noise_level, config.entropy_threshold, config.num_active_steps, plan_table)
+            logger.info("E-GRPO merge plan (T=%d, a=%.3g, tau=%.3g, %d active steps from step %d):\n%s",
+                        config.num_inference_steps, config.noise_level, config.entropy_threshold,
+                        config.num_active_steps, config.first_active_step, plan_table)
             logger.info("Per prompt: %d groups x %d rollouts, %d transformer evaluations; %d trainable parameters; "
                         "%d process(es).", len(self.merge_plan), config.num_generations, per_prompt,
                         self.num_trainable_parameters, self.accelerator.num_processes)
@@ -527,16 +546,17 @@ class EGRPOTrainer:
         """Write the trained model: the LoRA in diffusers format (``pipe.load_lora_weights(output_dir)``),
         or, when fully fine-tuning, the transformer's ``save_pretrained`` in ``output_dir/transformer``."""
         output_dir = output_dir or self.config.output_dir
-        self.accelerator.wait_for_everyone()
+        # Every process takes part in gathering the full state dict (sharded under FSDP / DeepSpeed ZeRO-3).
+        state_dict = self.accelerator.get_state_dict(self.model)
         if self.accelerator.is_main_process:
             os.makedirs(output_dir, exist_ok=True)
             model = self.unwrapped_model
             if self.config.use_peft:
                 from peft import get_peft_model_state_dict
 
-                self.adapter.save_lora_weights(output_dir, get_peft_model_state_dict(model))
+                self.adapter.save_lora_weights(output_dir, get_peft_model_state_dict(model, state_dict=state_dict))
             else:
-                model.save_pretrained(os.path.join(output_dir, "transformer"))
+                model.save_pretrained(os.path.join(output_dir, "transformer"), state_dict=state_dict)
         self.accelerator.wait_for_everyone()
 
     def push_to_hub(self, commit_message: str | None = None) -> str | None:

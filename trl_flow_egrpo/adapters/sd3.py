@@ -49,7 +49,7 @@ class SD3Adapter(ModelAdapter):
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
         "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
         "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
-        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_out",
     )
     default_guidance_scale = 4.5
 

@@ -16,12 +16,16 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from ..scoring import check_scores
+
 EXTRA_HINT = 'pip install "trl-flow-egrpo[rewards]"'
 
 # Mean and std of the OpenAI CLIP training images, used by open_clip's ViT-H-14, HPSv2, PickScore's processor
 # and BLIP/ImageReward alike.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_MODEL_HINT = "The model weights or the images are broken, or the dtype overflows: try dtype=torch.float32."
 
 
 def require(module: str, reward: str) -> ModuleType:
@@ -44,19 +48,6 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise ValueError(f"dtype must be a floating torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}.")
     return resolved
-
-
-def check_scores(scores: torch.Tensor, expected: int, reward: str) -> torch.Tensor:
-    """Check a reward's output: a 1-D tensor of ``expected`` finite values, else a ValueError naming ``reward``."""
-    if scores.dim() != 1 or scores.shape[0] != expected:
-        raise ValueError(f"Reward '{reward}' produced scores of shape {tuple(scores.shape)} for {expected} images; "
-                         "expected one score per image.")
-    bad = ~torch.isfinite(scores)
-    if bool(bad.any()):
-        raise ValueError(f"Reward '{reward}' produced NaN or inf for {int(bad.sum())} of {expected} images "
-                         f"(indices {bad.nonzero().flatten().tolist()[:8]}). The model weights or the images are "
-                         "broken, or the dtype overflows: try dtype=torch.float32.")
-    return scores
 
 
 def resize_center_crop_normalize(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float], *,
@@ -177,4 +168,4 @@ class ModelReward(ABC):
                 batch = images[start:start + self.batch_size].detach().to(device=device, dtype=torch.float32)
                 scores.append(self._score(model, batch, prompts[start:start + self.batch_size]).float())
         scores = torch.cat(scores) if scores else torch.zeros(0)
-        return check_scores(scores, images.shape[0], self.name).to(images.device)
+        return check_scores(scores, images.shape[0], self.name, hint=_MODEL_HINT).to(images.device)
