@@ -14,7 +14,7 @@ def tiny_config(output_dir, **overrides) -> EGRPOConfig:
     values = dict(output_dir=str(output_dir), height=64, width=64, max_sequence_length=32, num_generations=4,
                   num_inference_steps=8, num_active_steps=4,
                   prompts_per_device=2, max_steps=2, mixed_precision="no", learning_rate=1e-2, clip_range=1e-2,
-                  lora_r=8, lora_alpha=8, rollout_batch_size=32, per_device_train_batch_size=4, save_steps=0,
+                  lora_r=8, lora_alpha=16, rollout_batch_size=32, per_device_train_batch_size=4, save_steps=0,
                   disable_tqdm=True, seed=0)
     values.update(overrides)
     return EGRPOConfig(**values)
