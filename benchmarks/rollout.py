@@ -1,6 +1,6 @@
 """Batched rollout engine vs one-rollout-at-a-time sampling of the same work, side by side.
 
-    python benchmarks/rollout.py [--prompts 2] [--generations 8] [--size 64] [--repeats 2]
+    python benchmarks/rollout.py [--prompts 2] [--generations 8] [--size 64] [--repeats 2] [--threads 1]
 
 Both sample, for every prompt, the anchor ODE trajectory and G branches per merged step of the paper's
 plan (T=16, shift 3, a=0.7, tau=2.2, 8 active steps) on the embedded tiny FLUX pipeline, then decode.
@@ -60,7 +60,9 @@ def main():
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=64, help="rows per transformer call (batched engine)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     pipe = build_tiny_flux_pipeline()
     adapter = get_adapter(pipe, height=args.size, width=args.size, max_sequence_length=32)

@@ -38,7 +38,7 @@ class FakeHub:
             return RepoUrl(f"https://huggingface.co/{repo_id}")
 
         def upload_folder(api, *, repo_id, folder_path, commit_message=None, allow_patterns=None,
-                          ignore_patterns=None, **kwargs):
+                          ignore_patterns=None, path_in_repo=None, **kwargs):
             # Like the real method: extend the caller's pattern list in place, then filter relative paths.
             ignore_patterns += [".git/**"]
             files = [path.relative_to(folder_path).as_posix() for path in Path(folder_path).rglob("*")
@@ -46,7 +46,7 @@ class FakeHub:
             uploaded = sorted(filter_repo_objects(files, allow_patterns=allow_patterns,
                                                   ignore_patterns=ignore_patterns))
             for relative in uploaded:
-                target = fake.root / repo_id / relative
+                target = fake.root / repo_id / (path_in_repo or "") / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(Path(folder_path) / relative, target)
             fake.calls.append(("upload_folder", repo_id, {"message": commit_message, "files": uploaded,
@@ -55,7 +55,7 @@ class FakeHub:
             return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}",
                               commit_message=commit_message, commit_description="", oid=oid)
 
-        def snapshot_download(repo_id, revision=None, token=None, **kwargs):
+        def snapshot_download(repo_id, revision=None, token=None, allow_patterns=None, **kwargs):
             fake.calls.append(("snapshot_download", repo_id, {"revision": revision}))
             return str(fake.root / repo_id)
 
@@ -118,7 +118,7 @@ def test_resume_from_a_checkpoint_on_the_hub(pushed, tmp_path, monkeypatch):
     fake, trainer, lora = pushed
     fake = FakeHub(fake.root).install(monkeypatch)
     hub.upload_folder(os.path.join(trainer.config.output_dir, "checkpoint-1"), f"{REPO_ID}-checkpoint")
-    path = hub.download_checkpoint(f"{REPO_ID}-checkpoint")
+    path = hub.download_checkpoint(f"{REPO_ID}-checkpoint", subfolder="")
 
     resumed = tiny_trainer(tmp_path, max_steps=1)
     resumed.load_checkpoint(path)
@@ -189,3 +189,19 @@ def test_model_card_for_full_fine_tuning_and_local_models():
     assert 'FluxTransformer2DModel.from_pretrained("someone/flux-egrpo", subfolder="transformer"' in card.text
     assert "load_lora_weights" not in card.text and "![" not in card.text
     assert "No evaluation was run" in card.text
+
+
+def test_every_save_pushes_the_checkpoint_and_resumes_from_it(tmp_path, monkeypatch):
+    fake = FakeHub(tmp_path / "remote").install(monkeypatch)
+    trainer = tiny_trainer(tmp_path / "run", max_steps=2, save_steps=1, push_to_hub=True, hub_model_id=REPO_ID,
+                           hub_strategy="every_save")
+    trainer.train()
+    uploads = [call for call in fake.calls if call[0] == "upload_folder"]
+    assert len(uploads) == 5  # model + checkpoint at iterations 1 and 2, then the final model
+    assert (fake.root / REPO_ID / "last-checkpoint" / "trainer_state.json").is_file()
+    assert (fake.root / REPO_ID / "pytorch_lora_weights.safetensors").is_file()
+
+    path = hub.download_checkpoint(REPO_ID)
+    resumed = tiny_trainer(tmp_path / "elsewhere", max_steps=2, resume_from_checkpoint=path)
+    resumed.load_checkpoint(path)
+    assert resumed.state.iteration == 2

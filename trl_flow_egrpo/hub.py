@@ -204,8 +204,13 @@ def build_model_card(*, base_model: str, repo_id: str, config_dict: dict, merge_
     )
 
 
+LAST_CHECKPOINT = "last-checkpoint"
+"""Folder of the model repository that ``hub_strategy="every_save"`` pushes each new checkpoint to."""
+
+
 def upload_folder(folder: str, repo_id: str, *, private: bool = False, token: str | None = None,
-                  commit_message: str = "Upload E-GRPO model", ignore_patterns: list[str] | None = None) -> str:
+                  commit_message: str = "Upload E-GRPO model", ignore_patterns: list[str] | None = None,
+                  path_in_repo: str | None = None) -> str:
     """Create the model repository ``repo_id`` if needed and upload ``folder`` to it in one commit.
 
     Args:
@@ -216,6 +221,7 @@ def upload_folder(folder: str, repo_id: str, *, private: bool = False, token: st
         commit_message: the commit's message.
         ignore_patterns: glob patterns of files not to upload; ``None`` means
             :data:`DEFAULT_IGNORE_PATTERNS` (checkpoints, logs, interrupted saves).
+        path_in_repo: upload into this folder of the repository (default: its root).
 
     Returns:
         The URL of the commit.
@@ -225,25 +231,28 @@ def upload_folder(folder: str, repo_id: str, *, private: bool = False, token: st
     # A fresh list: HfApi.upload_folder appends its own patterns to the list it is given, in place.
     ignore = list(DEFAULT_IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns)
     commit = api.upload_folder(repo_id=repo.repo_id, folder_path=folder, commit_message=commit_message,
-                               ignore_patterns=ignore)
+                               ignore_patterns=ignore, path_in_repo=path_in_repo)
     return str(commit.commit_url)
 
 
-def download_checkpoint(repo_id: str, revision: str | None = None, token: str | None = None) -> str:
+def download_checkpoint(repo_id: str, subfolder: str = LAST_CHECKPOINT, revision: str | None = None,
+                        token: str | None = None) -> str:
     """Download a checkpoint pushed to the Hub and return its local directory.
 
-    To resume training from the Hub, push a checkpoint directory (``checkpoint-N`` of ``output_dir``:
-    ``upload_folder(f"{output_dir}/checkpoint-N", "user/run-checkpoint")``), then on the new machine::
+    With ``hub_strategy="every_save"`` the trainer pushes each new checkpoint to the ``last-checkpoint/``
+    folder of the model repository; resume on another machine with::
 
-        config.resume_from_checkpoint = download_checkpoint("user/run-checkpoint")
+        config.resume_from_checkpoint = download_checkpoint("user/flux-egrpo")
         EGRPOTrainer(config, ...).train()
 
     Args:
-        repo_id: the model repository holding the checkpoint files at its root.
+        repo_id: the model repository.
+        subfolder: the checkpoint's folder in the repository (``""``: the repository root).
         revision: branch, tag or commit (default: the main branch).
         token: Hub token for private repositories.
     """
-    return snapshot_download(repo_id, revision=revision, token=token)
+    allow = [f"{subfolder}/**"] if subfolder else None
+    return os.path.join(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=allow), subfolder)
 
 
 def _is_hub_id(name: str) -> bool:

@@ -246,9 +246,9 @@ class EGRPOTrainer:
             if config.eval_steps and self.state.iteration % config.eval_steps == 0:
                 self.evaluate()
             if config.save_steps and self.state.iteration % config.save_steps == 0:
-                self.save_checkpoint()
+                checkpoint = self.save_checkpoint()
                 if config.push_to_hub and config.hub_strategy == "every_save":
-                    self.push_to_hub(f"E-GRPO iteration {self.state.iteration}")
+                    self.push_to_hub(f"E-GRPO iteration {self.state.iteration}", checkpoint=checkpoint)
         progress.close()
         if config.push_to_hub:
             self.push_to_hub()
@@ -559,11 +559,17 @@ class EGRPOTrainer:
                 model.save_pretrained(os.path.join(output_dir, "transformer"), state_dict=state_dict)
         self.accelerator.wait_for_everyone()
 
-    def push_to_hub(self, commit_message: str | None = None) -> str | None:
+    def push_to_hub(self, commit_message: str | None = None, checkpoint: str | None = None) -> str | None:
         """Save the model to ``output_dir`` with a generated model card (``README.md``) and upload it to
         ``config.hub_model_id``. The repository then loads with ``pipe.load_lora_weights(repo_id)``.
 
-        Returns the commit reference on the main process (None on the others).
+        Args:
+            commit_message: the Hub commit message.
+            checkpoint: also upload this checkpoint directory to the repository's ``last-checkpoint/``
+                folder (``hub_strategy="every_save"`` does), so training can resume from the Hub with
+                ``resume_from_checkpoint=trl_flow_egrpo.hub.download_checkpoint(repo_id)``.
+
+        Returns the model commit's URL on the main process (None on the others).
         """
         from . import hub
 
@@ -583,8 +589,13 @@ class EGRPOTrainer:
             image_grid_path=EVAL_GRID if os.path.isfile(grid) else None,
             model_family=type(self.adapter).__name__.removesuffix("Adapter"), use_lora=config.use_peft)
         card.save(os.path.join(config.output_dir, "README.md"))
-        return hub.upload_folder(config.output_dir, repo_id, private=config.hub_private, token=config.hub_token,
-                                 commit_message=commit_message or f"E-GRPO: {self.state.iteration} iterations")
+        message = commit_message or f"E-GRPO: {self.state.iteration} iterations"
+        url = hub.upload_folder(config.output_dir, repo_id, private=config.hub_private, token=config.hub_token,
+                                commit_message=message)
+        if checkpoint is not None:
+            hub.upload_folder(checkpoint, repo_id, private=config.hub_private, token=config.hub_token,
+                              commit_message=f"{message} (checkpoint)", path_in_repo=hub.LAST_CHECKPOINT)
+        return url
 
     @property
     def base_model_name(self) -> str:
