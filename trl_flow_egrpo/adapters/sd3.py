@@ -24,9 +24,10 @@ class SD3Adapter(ModelAdapter):
     """Adapter for ``StableDiffusion3Pipeline``.
 
     The default guidance scale is 4.5, the value the SD3.5-medium model card recommends and that GRPO
-    fine-tuning of SD3.5-medium uses; the pipeline's own default, 7.0, is SD3-medium's and over-saturates
-    SD3.5. A ``guidance_scale <= 1`` turns classifier-free guidance off (one transformer pass per row,
-    the negative prompt is then unused), as in the pipeline.
+    fine-tuning of SD3.5-medium uses. The pipeline's own default, 7.0, is SD3-medium's; SD3.5 is meant to
+    run lower (SD3.5-large: 3.5, set ``guidance_scale`` for it). A ``guidance_scale <= 1`` turns
+    classifier-free guidance off (one transformer pass per row, the negative prompt is then unused), as
+    in the pipeline.
 
     With guidance on, each trajectory costs two transformer rows (unconditional and conditional) in the
     same call, so a ``rollout_batch_size`` of ``n`` runs the transformer on ``2 n`` rows.
@@ -40,6 +41,8 @@ class SD3Adapter(ModelAdapter):
       have no ``attn2`` and the names simply match nothing.
     - ``ff.*`` / ``ff_context.*``: the feed-forward layers of both streams, which hold most of each
       block's weights, as the FLUX adapter does.
+    - ``proj_out``: the final projection from tokens to velocity patches, one small layer through which
+      the LoRA acts on the output directly (FLUX's default adapts its ``proj_out`` too).
 
     The timestep embedder, the AdaLN modulations and the patch/caption embedders are not adapted.
     """
@@ -85,7 +88,7 @@ class SD3Adapter(ModelAdapter):
 
             patch_size = self.pipeline.transformer.config.patch_size
             num_image_tokens = (self.latent_height // patch_size) * (self.latent_width // patch_size)
-            # The pipeline's defaults, including max_shift 1.16 (FLUX uses 1.15).
+            # As the pipeline reads the scheduler config, with its fallbacks (max_shift 1.16; FLUX's is 1.15).
             mu = calculate_shift(num_image_tokens, config.get("base_image_seq_len", 256),
                                  config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                                  config.get("max_shift", 1.16))
