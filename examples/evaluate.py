@@ -30,7 +30,7 @@ from trl_flow_egrpo import EGRPOConfig
 from trl_flow_egrpo.adapters import get_adapter
 from trl_flow_egrpo.data import load_prompts
 from trl_flow_egrpo.hub import download_checkpoint
-from trl_flow_egrpo.registry import REWARDS, build_reward
+from trl_flow_egrpo.registry import REWARDS, build_reward, load_pipeline
 from trl_flow_egrpo.rollout import decode_in_chunks, sample_ode
 from trl_flow_egrpo.scoring import call_reward, unique_reward_names
 
@@ -53,7 +53,8 @@ class EvalArguments:
 
     model_name_or_path: str = field(
         default="black-forest-labs/FLUX.1-dev",
-        metadata={"help": "The base pipeline (Hub id or path); 'tiny' builds the embedded tiny FLUX pipeline."})
+        metadata={"help": "The base pipeline (Hub id or path); 'tiny' / 'tiny-sd3' build the embedded tiny FLUX / "
+                          "SD3 pipeline."})
     torch_dtype: str = field(default="bfloat16", metadata={"help": "dtype the pipeline is loaded in."})
     trained_model: str | None = field(
         default=None,
@@ -68,17 +69,6 @@ class EvalArguments:
     hpd_local_dir: str | None = field(
         default=None, metadata={"help": "A local copy of the HPD v2 files, laid out as on the Hub."})
     results_file: str | None = field(default=None, metadata={"help": "Also write the scores to this JSON file."})
-
-
-def load_pipeline(name: str, dtype: torch.dtype):
-    """The diffusers pipeline ``name`` in ``dtype`` ('tiny': the embedded tiny FLUX pipeline)."""
-    if name == "tiny":
-        from trl_flow_egrpo.tiny import build_tiny_flux_pipeline
-
-        return build_tiny_flux_pipeline(dtype=dtype)
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(name, torch_dtype=dtype)
 
 
 def load_trained(pipeline, trained_model: str, dtype: torch.dtype) -> None:

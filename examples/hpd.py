@@ -30,7 +30,7 @@ from trl import TrlParser
 
 from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer
 from trl_flow_egrpo.data import load_prompts
-from trl_flow_egrpo.registry import REWARDS, build_reward
+from trl_flow_egrpo.registry import REWARDS, build_reward, load_pipeline
 
 logger = logging.getLogger("hpd")
 
@@ -41,8 +41,8 @@ class ScriptArguments:
 
     model_name_or_path: str = field(
         default="black-forest-labs/FLUX.1-dev",
-        metadata={"help": "Hub id or local path of a diffusers pipeline; 'tiny' builds the embedded tiny FLUX "
-                          "pipeline (random weights, offline)."})
+        metadata={"help": "Hub id or local path of a diffusers pipeline; 'tiny' / 'tiny-sd3' build the embedded tiny "
+                          "FLUX / SD3 pipeline (random weights, offline)."})
     torch_dtype: str = field(default="bfloat16", metadata={"help": "dtype the pipeline is loaded in."})
     reward_funcs: list[str] = field(
         default_factory=lambda: ["hps"],
@@ -65,17 +65,6 @@ class ScriptArguments:
         default=None,
         metadata={"help": "A local copy of the HPD v2 files (train.json, test.json, benchmark/*.json) laid out as "
                           "on the Hub, used instead of downloading."})
-
-
-def load_pipeline(name: str, dtype: torch.dtype):
-    """The diffusers pipeline ``name`` in ``dtype`` ('tiny': the embedded tiny FLUX pipeline)."""
-    if name == "tiny":
-        from trl_flow_egrpo.tiny import build_tiny_flux_pipeline
-
-        return build_tiny_flux_pipeline(dtype=dtype)
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(name, torch_dtype=dtype)
 
 
 def main(args: ScriptArguments, config: EGRPOConfig):

@@ -66,3 +66,19 @@ def describe_reward(name: str) -> str:
     Rewards not in :data:`REWARD_SOURCES` (custom ones) are described by their name alone."""
     base = name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1].isdigit() else name  # "clip_score_1" repeats
     return REWARD_SOURCES.get(base, f"`{name}` (custom reward)")
+
+
+TINY_PIPELINES = {"tiny": "build_tiny_flux_pipeline", "tiny-sd3": "build_tiny_sd3_pipeline"}
+"""Pipeline names that build an embedded tiny pipeline (:mod:`trl_flow_egrpo.tiny`) instead of loading one."""
+
+
+def load_pipeline(name: str, dtype):
+    """The diffusers pipeline ``name`` (Hub id or local path) in ``dtype``; ``"tiny"`` / ``"tiny-sd3"`` build
+    the embedded tiny FLUX / SD3 pipeline offline, so scripts run the same code path on a CPU."""
+    if name in TINY_PIPELINES:
+        from . import tiny
+
+        return getattr(tiny, TINY_PIPELINES[name])(dtype=dtype)
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(name, torch_dtype=dtype)

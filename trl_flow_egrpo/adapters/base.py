@@ -102,6 +102,16 @@ class ModelAdapter(ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Final latents to float32 images ``[B, 3, H, W]`` in [0, 1]."""
 
+    def decode_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        """Undo the VAE's latent normalization (``scaling_factor``, ``shift_factor``), decode, map to [0, 1].
+
+        ``latents`` are in the VAE's ``[B, C, h, w]`` layout; families that pack latents unpack them first.
+        """
+        vae = self.pipeline.vae
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
     def save_lora_weights(self, directory: str, lora_state_dict: dict[str, torch.Tensor]) -> None:
         """Write a transformer LoRA in the diffusers format (``pipe.load_lora_weights(directory)``).
 

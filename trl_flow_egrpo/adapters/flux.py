@@ -86,8 +86,5 @@ class FluxAdapter(ModelAdapter):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        latents = self.pipeline._unpack_latents(latents, self.height, self.width, self.pipeline.vae_scale_factor)
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return self.decode_vae(self.pipeline._unpack_latents(latents, self.height, self.width,
+                                                             self.pipeline.vae_scale_factor))

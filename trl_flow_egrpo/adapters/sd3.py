@@ -141,8 +141,5 @@ class SD3Adapter(ModelAdapter):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Undo SD3's latent normalization (``scaling_factor`` and ``shift_factor``), decode, map to [0, 1]."""
-        vae = self.pipeline.vae
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        """SD3 latents are unpacked: straight to the VAE (with SD3's ``scaling_factor`` and ``shift_factor``)."""
+        return self.decode_vae(latents)
