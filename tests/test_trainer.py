@@ -1,5 +1,6 @@
 """EGRPOTrainer end to end on the tiny FLUX pipeline: ratios, learning, saving, resuming, bad input."""
 
+import math
 import os
 
 import numpy as np
@@ -242,3 +243,29 @@ def test_two_rewards_log_both_and_raise_the_weighted_objective(tmp_path, aggrega
         assert all(f"reward/{name}/mean" in m and f"reward/{name}/std" in m for m in history)
     expected = sum(w * history[-1][f"reward/{n}/mean"] for w, n in zip(weights, ["color", "brightness"]))
     assert history[-1]["reward/weighted_mean"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_missing_tracker_package_is_a_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"log_with names 'wandb' but the wandb package is not installed.*\[wandb\]"):
+        tiny_trainer(tmp_path, log_with="tensorboard,wandb")
+
+
+def test_large_on_policy_deviation_is_reported(tmp_path, caplog):
+    trainer = tiny_trainer(tmp_path, max_steps=1, clip_range=1e-4)
+    generate = trainer.generate
+
+    def mismatched_generate(prompts):
+        # Stored log-probs that the training forward cannot reproduce, as with a bf16 sampler and fp32 trainer.
+        rollouts = generate(prompts)
+        rollouts.log_probs += 1e-3
+        return rollouts
+
+    trainer.generate = mismatched_generate
+    with caplog.at_level("WARNING", logger="trl_flow_egrpo.trainer"):
+        metrics = trainer.step()
+    assert metrics["ratio/on_policy_max_abs_dev"] == pytest.approx(1 - math.exp(-1e-3), rel=1e-2)
+    assert "On-policy ratios deviate from 1 by up to 1.00e-03" in caplog.text

@@ -119,7 +119,7 @@ class EGRPOTrainer:
             # accelerate sets up a multi-process CPU run (gloo) only when told it runs on the CPU.
             cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
             mixed_precision=config.mixed_precision,
-            log_with=[name.strip() for name in config.log_with.split(",")] if config.log_with else None,
+            log_with=_available_trackers(config.log_with),
             project_config=ProjectConfiguration(project_dir=config.output_dir,
                                                 logging_dir=os.path.join(config.output_dir, "logs")),
         )
@@ -448,6 +448,12 @@ class EGRPOTrainer:
         }
         if config.beta > 0:
             metrics["kl_to_reference"] = gathered["kl"].mean().item()
+        if metrics["ratio/on_policy_max_abs_dev"] > 0.1 * config.clip_range and accelerator.is_main_process:
+            # Sampling and training compute different log-probs for the same policy: the clip then acts on
+            # numerical noise instead of policy change (METHOD.md section 6).
+            logger.warning("On-policy ratios deviate from 1 by up to %.2e (clip_range %.0e): sampling and training "
+                           "numerics differ (dtype, batch composition). See docs/troubleshooting.md.",
+                           metrics["ratio/on_policy_max_abs_dev"], config.clip_range)
         return metrics
 
     def _policy_loss(self, rollouts: Rollouts, advantages: torch.Tensor, groups: torch.Tensor):
@@ -680,6 +686,27 @@ def image_grid(images: torch.Tensor, columns: int | None = None) -> np.ndarray:
         row, column = divmod(i, columns)
         grid[:, row * height:(row + 1) * height, column * width:(column + 1) * width] = image
     return grid.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+_TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "comet_ml": "comet_ml",
+                     "mlflow": "mlflow", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
+
+
+def _available_trackers(log_with: str | None) -> list[str] | None:
+    """``log_with`` as accelerate's list, or a clear error for a tracker whose package is missing (accelerate
+    would only warn and silently log nowhere)."""
+    if not log_with:
+        return None
+    import importlib.util
+
+    names = [name.strip() for name in log_with.split(",") if name.strip()]
+    for name in names:
+        package = _TRACKER_PACKAGES.get(name)
+        if package is not None and importlib.util.find_spec(package) is None:
+            extra = f' (or pip install "trl-flow-egrpo[{name}]")' if name in ("wandb", "tensorboard") else ""
+            raise ValueError(f"log_with names '{name}' but the {package} package is not installed: pip install "
+                             f"{package}{extra}, or drop it from log_with.")
+    return names
 
 
 def _summary_line(metrics: dict[str, float], max_steps: int) -> str:
