@@ -269,3 +269,11 @@ def test_large_on_policy_deviation_is_reported(tmp_path, caplog):
         metrics = trainer.step()
     assert metrics["ratio/on_policy_max_abs_dev"] == pytest.approx(1 - math.exp(-1e-3), rel=1e-2)
     assert "On-policy ratios deviate from 1 by up to 1.00e-03" in caplog.text
+
+
+def test_each_epoch_visits_every_prompt_once(tmp_path):
+    trainer = tiny_trainer(tmp_path, prompts_per_device=2)
+    epochs = [[row["prompt"] for i in range(3 * e, 3 * e + 3) for row in trainer._iteration_rows(i)] for e in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(PROMPTS)
+    assert epochs[0] != epochs[1]  # reshuffled each epoch
+    assert [row["prompt"] for row in trainer._iteration_rows(1)] == epochs[0][2:4]  # a pure function of the iteration

@@ -31,6 +31,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from . import checkpoints
 from .adapters import get_adapter, select_rows
@@ -136,8 +137,6 @@ class EGRPOTrainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                            eps=config.adam_epsilon, weight_decay=config.weight_decay)
-        from transformers import get_scheduler
-
         self.lr_scheduler = get_scheduler(config.lr_scheduler_type, self.optimizer, num_warmup_steps=config.warmup_steps,
                                           num_training_steps=config.max_steps * self.optimizer_steps_per_iteration)
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.model, self.optimizer,
@@ -149,6 +148,7 @@ class EGRPOTrainer:
         # Rollout noise has its own generator (per process, on the CPU so that runs reproduce across devices).
         self.generator = torch.Generator("cpu").manual_seed(config.seed + self.accelerator.process_index)
         self.state = TrainerState()
+        self._epoch_order_cache: tuple[int, torch.Tensor] | None = None
         self.num_trainable_parameters = sum(p.numel() for p in trainable)
 
     # ------------------------------------------------------------------ setup
@@ -218,10 +218,10 @@ class EGRPOTrainer:
     def _epoch_order(self, epoch: int, size: int) -> torch.Tensor:
         if not self.config.shuffle_dataset:
             return torch.arange(size)
-        cached = getattr(self, "_cached_order", None)
+        cached = self._epoch_order_cache
         if cached is None or cached[0] != epoch:
             order = torch.randperm(size, generator=torch.Generator().manual_seed(self.config.seed + epoch))
-            self._cached_order = cached = (epoch, order)
+            self._epoch_order_cache = cached = (epoch, order)
         return cached[1]
 
     # ------------------------------------------------------------------ training loop
