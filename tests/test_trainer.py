@@ -277,3 +277,20 @@ def test_each_epoch_visits_every_prompt_once(tmp_path):
     assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(PROMPTS)
     assert epochs[0] != epochs[1]  # reshuffled each epoch
     assert [row["prompt"] for row in trainer._iteration_rows(1)] == epochs[0][2:4]  # a pure function of the iteration
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path):
+    plain = tiny_trainer(tmp_path / "plain", max_steps=1).step()
+    checkpointed_trainer = tiny_trainer(tmp_path / "ckpt", max_steps=1, gradient_checkpointing=True)
+    assert checkpointed_trainer.unwrapped_model.is_gradient_checkpointing
+    checkpointed = checkpointed_trainer.step()
+    assert checkpointed["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-9)
+    assert checkpointed["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
+
+
+def test_bf16_mixed_precision_keeps_sampling_and_training_consistent(tmp_path):
+    trainer = tiny_trainer(tmp_path, max_steps=1, mixed_precision="bf16")
+    metrics = trainer.step()
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
+    assert trainer.generate(["a cat"]).samples.dtype == torch.float32  # x' stays float32 (METHOD.md section 2)
+    assert metrics["ratio/on_policy_max_abs_dev"] < 1e-3 and np.isfinite(metrics["loss"])
