@@ -31,6 +31,7 @@ from trl_flow_egrpo.adapters import get_adapter
 from trl_flow_egrpo.data import load_prompts
 from trl_flow_egrpo.hub import download_checkpoint
 from trl_flow_egrpo.registry import REWARDS, build_reward, load_pipeline
+from trl_flow_egrpo.trainer import is_multiprocess_cpu_run
 from trl_flow_egrpo.rollout import decode_in_chunks, sample_ode
 from trl_flow_egrpo.scoring import call_reward, unique_reward_names
 
@@ -127,7 +128,7 @@ def main(args: EvalArguments, config: EGRPOConfig):
     metrics = [build_reward(name) for name in args.metrics]
     names = unique_reward_names(metrics)
     dtype = getattr(torch, args.torch_dtype)
-    pipeline = load_pipeline(args.model_name_or_path, dtype).to(PartialState().device)
+    pipeline = load_pipeline(args.model_name_or_path, dtype).to(PartialState(cpu=is_multiprocess_cpu_run()).device)
     logger.info("Scoring %d prompts (%s, %s) with %s; %d steps, shift %s, %dx%d.", len(dataset),
                 args.test_dataset_name, args.test_dataset_split, ", ".join(names), config.num_inference_steps,
                 config.shift, config.height, config.width)

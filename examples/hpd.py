@@ -31,6 +31,7 @@ from trl import TrlParser
 from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer
 from trl_flow_egrpo.data import load_prompts
 from trl_flow_egrpo.registry import REWARDS, build_reward, load_pipeline
+from trl_flow_egrpo.trainer import is_multiprocess_cpu_run
 
 logger = logging.getLogger("hpd")
 
@@ -68,7 +69,7 @@ class ScriptArguments:
 
 
 def main(args: ScriptArguments, config: EGRPOConfig):
-    main_process = PartialState().is_main_process
+    main_process = PartialState(cpu=is_multiprocess_cpu_run()).is_main_process
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if main_process else logging.WARNING)
     datasets.disable_progress_bars()  # a bar per tiny prompt file would drown the first lines of the log

@@ -22,6 +22,7 @@ def reward(images, prompts, **columns):
 trainer = tiny_trainer(output_dir, reward_fns=[reward], max_steps=2, save_steps=2, num_generations=3,
                        prompts_per_device=1)
 state = trainer.train()
+trainer.save_model(os.path.join(output_dir, "final"))  # after train(): the process group must still be up
 rank = trainer.accelerator.process_index
 weights = {name: p.detach() for name, p in trainer.unwrapped_model.named_parameters() if p.requires_grad}
 torch.save(weights, os.path.join(output_dir, f"weights_{rank}.pt"))

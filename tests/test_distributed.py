@@ -37,3 +37,4 @@ def test_two_process_training(tmp_path):
     assert moved, "the LoRA did not train"
     assert (tmp_path / "checkpoint-2" / "trainable_params.safetensors").is_file()
     assert (tmp_path / "checkpoint-2" / "rollout_generator_1.pt").is_file()
+    assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()

@@ -117,8 +117,7 @@ class EGRPOTrainer:
         self.pipeline = pipeline
 
         self.accelerator = Accelerator(
-            # accelerate sets up a multi-process CPU run (gloo) only when told it runs on the CPU.
-            cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+            cpu=is_multiprocess_cpu_run(),
             mixed_precision=config.mixed_precision,
             log_with=_available_trackers(config.log_with),
             project_config=ProjectConfiguration(project_dir=config.output_dir,
@@ -253,7 +252,9 @@ class EGRPOTrainer:
         if config.push_to_hub:
             self.push_to_hub()
         accelerator.wait_for_everyone()
-        accelerator.end_training()
+        # Close the trackers but keep the process group: save_model / push_to_hub may follow train().
+        for tracker in accelerator.trackers:
+            tracker.finish()
         return self.state
 
     def step(self) -> dict[str, float]:
@@ -686,6 +687,15 @@ def image_grid(images: torch.Tensor, columns: int | None = None) -> np.ndarray:
         row, column = divmod(i, columns)
         grid[:, row * height:(row + 1) * height, column * width:(column + 1) * width] = image
     return grid.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def is_multiprocess_cpu_run() -> bool:
+    """Whether this is a multi-process launch (torchrun) on a machine without a GPU.
+
+    accelerate sets up such a run (gloo) only when told it runs on the CPU: pass this as ``cpu=`` to
+    ``Accelerator`` / ``PartialState``, including in scripts that touch ``PartialState`` before the trainer.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 _TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "comet_ml": "comet_ml",
