@@ -28,3 +28,12 @@ def tiny_trainer(output_dir, reward_fns=None, dataset=None, pipeline=None, eval_
                         [ColorReward()] if reward_fns is None else reward_fns,
                         Dataset.from_dict({"prompt": PROMPTS}) if dataset is None else dataset,
                         eval_dataset=eval_dataset, eval_reward_fns=eval_reward_fns)
+
+
+def assert_reward_rose(before, after, min_gain: float) -> None:
+    """Paired before/after rewards (same prompts, same noise, deterministic sampling): the mean gain must
+    exceed ``min_gain`` and 4 standard errors of the per-image gains, i.e. be clearly beyond noise."""
+    gain = after - before
+    standard_error = gain.std() / len(gain) ** 0.5
+    assert gain.mean() > min_gain, f"reward did not rise: {before.mean():.4f} -> {after.mean():.4f}"
+    assert gain.mean() > 4 * standard_error, f"gain {gain.mean():.4f} within noise (s.e. {standard_error:.4f})"
