@@ -7,8 +7,10 @@ plan (T=16, shift 3, a=0.7, tau=2.2, 8 active steps) on the embedded tiny FLUX p
 "one at a time" is the straightforward loop of research code: one transformer call per rollout per
 step (batch 1), the branch step re-evaluating the velocity at the anchor latent. The batched engine
 (`trl_flow_egrpo.rollout.sample_rollouts`) advances all trajectories in lock step, one call per tick with
-per-sample timesteps, and reuses the anchor's velocity for the branch step. Both outputs are checked to
-be the same rollouts (same noise) before the times are compared.
+per-sample timesteps, and reuses the anchor's velocity for the branch step. Before the times are
+compared, the anchors (deterministic) are checked to be identical in both, and the number of rollouts to
+match; the branches draw their noise in a different order, so they are the same distribution, not the same
+samples.
 """
 
 import argparse

@@ -58,18 +58,10 @@ def diffusion_coefficient(sigmas: torch.Tensor, index, noise_level: float) -> to
     return noise_level * torch.sqrt(s / (1.0 - s_tilde))
 
 
-def sde_step(
-    latents: torch.Tensor,
-    velocity: torch.Tensor,
-    sigmas: torch.Tensor,
-    index,
-    merge_length,
-    noise_level: float,
-    noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    sample: torch.Tensor | None = None,
-) -> SDEStepOutput:
-    """One merged SDE step from ``sigmas[index]`` to ``sigmas[index + merge_length]``.
+def sde_mean_std(latents: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index, merge_length,
+                 noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian of one merged SDE step from ``sigmas[index]`` to ``sigmas[index + merge_length]``:
+    its float32 mean ``mu`` (shaped like ``latents``) and per-sample ``std`` ``[B]`` (module docstring).
 
     Args:
         latents: ``x`` at ``sigmas[index]``, ``[B, ...]``, any float dtype.
@@ -77,15 +69,7 @@ def sde_step(
         sigmas: the schedule, ``[T + 1]``.
         index: start index ``k``: an int, or a LongTensor ``[B]`` (one start per sample).
         merge_length: ``l >= 1``: an int, or a LongTensor ``[B]``.
-        noise_level: ``a``; 0 gives the deterministic Euler step.
-        noise: ``eps``, the standard normal noise to use (``sample = mean + std * noise``); drawn from
-            ``generator`` when omitted.
-        generator: random generator for ``noise``. Noise is drawn on the generator's device, then moved.
-        sample: evaluate ``log_prob`` at this given ``x'`` instead of drawing one (training recomputes
-            the log-probability of the stored samples under the current model this way).
-
-    Returns:
-        :class:`SDEStepOutput` with the float32 ``sample``, ``mean``, per-sample ``std`` and ``log_prob``.
+        noise_level: ``a``; 0 gives the deterministic Euler step (``std = 0``).
     """
     batch_size = latents.shape[0]
     device = latents.device
@@ -103,13 +87,41 @@ def sde_step(
     c = diffusion_coefficient(sigmas, start, noise_level)
     s = s.view(view)
     mean = x + (v + (c.view(view) ** 2 / (2 * s)) * (x + (1 - s) * v)) * d
-    std = c * torch.sqrt(-d.view(batch_size))
+    return mean, c * torch.sqrt(-d.view(batch_size))
 
+
+def sde_step(
+    latents: torch.Tensor,
+    velocity: torch.Tensor,
+    sigmas: torch.Tensor,
+    index,
+    merge_length,
+    noise_level: float,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    sample: torch.Tensor | None = None,
+) -> SDEStepOutput:
+    """One merged SDE step from ``sigmas[index]`` to ``sigmas[index + merge_length]``: the Gaussian of
+    :func:`sde_mean_std`, a draw ``x' = mu + std * eps`` from it, and the draw's log-density.
+
+    Args:
+        latents, velocity, sigmas, index, merge_length, noise_level: as :func:`sde_mean_std`.
+        noise: ``eps``, the standard normal noise to use (``sample = mean + std * noise``); drawn from
+            ``generator`` when omitted.
+        generator: random generator for ``noise``. Noise is drawn on the generator's device, then moved.
+        sample: evaluate ``log_prob`` at this given ``x'`` instead of drawing one (training recomputes
+            the log-probability of the stored samples under the current model this way).
+
+    Returns:
+        :class:`SDEStepOutput` with the float32 ``sample``, ``mean``, per-sample ``std`` and ``log_prob``.
+    """
+    mean, std = sde_mean_std(latents, velocity, sigmas, index, merge_length, noise_level)
+    view = (mean.shape[0],) + (1,) * (mean.dim() - 1)
     if sample is None:
         if noise is None:
-            gen_device = generator.device if generator is not None else device
+            gen_device = generator.device if generator is not None else mean.device
             noise = torch.randn(mean.shape, generator=generator, device=gen_device, dtype=torch.float32)
-        sample = mean + std.view(view) * noise.to(device=device, dtype=torch.float32)
+        sample = mean + std.view(view) * noise.to(device=mean.device, dtype=torch.float32)
     else:
         sample = sample.to(torch.float32)
 
@@ -138,10 +150,13 @@ def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Ten
 
 
 def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index) -> torch.Tensor:
-    """The deterministic ODE step ``x + (sigmas[k + 1] - sigmas[k]) * v``, in float32.
+    """The deterministic ODE step ``x + (sigmas[k + 1] - sigmas[k]) * v``, in float32; ``index`` may be an
+    int or a LongTensor ``[B]``.
 
-    Identical to ``FlowMatchEulerDiscreteScheduler.step`` (which also upcasts to float32); ``index``
-    may be an int or a LongTensor ``[B]``.
+    For a float32 pipeline this is exactly ``FlowMatchEulerDiscreteScheduler.step``. For a bf16/fp16
+    pipeline it is not: the pipeline casts each step's result back to the model dtype (rounding the
+    trajectory at every step), while rollouts keep the trajectory in float32 and round only the model's
+    input.
     """
     batch_size = latents.shape[0]
     sigmas = sigmas.to(device=latents.device, dtype=torch.float32)

@@ -65,8 +65,8 @@ class JpegIncompressibilityReward(JpegCompressibilityReward):
 class ColorReward:
     """Rewards images whose mean colour is close to ``target``: ``-||mean_rgb(image) - target||_2``.
 
-    Range ``[-sqrt(3), 0]``; 0 means the image's average colour equals ``target`` exactly. Pure torch,
-    differentiable, microseconds per image: the default reward of the quickstart.
+    Range ``[-sqrt(3), 0]``; 0 means the image's average colour equals ``target`` exactly. Pure torch
+    (not differentiable: the images are detached), microseconds per image: the default reward of the quickstart.
 
     Args:
         target: RGB colour in [0, 1] that the images should average to (default: pure red).
