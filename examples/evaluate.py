@@ -31,7 +31,7 @@ from trl_flow_egrpo.adapters import get_adapter
 from trl_flow_egrpo.data import load_prompts
 from trl_flow_egrpo.hub import download_checkpoint
 from trl_flow_egrpo.registry import REWARDS, build_reward, load_pipeline
-from trl_flow_egrpo.trainer import is_multiprocess_cpu_run
+from trl_flow_egrpo.distributed import is_multiprocess_cpu_run
 from trl_flow_egrpo.rollout import decode_in_chunks, sample_ode
 from trl_flow_egrpo.scoring import call_reward, unique_reward_names
 

@@ -31,7 +31,7 @@ from trl import TrlParser
 from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer
 from trl_flow_egrpo.data import load_prompts
 from trl_flow_egrpo.registry import REWARDS, build_reward, load_pipeline
-from trl_flow_egrpo.trainer import is_multiprocess_cpu_run
+from trl_flow_egrpo.distributed import is_multiprocess_cpu_run
 
 logger = logging.getLogger("hpd")
 

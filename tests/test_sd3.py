@@ -54,7 +54,7 @@ def test_adapter_is_registered_and_draws_the_pipelines_noise():
     assert noise.shape == (3, 16, SIZE // 8, SIZE // 8) and noise.dtype == torch.float32
     expected = pipe.prepare_latents(3, 16, SIZE, SIZE, torch.float32, "cpu", torch.Generator().manual_seed(7))
     torch.testing.assert_close(noise, expected, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="divisible by 16"):
+    with pytest.raises(ValueError, match="positive multiples of 16"):
         get_adapter(pipe, height=72, width=64)
 
 

@@ -74,9 +74,15 @@ def test_full_fine_tuning_saves_the_transformer(tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
-def test_kl_penalty_is_logged_and_zero_on_the_first_step(tmp_path):
-    metrics = tiny_trainer(tmp_path, beta=0.1, max_steps=1).step()
-    assert metrics["kl_to_reference"] == pytest.approx(0.0, abs=1e-10)  # LoRA starts at the base model
+@pytest.mark.parametrize("use_peft", [True, False])
+def test_kl_penalty_is_zero_at_the_base_model_and_grows_with_updates(tmp_path, use_peft):
+    # One optimizer step per iteration: the first iteration's loss is computed at the base model (a LoRA
+    # starts at it, a full fine-tune's frozen reference is a copy of it), later ones after updates.
+    trainer = tiny_trainer(tmp_path, beta=0.1, max_steps=3, optimizer_step="iteration", use_peft=use_peft,
+                           learning_rate=1e-2 if use_peft else 1e-3)
+    kls = [trainer.step()["kl_to_reference"] for _ in range(3)]
+    assert kls[0] == pytest.approx(0.0, abs=1e-10)
+    assert kls[1] > 1e-8 and kls[2] > 1e-8, kls
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -144,7 +150,8 @@ def _inf(images, prompts, **columns):
     (_wrong_length, r"Reward '_wrong_length' returned \(\d+,\) values for \d+ images"),
     (_nan, "Reward '_nan' returned NaN or inf"),
     (_inf, "Reward '_inf' returned NaN or inf"),
-    (lambda images, prompts: "good", "not a sequence of floats"),
+    (lambda images, prompts: "good", "not a sequence of numbers"),
+    (lambda images, prompts: ["0.5"] * len(images), r"not a sequence of numbers \(e.g. '0.5'\)"),
 ])
 def test_bad_reward_output_is_a_clear_error_and_writes_nothing(tmp_path, reward, message):
     trainer = tiny_trainer(tmp_path, reward_fns=[reward], save_steps=1)
@@ -165,8 +172,9 @@ def test_bad_dataset_is_a_clear_error(tmp_path, dataset, message):
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(num_generations=1), "num_generations must be >= 2"),
-    (dict(num_active_steps=20), r"num_active_steps \(20\) must be between 1 and num_inference_steps \(8\)"),
-    (dict(noise_level=0.0), "noise_level must be > 0"),
+    (dict(num_active_steps=20), r"num_active_steps=20 is not allowed: num_active_steps must be between 1 and "
+                                r"num_inference_steps \(8\)"),
+    (dict(noise_level=0.0), "noise_level=0.0 is not allowed: noise_level must be a finite number > 0"),
     (dict(merge="often"), "merge must be"),
     (dict(reward_aggregation="max"), "reward_aggregation"),
 ])
@@ -269,10 +277,10 @@ def test_large_on_policy_deviation_is_reported(tmp_path, caplog):
 
 def test_each_epoch_visits_every_prompt_once(tmp_path):
     trainer = tiny_trainer(tmp_path, prompts_per_device=2)
-    epochs = [[row["prompt"] for i in range(3 * e, 3 * e + 3) for row in trainer._iteration_rows(i)] for e in range(2)]
+    epochs = [[row["prompt"] for i in range(3 * e, 3 * e + 3) for row in trainer.iteration_rows(i)] for e in range(2)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(PROMPTS)
     assert epochs[0] != epochs[1]  # reshuffled each epoch
-    assert [row["prompt"] for row in trainer._iteration_rows(1)] == epochs[0][2:4]  # a pure function of the iteration
+    assert [row["prompt"] for row in trainer.iteration_rows(1)] == epochs[0][2:4]  # a pure function of the iteration
 
 
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):

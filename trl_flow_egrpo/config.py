@@ -7,6 +7,7 @@ Works with ``transformers.HfArgumentParser`` and ``trl.TrlParser`` (YAML config 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 
@@ -87,8 +88,11 @@ class EGRPOConfig:
         "Groups per forward/backward micro-batch in the update (one forward per group serves its G "
         "ratios). Gradients accumulate over all micro-batches of an optimizer step.", default=1)
     optimizer_step: str = _doc(
-        "'iteration': one optimizer step per iteration over all groups (Algorithm 1); 'active_step': one "
-        "optimizer step per merged step of the plan (the reference code).", default="iteration")
+        "'active_step': one optimizer step per merged step of the plan, over all groups of that step (the "
+        "authors' code, which produced the paper's numbers; the PPO clip acts from the second step of an "
+        "iteration on, so a clip fraction above 0 is expected). 'iteration': one optimizer step per iteration "
+        "over all groups (Algorithm 1 read literally; with one inner epoch every ratio is then exactly 1 and "
+        "the clip never acts).", default="active_step")
     num_inner_epochs: int = _doc("Passes over each iteration's rollouts (PPO epochs). Paper: 1.", default=1)
 
     # --- optimization -----------------------------------------------------------------------------
@@ -98,7 +102,7 @@ class EGRPOConfig:
     adam_beta2: float = _doc("AdamW beta2.", default=0.999)
     adam_epsilon: float = _doc("AdamW epsilon.", default=1e-8)
     weight_decay: float = _doc("AdamW weight decay. Paper: 1e-4.", default=1e-4)
-    max_grad_norm: float | None = _doc("Gradient-norm clipping. Paper: 1.0. None disables it.", default=1.0)
+    max_grad_norm: float | None = _doc("Gradient-norm clipping (> 0). Paper: 1.0. None disables it.", default=1.0)
     lr_scheduler_type: str = _doc("transformers learning-rate schedule name ('constant', 'cosine', ...).",
                                   default="constant")
     warmup_steps: int = _doc("Learning-rate warm-up, in optimizer steps.", default=0)
@@ -131,7 +135,9 @@ class EGRPOConfig:
 
     # --- checkpointing --------------------------------------------------------------------------
     save_steps: int = _doc("Write a checkpoint every this many iterations (0: never).", default=50)
-    save_total_limit: int | None = _doc("Keep at most this many checkpoints (oldest deleted).", default=None)
+    save_total_limit: int | None = _doc(
+        "Keep at most this many checkpoints (>= 1; the oldest are deleted, the newest never). None keeps all.",
+        default=None)
     resume_from_checkpoint: str | None = _doc(
         "Resume from this checkpoint directory, or 'true' for the latest one in output_dir.", default=None)
 
@@ -154,40 +160,58 @@ class EGRPOConfig:
     hub_token: str | None = _doc("Hub token (default: the logged-in token / HF_TOKEN).", default=None)
 
     def __post_init__(self):
+        def refuse(name: str, allowed: str):
+            raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: {name} must be {allowed}.")
+
         if self.num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2 (advantages are normalized within a group of G "
-                             f"rollouts), got {self.num_generations}. The paper uses 12.")
+            refuse("num_generations", ">= 2 (advantages are normalized within a group of G rollouts; the paper "
+                                      "uses 12)")
         if not 1 <= self.num_active_steps <= self.num_inference_steps:
-            raise ValueError(f"num_active_steps ({self.num_active_steps}) must be between 1 and num_inference_steps "
-                             f"({self.num_inference_steps}): it counts the trained steps among the sampling steps.")
+            refuse("num_active_steps", f"between 1 and num_inference_steps ({self.num_inference_steps}): it counts "
+                                       "the trained steps among the sampling steps")
         if not 0 <= self.first_active_step <= self.num_inference_steps - self.num_active_steps:
-            raise ValueError(f"first_active_step ({self.first_active_step}) + num_active_steps ({self.num_active_steps}) "
-                             f"must not exceed num_inference_steps ({self.num_inference_steps}).")
-        if self.noise_level <= 0:
-            raise ValueError(f"noise_level must be > 0 (it is the SDE noise of the one stochastic step), "
-                             f"got {self.noise_level}.")
-        if self.entropy_threshold < 0:
-            raise ValueError(f"entropy_threshold must be >= 0, got {self.entropy_threshold}.")
+            refuse("first_active_step", f"between 0 and num_inference_steps - num_active_steps "
+                                        f"({self.num_inference_steps - self.num_active_steps})")
+        if not (math.isfinite(self.noise_level) and self.noise_level > 0):
+            refuse("noise_level", "a finite number > 0 (the SDE noise of the one stochastic step)")
+        if not (math.isfinite(self.entropy_threshold) and self.entropy_threshold >= 0):
+            refuse("entropy_threshold", "a finite number >= 0 (0 disables merging; the paper uses 2.2)")
         self.merge_length  # validates `merge`
         checks = {
-            "merge_windows": (self.merge_windows, ("overlap", "partition")),
-            "optimizer_step": (self.optimizer_step, ("iteration", "active_step")),
-            "reward_aggregation": (self.reward_aggregation, ("advantage", "sum")),
-            "mixed_precision": (self.mixed_precision, ("no", "fp16", "bf16")),
-            "hub_strategy": (self.hub_strategy, ("end", "every_save")),
+            "merge_windows": ("overlap", "partition"),
+            "optimizer_step": ("active_step", "iteration"),
+            "reward_aggregation": ("advantage", "sum"),
+            "mixed_precision": ("no", "fp16", "bf16"),
+            "hub_strategy": ("end", "every_save"),
         }
-        for name, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                refuse(name, f"one of {allowed}")
         for name in ("max_steps", "prompts_per_device", "rollout_batch_size", "per_device_train_batch_size",
-                     "num_inner_epochs", "logging_steps", "eval_grid_images"):
+                     "num_inner_epochs", "logging_steps", "eval_grid_images", "num_inference_steps",
+                     "max_sequence_length", "height", "width"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.clip_range <= 0:
-            raise ValueError(f"clip_range must be > 0, got {self.clip_range}.")
+                refuse(name, ">= 1")
         if self.max_sequence_length > 512:
-            raise ValueError(f"max_sequence_length must be <= 512 (T5's limit in the pipelines), got "
-                             f"{self.max_sequence_length}.")
+            refuse("max_sequence_length", "<= 512 (T5's limit in the pipelines)")
+        for name in ("save_steps", "eval_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                refuse(name, ">= 0 (0 turns it off)")
+        if self.decode_batch_size is not None and self.decode_batch_size < 1:
+            refuse("decode_batch_size", ">= 1, or None")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            refuse("save_total_limit", ">= 1 (the newest checkpoint is always kept), or None to keep all")
+        for name in ("learning_rate", "clip_range", "advantage_clip", "advantage_eps"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                refuse(name, "a finite number > 0")
+        for name in ("beta", "weight_decay", "lora_dropout"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                refuse(name, "a finite number >= 0")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            refuse("max_grad_norm", "a finite number > 0, or None to disable clipping (a negative norm flips the "
+                                    "gradient's sign)")
+        if self.reward_weights is not None and not all(math.isfinite(w) for w in self.reward_weights):
+            refuse("reward_weights", "finite numbers")
 
     @property
     def merge_length(self) -> str | int | None:

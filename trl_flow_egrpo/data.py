@@ -20,9 +20,11 @@ directory can hold both.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import datasets
+import torch
 
 HPD_REPO_ID = "ymhao/HPDv2"
 """HPD v2 (Wu et al., 2023): ``train.json`` (~107k prompts with image pairs) and ``test.json`` (400 prompts)."""
@@ -149,3 +151,59 @@ def _check_prompts(dataset: datasets.Dataset, prompt_column: str, source: str) -
                          "the example scripts).")
     if len(dataset) == 0:
         raise ValueError(f"{source} holds no prompts.")
+
+
+def as_prompt_dataset(data, prompt_column: str = "prompt", role: str = "train_dataset"):
+    """``data`` as something the trainer indexes row by row: a ``datasets.Dataset`` (or any sized,
+    indexable collection of dicts) is kept; a list of prompt strings, or of dicts, becomes a ``Dataset``.
+
+    Raises:
+        ValueError: empty data, rows that are neither strings nor dicts, or no ``prompt_column``; the message
+            names ``role`` and the fix.
+    """
+    if isinstance(data, (list, tuple)):
+        if data and all(isinstance(row, str) for row in data):
+            data = datasets.Dataset.from_dict({prompt_column: list(data)})
+        elif data and all(isinstance(row, dict) for row in data):
+            data = datasets.Dataset.from_list(list(data))
+        elif data:
+            kinds = sorted({type(row).__name__ for row in data})
+            raise ValueError(f"{role} is a list of {', '.join(kinds)}: pass prompt strings, dicts with a "
+                             f"'{prompt_column}' key, or a datasets.Dataset.")
+    if len(data) == 0:
+        raise ValueError(f"{role} is empty: pass a dataset with at least one prompt, e.g. "
+                         "Dataset.from_dict({'prompt': ['a photo of a cat']}).")
+    columns = getattr(data, "column_names", None)
+    if columns is None:
+        first = data[0]
+        if not isinstance(first, dict):
+            raise ValueError(f"{role}'s rows are {type(first).__name__}, not dicts: pass a datasets.Dataset, a list "
+                             "of prompt strings, or a list of dicts.")
+        columns = list(first)
+    if prompt_column not in columns:
+        raise ValueError(f"{role} has no prompt column '{prompt_column}' (columns: {columns}). Rename the column "
+                         f"(dataset.rename_column(..., '{prompt_column}')) or set EGRPOConfig.prompt_column.")
+    return data
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(epoch: int, size: int, seed: int, shuffle: bool = True) -> tuple[int, ...]:
+    """The order in which epoch ``epoch`` visits the ``size`` prompts: a seeded permutation (the same for
+    every process, so their slices are disjoint), or ``0..size-1`` without ``shuffle``."""
+    if not shuffle:
+        return tuple(range(size))
+    return tuple(torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
+
+
+def iteration_prompt_indices(iteration: int, size: int, per_process: int, process_index: int = 0,
+                             num_processes: int = 1, seed: int = 0, shuffle: bool = True) -> list[int]:
+    """Dataset indices of one process's prompts for ``iteration``.
+
+    A pure function of its arguments, so resuming needs no data-loader state. Iteration ``i`` consumes
+    positions ``[i * N * p, (i + 1) * N * p)`` of the stream of epochs (``N`` processes, ``p`` prompts per
+    process), process ``r`` the ``r``-th slice of ``p`` of them; position ``q`` is item ``q mod size`` of
+    epoch ``q // size`` (:func:`epoch_order`). Every epoch visits every prompt exactly once.
+    """
+    first = (iteration * num_processes + process_index) * per_process
+    return [epoch_order(position // size, size, seed, shuffle)[position % size]
+            for position in range(first, first + per_process)]

@@ -50,6 +50,17 @@ def shifted_sigmas(num_steps: int, shift: float) -> torch.Tensor:
     return torch.from_numpy(np.append(shift_sigmas(base, shift), 0.0))
 
 
+def dynamic_shift_mu(num_image_tokens: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """``mu`` of a resolution-dependent (dynamic) shift: linear in the image's token count ``n``,
+    ``mu = base_shift + (n - base_seq_len) * (max_shift - base_shift) / (max_seq_len - base_seq_len)``,
+    as FLUX.1-dev's and SD3's pipelines compute it from their scheduler config (in the same order of float
+    operations, so the schedule is bit-identical to theirs); the scheduler then shifts sigmas by ``exp(mu)``."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    intercept = base_shift - slope * base_seq_len
+    return num_image_tokens * slope + intercept
+
+
 def scheduler_schedule(scheduler, num_steps: int, shift: float | None = None, mu: float | None = None) -> Schedule:
     """The schedule a diffusers flow-matching scheduler produces, computed on a copy of it.
 

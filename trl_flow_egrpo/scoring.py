@@ -49,16 +49,32 @@ def call_reward(name: str, reward_fn: Callable, images: torch.Tensor, prompts: l
         ValueError: naming the reward, when it returns the wrong number of values, non-numbers, NaN or inf.
     """
     values = reward_fn(images, prompts, **columns)
-    try:
-        if isinstance(values, torch.Tensor):
-            values = values.detach().to(device="cpu", dtype=torch.float32)
-        else:
-            values = torch.as_tensor(np.asarray(values, dtype=np.float32))
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"Reward '{name}' returned {type(values).__name__} that is not a sequence of floats: it "
-                         f"must return one float per image (a list, numpy array or 1-D tensor).") from error
+    not_numbers = ValueError(f"Reward '{name}' returned {type(values).__name__} that is not a sequence of numbers "
+                             f"(e.g. {_first_non_number(values)!r}): it must return one float per image (a list, numpy "
+                             "array or 1-D tensor).")
+    if isinstance(values, torch.Tensor):
+        if values.is_complex():
+            raise not_numbers
+        values = values.detach().to(device="cpu", dtype=torch.float32)
+    else:
+        try:
+            array = np.asarray(values)
+        except (TypeError, ValueError) as error:
+            raise not_numbers from error
+        # Only real numbers and booleans: numpy would silently parse strings like "0.5" into floats.
+        if array.dtype.kind not in "biuf":
+            raise not_numbers
+        values = torch.as_tensor(array.astype(np.float32))
     values = values.reshape(-1) if values.dim() > 1 and values.numel() == len(images) else values
     return check_scores(values, len(images), name, prompts=prompts)
+
+
+def _first_non_number(values):
+    """The first item of ``values`` that is not a real number (for the error message), else ``values``."""
+    try:
+        return next(item for item in values if not isinstance(item, (int, float, np.number, np.bool_)))
+    except Exception:  # not iterable, or nothing found: show the value itself
+        return values
 
 
 def check_scores(scores: torch.Tensor, expected: int, reward: str, prompts: Sequence[str] | None = None,

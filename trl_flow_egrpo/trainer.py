@@ -16,53 +16,35 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from . import checkpoints
+from . import checkpoints, tracking
 from .adapters import get_adapter, select_rows
 from .advantages import group_advantages
+from .checkpoints import TrainerState
 from .config import EGRPOConfig
+from .data import as_prompt_dataset, iteration_prompt_indices
+from .distributed import is_multiprocess_cpu_run
 from .loss import ppo_clip_loss
 from .merging import format_merge_plan, plan_merges
-from .rollout import Rollouts, concat_rollouts, decode_in_chunks, sample_ode, sample_rollouts
+from .rollout import Rollouts, concat_rollouts, sample_images, sample_rollouts
 from .scoring import call_reward, unique_reward_names, validate_reward_fns
-from .sde import gaussian_kl, sde_step
+from .sde import gaussian_kl, sde_mean_std, sde_step
 
 logger = logging.getLogger(__name__)
 
-TRAINER_STATE = "trainer_state.json"
 EVAL_GRID = "eval_grid.png"
-TRAINABLE_PARAMS = "trainable_params.safetensors"
-
-
-@dataclass
-class TrainerState:
-    """What the trainer knows about its progress; saved in every checkpoint.
-
-    Attributes:
-        iteration: completed E-GRPO iterations.
-        log_history: one dict of metrics per iteration.
-        eval_history: one dict of metrics per evaluation.
-    """
-
-    iteration: int = 0
-    log_history: list[dict] = field(default_factory=list)
-    eval_history: list[dict] = field(default_factory=list)
 
 
 class EGRPOTrainer:
@@ -76,7 +58,7 @@ class EGRPOTrainer:
             per image (``images``: float ``[B, 3, H, W]`` in [0, 1]; ``columns``: the dataset's other
             columns for those prompts). Weighted by ``config.reward_weights``.
         train_dataset: a ``datasets.Dataset`` (or any sized, indexable collection of dicts) with the
-            prompts in ``config.prompt_column``.
+            prompts in ``config.prompt_column``, or simply a list of prompt strings.
         eval_dataset: optional prompts for evaluation (every ``config.eval_steps`` and :meth:`evaluate`).
         eval_reward_fns: rewards scored on evaluation samples only, never trained on: watch them to catch
             reward hacking (e.g. train on HPS, evaluate with PickScore and ImageReward).
@@ -105,8 +87,9 @@ class EGRPOTrainer:
             raise ValueError(f"reward_weights has {len(config.reward_weights)} values for {len(self.reward_fns)} "
                              "reward functions: give one weight per reward function.")
         self.reward_weights = torch.tensor(config.reward_weights or [1.0] * len(self.reward_fns))
-        self.train_dataset = self._validated_dataset(train_dataset, "train_dataset")
-        self.eval_dataset = None if eval_dataset is None else self._validated_dataset(eval_dataset, "eval_dataset")
+        self.train_dataset = as_prompt_dataset(train_dataset, config.prompt_column, "train_dataset")
+        self.eval_dataset = (None if eval_dataset is None
+                             else as_prompt_dataset(eval_dataset, config.prompt_column, "eval_dataset"))
         if config.eval_steps and self.eval_dataset is None:
             raise ValueError(f"eval_steps={config.eval_steps} but no eval_dataset was given: pass eval_dataset to the "
                              "trainer, or set eval_steps=0.")
@@ -119,7 +102,7 @@ class EGRPOTrainer:
         self.accelerator = Accelerator(
             cpu=is_multiprocess_cpu_run(),
             mixed_precision=config.mixed_precision,
-            log_with=_available_trackers(config.log_with),
+            log_with=tracking.available_trackers(config.log_with),
             project_config=ProjectConfiguration(project_dir=config.output_dir,
                                                 logging_dir=os.path.join(config.output_dir, "logs")),
         )
@@ -141,27 +124,14 @@ class EGRPOTrainer:
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.model, self.optimizer,
                                                                                  self.lr_scheduler)
         if config.use_peft:
-            self.accelerator.register_save_state_pre_hook(self._save_trainable_params)
-            self.accelerator.register_load_state_pre_hook(self._load_trainable_params)
+            checkpoints.register_trainable_params_hooks(self.accelerator)
 
         # Rollout noise has its own generator (per process, on the CPU so that runs reproduce across devices).
         self.generator = torch.Generator("cpu").manual_seed(config.seed + self.accelerator.process_index)
         self.state = TrainerState()
-        self._epoch_order_cache: tuple[int, torch.Tensor] | None = None
         self.num_trainable_parameters = sum(p.numel() for p in trainable)
 
     # ------------------------------------------------------------------ setup
-
-    def _validated_dataset(self, dataset, role: str):
-        column = self.config.prompt_column
-        if len(dataset) == 0:
-            raise ValueError(f"{role} is empty: pass a dataset with at least one prompt, e.g. "
-                             "Dataset.from_dict({'prompt': ['a photo of a cat']}).")
-        columns = getattr(dataset, "column_names", None) or list(dataset[0].keys())
-        if column not in columns:
-            raise ValueError(f"{role} has no prompt column '{column}' (columns: {columns}). Rename the column "
-                             f"(dataset.rename_column(..., '{column}')) or set EGRPOConfig.prompt_column.")
-        return dataset
 
     def _prepare_transformer(self):
         config, adapter = self.config, self.adapter
@@ -202,26 +172,13 @@ class EGRPOTrainer:
 
     # ------------------------------------------------------------------ data
 
-    def _iteration_rows(self, iteration: int) -> list[dict]:
-        """This process's prompt rows for ``iteration``: a deterministic function of seed and iteration,
-        so that resuming needs no data-loader state. Processes take disjoint, consecutive slices."""
-        size = len(self.train_dataset)
-        per_process = self.config.prompts_per_device
-        first = (iteration * self.accelerator.num_processes + self.accelerator.process_index) * per_process
-        rows = []
-        for position in range(first, first + per_process):
-            epoch, offset = divmod(position, size)
-            rows.append(self.train_dataset[int(self._epoch_order(epoch, size)[offset])])
-        return rows
-
-    def _epoch_order(self, epoch: int, size: int) -> torch.Tensor:
-        if not self.config.shuffle_dataset:
-            return torch.arange(size)
-        cached = self._epoch_order_cache
-        if cached is None or cached[0] != epoch:
-            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.config.seed + epoch))
-            self._epoch_order_cache = cached = (epoch, order)
-        return cached[1]
+    def iteration_rows(self, iteration: int) -> list[dict]:
+        """This process's dataset rows for ``iteration`` (:func:`~trl_flow_egrpo.data.iteration_prompt_indices`)."""
+        config, accelerator = self.config, self.accelerator
+        indices = iteration_prompt_indices(iteration, len(self.train_dataset), config.prompts_per_device,
+                                           accelerator.process_index, accelerator.num_processes, config.seed,
+                                           config.shuffle_dataset)
+        return [self.train_dataset[i] for i in indices]
 
     # ------------------------------------------------------------------ training loop
 
@@ -230,8 +187,8 @@ class EGRPOTrainer:
         config, accelerator = self.config, self.accelerator
         if config.resume_from_checkpoint not in (None, "", "false", "False"):
             self.load_checkpoint(config.resume_from_checkpoint)
-        accelerator.init_trackers(config.tracker_project_name, config=_flat_config(config),
-                                  init_kwargs=self._tracker_init_kwargs())
+        accelerator.init_trackers(config.tracker_project_name, config=tracking.flat_config(config.to_dict()),
+                                  init_kwargs=tracking.tracker_init_kwargs(config.run_name, config.output_dir))
         self._log_start()
 
         progress = tqdm(total=config.max_steps, initial=self.state.iteration, desc="E-GRPO",
@@ -241,7 +198,7 @@ class EGRPOTrainer:
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward/weighted_mean']:.4f}")
             if accelerator.is_main_process and self.state.iteration % config.logging_steps == 0:
-                progress.write(_summary_line(metrics, config.max_steps))
+                progress.write(tracking.summary_line(metrics, config.max_steps))
             if config.eval_steps and self.state.iteration % config.eval_steps == 0:
                 self.evaluate()
             if config.save_steps and self.state.iteration % config.save_steps == 0:
@@ -260,7 +217,7 @@ class EGRPOTrainer:
     def step(self) -> dict[str, float]:
         """One E-GRPO iteration: sample, score, update. Returns (and logs) the iteration's metrics."""
         config = self.config
-        rows = self._iteration_rows(self.state.iteration)
+        rows = self.iteration_rows(self.state.iteration)
         if config.async_rewards:
             rollouts, rewards, anchor_rewards, timings = self._sample_and_score_overlapped(rows)
         else:
@@ -321,13 +278,10 @@ class EGRPOTrainer:
         """
         config = self.config
         seeds = list(seed) if isinstance(seed, Sequence) else [seed + i for i in range(len(prompts))]
-        conditioning = self.adapter.encode_prompts(prompts)
-        noise = torch.cat([self.adapter.initial_noise(1, torch.Generator("cpu").manual_seed(s)) for s in seeds])
         self.model.eval()
         with self.accelerator.autocast():
-            latents = sample_ode(self.adapter, self.unwrapped_model, self.schedule, conditioning,
-                                 noise.to(self.accelerator.device), config.rollout_batch_size)
-            return decode_in_chunks(self.adapter, latents, config.decode_batch_size or config.rollout_batch_size)
+            return sample_images(self.adapter, self.unwrapped_model, self.schedule, prompts, seeds,
+                                 config.rollout_batch_size, config.decode_batch_size)
 
     def evaluate(self) -> dict[str, float]:
         """Score deterministic samples of the eval prompts with the training and evaluation rewards.
@@ -359,22 +313,11 @@ class EGRPOTrainer:
             metrics[f"eval/{name}/std"] = scores[:, r].std().item() if size > 1 else 0.0
         grid_images = accelerator.gather(images.contiguous())[:min(size, config.eval_grid_images)]
         if accelerator.is_main_process:
-            self._log_image_grid(grid_images)
+            tracking.log_image_grid(accelerator, grid_images, os.path.join(config.output_dir, EVAL_GRID),
+                                    self.state.iteration)
         accelerator.log(metrics, step=self.state.iteration)
         self.state.eval_history.append({"iteration": self.state.iteration, **metrics})
         return metrics
-
-    def _log_image_grid(self, images: torch.Tensor) -> None:
-        from PIL import Image
-
-        grid = image_grid(images)
-        os.makedirs(self.config.output_dir, exist_ok=True)
-        Image.fromarray(grid).save(os.path.join(self.config.output_dir, EVAL_GRID))
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.log_images({"eval/images": grid[None]}, step=self.state.iteration, dataformats="NHWC")
-            elif hasattr(tracker, "log_images"):
-                tracker.log_images({"eval/images": [grid]}, step=self.state.iteration)
 
     def score(self, rollouts: Rollouts, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of every rollout ``[num_groups, G, num_rewards]`` and of the anchors ``[P, num_rewards]``.
@@ -480,8 +423,9 @@ class EGRPOTrainer:
         if config.beta > 0:
             with torch.no_grad(), self.accelerator.autocast(), self._reference_model() as reference:
                 reference_velocity = adapter.velocity(reference, latents, timesteps, conditioning)
-            reference_mean = sde_step(latents, reference_velocity, self.schedule.sigmas, starts,
-                                      rollouts.group_length[groups], config.noise_level, sample=latents).mean
+            reference_mean, _ = sde_mean_std(latents, reference_velocity, self.schedule.sigmas, starts,
+                                             rollouts.group_length[groups], config.noise_level)
+            # All G members of a group share the step's mean and std: compare one per group.
             mean = step.mean.view(len(groups), num_generations, *latents.shape[1:])[:, 0]
             kl = gaussian_kl(mean, reference_mean, step.std.view(len(groups), num_generations)[:, 0])
         return output, kl
@@ -515,6 +459,8 @@ class EGRPOTrainer:
             metrics[f"reward/{name}/anchor_mean"] = anchors[:, r].mean().item()
             for i, step in enumerate(self.merge_plan):
                 metrics[f"reward/{name}/step_{step.start}"] = all_rewards[steps == i][..., r].mean().item()
+        # A group whose rollouts all score the same has zero advantages: it carries no learning signal.
+        metrics["zero_std_fraction"] = (weighted.std(dim=1) == 0).float().mean().item()
         all_advantages = gather(advantages.to(device))
         metrics.update({"advantage/mean": all_advantages.mean().item(), "advantage/std": all_advantages.std().item(),
                         "advantage/abs_max": all_advantages.abs().max().item()})
@@ -524,10 +470,6 @@ class EGRPOTrainer:
         metrics["transformer_calls"] = rollouts.num_model_calls
         metrics.update(update_metrics)
         return metrics
-
-    def _tracker_init_kwargs(self) -> dict:
-        name = self.config.run_name or os.path.basename(os.path.abspath(self.config.output_dir))
-        return {"wandb": {"name": name}, "trackio": {"name": name}}
 
     def _log_start(self):
         config = self.config
@@ -611,123 +553,18 @@ class EGRPOTrainer:
 
     def save_checkpoint(self) -> str:
         """Write a resumable checkpoint of the current iteration, atomically; returns its directory."""
-        config, accelerator = self.config, self.accelerator
-        final = checkpoints.checkpoint_dir(config.output_dir, self.state.iteration)
-        staging = checkpoints.staging_dir(config.output_dir, self.state.iteration)
-        if accelerator.is_main_process and os.path.exists(staging):
-            shutil.rmtree(staging)  # left over by an interrupted save
-        accelerator.wait_for_everyone()
-        accelerator.save_state(staging)
-        torch.save(self.generator.get_state(), os.path.join(staging, f"rollout_generator_{accelerator.process_index}.pt"))
-        if accelerator.is_main_process:
-            with open(os.path.join(staging, TRAINER_STATE), "w") as handle:
-                json.dump({"iteration": self.state.iteration, "log_history": self.state.log_history,
-                           "eval_history": self.state.eval_history, "config": config.to_dict()}, handle, indent=1)
-        if config.use_peft:
-            self.save_model(staging)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            checkpoints.publish(staging, final)
-            checkpoints.prune(config.output_dir, config.save_total_limit)
-        accelerator.wait_for_everyone()
-        return final
+        config = self.config
+        return checkpoints.save(self.accelerator, config.output_dir, self.state, config.to_dict(), self.generator,
+                                config.save_total_limit, save_extra=self.save_model if config.use_peft else None)
 
     def load_checkpoint(self, checkpoint: str | bool) -> None:
-        """Restore a checkpoint written by :meth:`save_checkpoint` (``True``/``"true"``: the latest in
-        ``output_dir``), so that training continues exactly as if it had not stopped."""
-        if checkpoint is True or str(checkpoint).lower() == "true":
-            checkpoint = checkpoints.latest_checkpoint(self.config.output_dir)
-            if checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint=true but {self.config.output_dir} holds no checkpoint-N "
-                                 "directory. Start without resume_from_checkpoint, or point it at a checkpoint.")
-        if not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE)):
-            raise ValueError(f"{checkpoint} is not an E-GRPO checkpoint (no {TRAINER_STATE}). Pass a checkpoint-N "
-                             "directory written by EGRPOTrainer, or 'true' for the latest one in output_dir.")
-        self.accelerator.load_state(checkpoint)
-        generator_file = os.path.join(checkpoint, f"rollout_generator_{self.accelerator.process_index}.pt")
-        self.generator.set_state(torch.load(generator_file))
-        with open(os.path.join(checkpoint, TRAINER_STATE)) as handle:
-            saved = json.load(handle)
-        self.state = TrainerState(iteration=saved["iteration"], log_history=saved["log_history"],
-                                  eval_history=saved.get("eval_history", []))
+        """Restore a checkpoint written by :meth:`save_checkpoint`, so that training continues exactly as if it
+        had not stopped. ``True`` / ``"true"``: the newest checkpoint in ``output_dir`` that is undamaged
+        (damaged ones are skipped with a warning; see :func:`~trl_flow_egrpo.checkpoints.resolve`).
+
+        Raises:
+            CheckpointError: no checkpoint to resume from, or a damaged one (naming it and the file).
+        """
+        checkpoint = checkpoints.resolve(checkpoint, self.config.output_dir, self.accelerator.process_index)
+        self.state = checkpoints.load(self.accelerator, checkpoint, self.generator)
         logger.info("Resumed from %s at iteration %d.", checkpoint, self.state.iteration)
-
-    def _save_trainable_params(self, models, weights, output_dir):
-        # LoRA: checkpoint only the trainable parameters, not the frozen base model (24 GB for FLUX).
-        from safetensors.torch import save_file
-
-        if self.accelerator.is_main_process:
-            model = self.accelerator.unwrap_model(models[0])
-            params = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
-            save_file(params, os.path.join(output_dir, TRAINABLE_PARAMS))
-        weights.clear()
-
-    def _load_trainable_params(self, models, input_dir):
-        from safetensors.torch import load_file
-
-        model = self.accelerator.unwrap_model(models.pop())
-        params = load_file(os.path.join(input_dir, TRAINABLE_PARAMS))
-        expected = {name for name, p in model.named_parameters() if p.requires_grad}
-        if set(params) != expected:
-            raise ValueError(f"The checkpoint in {input_dir} was written for other trainable parameters (e.g. another "
-                             "LoRA rank or target modules). Resume with the configuration it was trained with.")
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if name in params:
-                    parameter.copy_(params[name])
-
-
-def image_grid(images: torch.Tensor, columns: int | None = None) -> np.ndarray:
-    """``[N, 3, H, W]`` images in [0, 1] tiled into one ``[rows*H, columns*W, 3]`` uint8 array."""
-    count, _, height, width = images.shape
-    columns = columns or math.ceil(math.sqrt(count))
-    rows = math.ceil(count / columns)
-    grid = torch.zeros(3, rows * height, columns * width)
-    for i, image in enumerate(images.float().cpu()):
-        row, column = divmod(i, columns)
-        grid[:, row * height:(row + 1) * height, column * width:(column + 1) * width] = image
-    return grid.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-def is_multiprocess_cpu_run() -> bool:
-    """Whether this is a multi-process launch (torchrun) on a machine without a GPU.
-
-    accelerate sets up such a run (gloo) only when told it runs on the CPU: pass this as ``cpu=`` to
-    ``Accelerator`` / ``PartialState``, including in scripts that touch ``PartialState`` before the trainer.
-    """
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
-_TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "comet_ml": "comet_ml",
-                     "mlflow": "mlflow", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
-
-
-def _available_trackers(log_with: str | None) -> list[str] | None:
-    """``log_with`` as accelerate's list, or a clear error for a tracker whose package is missing (accelerate
-    would only warn and silently log nowhere)."""
-    if not log_with:
-        return None
-    import importlib.util
-
-    names = [name.strip() for name in log_with.split(",") if name.strip()]
-    for name in names:
-        package = _TRACKER_PACKAGES.get(name)
-        if package is not None and importlib.util.find_spec(package) is None:
-            extra = f' (or pip install "trl-flow-egrpo[{name}]")' if name in ("wandb", "tensorboard") else ""
-            raise ValueError(f"log_with names '{name}' but the {package} package is not installed: pip install "
-                             f"{package}{extra}, or drop it from log_with.")
-    return names
-
-
-def _summary_line(metrics: dict[str, float], max_steps: int) -> str:
-    seconds = metrics["time/sampling"] + metrics["time/rewards"] + metrics["time/update"]
-    return (f"iteration {metrics['iteration']}/{max_steps} | reward {metrics['reward/weighted_mean']:.4f} "
-            f"(std {metrics['reward/weighted_std']:.4f}) | loss {metrics['loss']:+.2e} | "
-            f"on-policy max|r-1| {metrics['ratio/on_policy_max_abs_dev']:.1e} | "
-            f"{metrics['transformer_evaluations']} evals | {seconds:.2f}s")
-
-
-def _flat_config(config: EGRPOConfig) -> dict:
-    """The config with lists turned into strings, as tensorboard's hparams accept only scalars."""
-    return {key: (str(value) if isinstance(value, (list, tuple)) or value is None else value)
-            for key, value in config.to_dict().items()}

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from ..schedule import Schedule
+from ..schedule import Schedule, dynamic_shift_mu, scheduler_schedule
 
 Conditioning = dict[str, torch.Tensor]
 """Per-prompt conditioning: a dict of tensors whose first dimension is the prompt batch."""
@@ -26,8 +26,10 @@ def select_rows(conditioning: Conditioning, rows: torch.Tensor) -> Conditioning:
 class ModelAdapter(ABC):
     """What E-GRPO needs from a text-to-image flow-matching pipeline.
 
-    Subclasses set :attr:`pipeline_class_names` and :attr:`default_lora_target_modules` and implement the
-    abstract methods. Latents handed between methods are float32 and laid out the way the model
+    Subclasses set the class attributes (:attr:`family`, :attr:`pipeline_class_names`,
+    :attr:`transformer_class_name`, :attr:`default_lora_target_modules`, :attr:`default_guidance_scale`), and
+    implement :attr:`patch_size` and the abstract methods. The base class checks the image size, derives the
+    latent grid and builds the schedule. Latents handed between methods are float32 and laid out the way the model
     consumes them (packed for FLUX, ``[B, C, h, w]`` for SD3).
 
     Args:
@@ -40,17 +42,52 @@ class ModelAdapter(ABC):
         negative_prompt: for families with classifier-free guidance.
     """
 
+    family: ClassVar[str] = ""
+    """Short name of the model family (``"flux"``, ``"sd3"``): logs, Hub tags, the model card."""
     pipeline_class_names: ClassVar[tuple[str, ...]] = ()
+    """diffusers pipeline classes this adapter drives; the first is the one the model card loads with."""
+    transformer_class_name: ClassVar[str] = ""
+    """diffusers class of the family's denoiser (a full fine-tune is saved and loaded as it)."""
     default_lora_target_modules: ClassVar[tuple[str, ...]] = ()
+    default_guidance_scale: ClassVar[float] = 1.0
+    """The guidance used when ``guidance_scale`` is None."""
+    default_max_shift: ClassVar[float] = 1.15
+    """``max_shift`` of a dynamically shifting scheduler whose config omits it (as the family's pipeline)."""
 
     def __init__(self, pipeline, height: int, width: int, guidance_scale: float | None = None,
                  max_sequence_length: int = 512, negative_prompt: str = ""):
         self.pipeline = pipeline
+        multiple = self.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % multiple:
+                below, above = max(multiple, value // multiple * multiple), max(multiple, -(-value // multiple) * multiple)
+                options = str(below) if below == above else f"{below} or {above}"
+                raise ValueError(f"{name}={value}: {type(self).__name__.removesuffix('Adapter')} needs image sizes "
+                                 f"that are positive multiples of {multiple} (the VAE's downsampling times the "
+                                 f"transformer's patch size). Set EGRPOConfig.{name} to e.g. {options}.")
         self.height = height
         self.width = width
-        self.guidance_scale = guidance_scale
+        # The VAE's latent grid, before any patching or packing.
+        self.latent_height = height // pipeline.vae_scale_factor
+        self.latent_width = width // pipeline.vae_scale_factor
+        self.guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         self.max_sequence_length = max_sequence_length
         self.negative_prompt = negative_prompt
+
+    @property
+    @abstractmethod
+    def patch_size(self) -> int:
+        """Side of the latent patch that becomes one transformer token."""
+
+    @property
+    def size_multiple(self) -> int:
+        """Image height and width must be multiples of this: the VAE's downsampling times the patch size."""
+        return self.pipeline.vae_scale_factor * self.patch_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens the transformer sees (what a dynamically shifting schedule depends on)."""
+        return (self.latent_height // self.patch_size) * (self.latent_width // self.patch_size)
 
     @classmethod
     def supports(cls, pipeline) -> bool:
@@ -74,9 +111,17 @@ class ModelAdapter(ABC):
         return [module for name, module in self.pipeline.components.items()
                 if isinstance(module, torch.nn.Module) and name != "transformer"]
 
-    @abstractmethod
     def schedule(self, num_steps: int, shift: float | None) -> Schedule:
-        """The sampling schedule: a static ``shift``, or the scheduler's own when ``shift`` is None."""
+        """The sampling schedule: ``linspace(1, 1/T, T)`` shifted by a static ``shift``, or the scheduler's own
+        when ``shift`` is None (with ``mu`` for this resolution, as the pipeline computes it, if the scheduler
+        shifts dynamically: FLUX.1-dev)."""
+        config = self.pipeline.scheduler.config
+        mu = None
+        if config.get("use_dynamic_shifting", False):
+            mu = dynamic_shift_mu(self.num_image_tokens, config.get("base_image_seq_len", 256),
+                                  config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                  config.get("max_shift", self.default_max_shift))
+        return scheduler_schedule(self.pipeline.scheduler, num_steps, shift=shift, mu=mu)
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> Conditioning:

@@ -10,46 +10,31 @@ from __future__ import annotations
 
 import torch
 
-from ..schedule import Schedule, scheduler_schedule
 from .base import Conditioning, ModelAdapter
 
 
 class FluxAdapter(ModelAdapter):
     """Adapter for ``FluxPipeline`` (FLUX.1-dev default guidance embedding 3.5)."""
 
+    family = "flux"
     pipeline_class_names = ("FluxPipeline",)
+    transformer_class_name = "FluxTransformer2DModel"
     default_lora_target_modules = (
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
         "proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
     )
     default_guidance_scale = 3.5
+    default_max_shift = 1.15
 
     def __init__(self, pipeline, height: int, width: int, guidance_scale: float | None = None,
                  max_sequence_length: int = 512, negative_prompt: str = ""):
         super().__init__(pipeline, height, width, guidance_scale, max_sequence_length, negative_prompt)
-        multiple = pipeline.vae_scale_factor * 2
-        if height % multiple or width % multiple:
-            raise ValueError(f"FLUX needs height and width divisible by {multiple}, got {height}x{width}.")
-        # Latent grid as FluxPipeline.prepare_latents computes it, before 2x2 packing.
-        self.latent_height = 2 * (height // multiple)
-        self.latent_width = 2 * (width // multiple)
         self.num_channels = pipeline.transformer.config.in_channels // 4
-        if self.guidance_scale is None:
-            self.guidance_scale = self.default_guidance_scale
 
     @property
-    def num_image_tokens(self) -> int:
-        """Sequence length of the packed latents (what FLUX.1-dev's dynamic shift depends on)."""
-        return (self.latent_height // 2) * (self.latent_width // 2)
-
-    def schedule(self, num_steps: int, shift: float | None) -> Schedule:
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        config = self.pipeline.scheduler.config
-        mu = calculate_shift(self.num_image_tokens, config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
-        return scheduler_schedule(self.pipeline.scheduler, num_steps, shift=shift, mu=mu)
+    def patch_size(self) -> int:
+        """FLUX packs 2x2 latent patches into one token."""
+        return 2
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:

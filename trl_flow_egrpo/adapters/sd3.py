@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from ..schedule import Schedule, scheduler_schedule
 from .base import Conditioning, ModelAdapter
 
 
@@ -45,9 +44,14 @@ class SD3Adapter(ModelAdapter):
       the LoRA acts on the output directly (FLUX's default adapts its ``proj_out`` too).
 
     The timestep embedder, the AdaLN modulations and the patch/caption embedders are not adapted.
+
+    Schedule: the pipeline reproduces :meth:`schedule` when called with ``sigmas=numpy.linspace(1, 1/T, T)``;
+    its default (no ``sigmas``) spaces the steps slightly differently near sigma = 0.
     """
 
+    family = "sd3"
     pipeline_class_names = ("StableDiffusion3Pipeline",)
+    transformer_class_name = "SD3Transformer2DModel"
     default_lora_target_modules = (
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
         "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -55,44 +59,22 @@ class SD3Adapter(ModelAdapter):
         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_out",
     )
     default_guidance_scale = 4.5
+    default_max_shift = 1.16  # the SD3 pipeline's fallback (FLUX's is 1.15)
 
     def __init__(self, pipeline, height: int, width: int, guidance_scale: float | None = None,
                  max_sequence_length: int = 512, negative_prompt: str = ""):
         super().__init__(pipeline, height, width, guidance_scale, max_sequence_length, negative_prompt)
-        # The VAE downsamples by vae_scale_factor, then the transformer patchifies by patch_size.
-        multiple = pipeline.vae_scale_factor * pipeline.transformer.config.patch_size
-        if height % multiple or width % multiple:
-            raise ValueError(f"SD3 needs height and width divisible by {multiple}, got {height}x{width}.")
-        self.latent_height = height // pipeline.vae_scale_factor
-        self.latent_width = width // pipeline.vae_scale_factor
         self.num_channels = pipeline.transformer.config.in_channels
-        if self.guidance_scale is None:
-            self.guidance_scale = self.default_guidance_scale
+
+    @property
+    def patch_size(self) -> int:
+        """The transformer patchifies the unpacked latents itself."""
+        return self.pipeline.transformer.config.patch_size
 
     @property
     def do_classifier_free_guidance(self) -> bool:
         """Whether rollouts and training use classifier-free guidance (``guidance_scale > 1``, as the pipeline)."""
         return self.guidance_scale > 1
-
-    def schedule(self, num_steps: int, shift: float | None) -> Schedule:
-        """The sampling schedule: ``linspace(1, 1/T, T)`` shifted by ``shift``, or by the scheduler's own
-        shift when ``shift`` is None (with ``mu`` computed as the pipeline does if it shifts dynamically).
-
-        The pipeline reproduces it when called with ``sigmas=numpy.linspace(1, 1/T, T)``; its default
-        (no ``sigmas``) spaces the steps slightly differently near sigma = 0.
-        """
-        mu = None
-        config = self.pipeline.scheduler.config
-        if config.get("use_dynamic_shifting", False):
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-            patch_size = self.pipeline.transformer.config.patch_size
-            num_image_tokens = (self.latent_height // patch_size) * (self.latent_width // patch_size)
-            # As the pipeline reads the scheduler config, with its fallbacks (max_shift 1.16; FLUX's is 1.15).
-            mu = calculate_shift(num_image_tokens, config.get("base_image_seq_len", 256),
-                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                 config.get("max_shift", 1.16))
-        return scheduler_schedule(self.pipeline.scheduler, num_steps, shift=shift, mu=mu)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
