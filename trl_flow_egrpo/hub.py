@@ -1,8 +1,12 @@
-"""Hugging Face Hub: the model card of an E-GRPO run, uploading it, and downloading checkpoints back.
+"""Hugging Face Hub: checking the Hub before training, the model card of an E-GRPO run, uploading it, and
+downloading checkpoints back.
 
+With ``push_to_hub`` the trainer calls :func:`preflight` when it is built, so a missing token, offline mode
+or an unreachable Hub fails before the first rollout rather than after hours of training.
 :meth:`EGRPOTrainer.push_to_hub <trl_flow_egrpo.EGRPOTrainer.push_to_hub>` saves the model and the eval
 grid into ``output_dir``, writes ``README.md`` with :func:`build_model_card` and uploads the folder with
-:func:`upload_folder`. :func:`download_checkpoint` fetches a pushed repository to resume from it.
+:func:`upload_folder`; a failed upload says where the model is saved and how to upload it later.
+:func:`download_checkpoint` fetches a pushed repository to resume from it.
 """
 
 from __future__ import annotations
@@ -10,11 +14,24 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import shlex
 
 import yaml
-from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
+from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, get_token, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from .registry import describe_reward
+
+
+class HubError(RuntimeError):
+    """The Hub cannot be used for this run (offline, no token, unreachable, no write access) or an upload
+    failed; the message names the cause and the fix."""
+
+
+_HOW_TO_LOG_IN = ("log in with `hf auth login`, set the HF_TOKEN environment variable, or pass hub_token "
+                  "(a token with write access from https://huggingface.co/settings/tokens)")
+_OR_NO_PUSH = "or set push_to_hub=False to train without uploading"
 
 DEFAULT_IGNORE_PATTERNS = ("checkpoint-*/**", "logs/**", "*.tmp/**")
 """What :func:`upload_folder` leaves out of ``output_dir`` by default: resumable checkpoints (optimizer
@@ -22,12 +39,6 @@ state, many GB when fully fine-tuning), tracker logs and interrupted checkpoint 
 
 # Config fields that must never reach a public card.
 _SECRET_FIELDS = ("hub_token",)
-
-# Pipeline and transformer classes of each model family (the adapter's name, case-insensitive).
-_FAMILIES = {
-    "flux": ("FluxPipeline", "FluxTransformer2DModel", "flux"),
-    "sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel", "sd3"),
-}
 
 # Licenses of well-known base models: a fine-tune is a derivative and inherits them.
 _BASE_LICENSES = {
@@ -59,7 +70,7 @@ _TEMPLATE = """---
 
 # {{ repo_id }}
 
-{{ model_kind }} of [`{{ base_model }}`]({{ base_model_link }}) trained with **E-GRPO** (entropy-aware GRPO,
+{{ model_kind }} of {{ base_model_text }} trained with **E-GRPO** (entropy-aware GRPO,
 [arXiv 2601.00423](https://arxiv.org/abs/2601.00423)) with `trl-flow-egrpo`, for {{ max_steps }}
 iterations. The weights derive from the base model and are subject to its license.
 
@@ -142,14 +153,14 @@ No evaluation was run (pass an `eval_dataset` and set `eval_steps`, or call `tra
 """
 
 
-def build_model_card(*, base_model: str, repo_id: str, config_dict: dict, merge_plan_table: str,
+def build_model_card(*, base_model: str | None, repo_id: str, config_dict: dict, merge_plan_table: str,
                      reward_names: list[str], reward_weights: list[float], eval_reward_names: list[str],
-                     metrics: dict[str, float], image_grid_path: str | None, model_family: str,
-                     use_lora: bool) -> ModelCard:
+                     metrics: dict[str, float], image_grid_path: str | None, adapter, use_lora: bool) -> ModelCard:
     """The model card (``README.md``) of an E-GRPO run.
 
     Args:
-        base_model: Hub id (or local path) of the pipeline that was fine-tuned.
+        base_model: Hub id or local path of the pipeline that was fine-tuned, or None when the pipeline was
+            built in memory (then the card says so and loads the weights onto "your base pipeline").
         repo_id: the Hub repository the model is pushed to (used in the usage snippet).
         config_dict: ``EGRPOConfig.to_dict()``; shown in full, except secrets (``hub_token``).
         merge_plan_table: the Markdown table of :func:`~trl_flow_egrpo.format_merge_plan`.
@@ -159,22 +170,22 @@ def build_model_card(*, base_model: str, repo_id: str, config_dict: dict, merge_
         metrics: final evaluation metrics, ``eval/<reward>/mean`` and ``eval/<reward>/std`` (as returned by
             ``EGRPOTrainer.evaluate``); empty when no evaluation was run.
         image_grid_path: path of the eval image grid relative to the uploaded folder, or None.
-        model_family: the adapter's family (``"flux"``, ``"sd3"``; case-insensitive), for the usage snippet
-            and tags.
+        adapter: the run's model adapter (class or instance, :class:`~trl_flow_egrpo.adapters.ModelAdapter`):
+            its ``family`` is a tag, its first ``pipeline_class_names`` entry and its ``transformer_class_name``
+            are the classes of the usage snippet.
         use_lora: True when the repository holds a LoRA (``pytorch_lora_weights.safetensors``), False when
             it holds a fully fine-tuned ``transformer/``.
 
     Returns:
         A ``huggingface_hub.ModelCard`` with YAML metadata (base_model when it is a Hub id, library_name,
-        tags, pipeline_tag, and the license of well-known base models, ``other`` for the rest) and sections: usage, rewards (weights, checkpoints), merge plan, evaluation metrics,
-        sample grid, full config, framework versions, citation.
+        tags, pipeline_tag, and the license of well-known base models, ``other`` for the rest) and sections:
+        usage, rewards (weights, checkpoints), merge plan, evaluation metrics, sample grid, full config,
+        framework versions, citation.
     """
     if len(reward_weights) != len(reward_names):
         raise ValueError(f"{len(reward_weights)} reward weights for {len(reward_names)} rewards.")
-    family = model_family.lower()
-    pipeline_class, transformer_class, family_tag = _FAMILIES.get(family, ("DiffusionPipeline", None, family))
-    on_hub = _is_hub_id(base_model)
-    tags = ["trl-flow-egrpo", "e-grpo", "text-to-image", "diffusers-training", "diffusers", family_tag]
+    on_hub = base_model is not None and _is_hub_id(base_model)
+    tags = ["trl-flow-egrpo", "e-grpo", "text-to-image", "diffusers-training", "diffusers", adapter.family]
     if use_lora:
         tags.append("lora")
     card_data = ModelCardData(
@@ -187,11 +198,11 @@ def build_model_card(*, base_model: str, repo_id: str, config_dict: dict, merge_
                 + (f"static shift {shift}" if shift is not None else "the scheduler's own shift"))
     return ModelCard.from_template(
         card_data, template_str=_TEMPLATE,
-        repo_id=repo_id, base_model=base_model,
-        base_model_link=f"https://huggingface.co/{base_model}" if on_hub else "#",
+        repo_id=repo_id, base_model_text=_base_model_text(base_model, adapter.pipeline_class_names[0]),
         model_kind="A LoRA" if use_lora else "A full fine-tune",
         max_steps=config.get("max_steps"), schedule=schedule,
-        usage=_usage(base_model, repo_id, pipeline_class, transformer_class, use_lora, config),
+        usage=_usage(base_model, repo_id, adapter.pipeline_class_names[0], adapter.transformer_class_name,
+                     use_lora, config),
         reward_aggregation=config.get("reward_aggregation"),
         reward_rows=[{"name": name, "weight": f"{weight:g}", "source": describe_reward(name)}
                      for name, weight in zip(reward_names, reward_weights)],
@@ -202,6 +213,59 @@ def build_model_card(*, base_model: str, repo_id: str, config_dict: dict, merge_
         config_yaml=yaml.safe_dump(config, sort_keys=False).strip(),
         versions=[(name, _version(name)) for name in _FRAMEWORKS], citation=CITATION,
     )
+
+
+def preflight(repo_id: str, *, token: str | None, private: bool) -> str:
+    """Check, before any training, that the model can be pushed to ``repo_id``, and create the repository.
+
+    The checks fail with a :class:`HubError` that names the Hub, the repository and the fix:
+    offline mode (``HF_HUB_OFFLINE``), no token (argument, ``HF_TOKEN`` or the ``hf auth login`` token),
+    an unreachable Hub, a rejected or read-only token, or a repository that cannot be created.
+
+    Args:
+        repo_id: ``"namespace/name"``, or ``"name"`` for the token owner's namespace.
+        token: Hub token; ``None`` uses ``HF_TOKEN`` or the token stored by ``hf auth login``.
+        private: create the repository as private (an existing repository keeps its visibility).
+
+    Returns:
+        The full repository id, ``"namespace/name"``.
+    """
+    where = f"the Hugging Face Hub ({constants.ENDPOINT})"
+    if constants.HF_HUB_OFFLINE:
+        raise HubError(f"push_to_hub=True, but {where} is disabled in this process: HF_HUB_OFFLINE (or "
+                       f"TRANSFORMERS_OFFLINE) is set. Unset it to push to '{repo_id}', {_OR_NO_PUSH}.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise HubError(f"push_to_hub=True, but '{repo_id}' is not a valid Hub repository id ({error}). Set "
+                       f"hub_model_id to 'namespace/name' (letters, digits, '-', '_', '.'), {_OR_NO_PUSH}.") from error
+    token = token or get_token()
+    if token is None:
+        raise HubError(f"push_to_hub=True, but no token for {where} was found: {_HOW_TO_LOG_IN}; {_OR_NO_PUSH}.")
+    api = HfApi(token=token)
+    try:
+        identity = api.whoami()
+    except HfHubHTTPError as error:
+        if error.response is not None and error.response.status_code == 401:
+            raise HubError(f"push_to_hub=True, but {where} rejected the token (401: invalid or expired): "
+                           f"{_HOW_TO_LOG_IN}; {_OR_NO_PUSH}.") from error
+        raise HubError(f"push_to_hub=True, but {where} answered with an error when checking the token: {error}. "
+                       f"Retry later, {_OR_NO_PUSH}.") from error
+    except Exception as error:  # noqa: BLE001 - any transport failure (DNS, proxy, TLS, timeout) means the same
+        raise HubError(f"push_to_hub=True, but {where} cannot be reached ({type(error).__name__}: {error}). "
+                       f"Check the network connection and proxy (HF_ENDPOINT if you use a mirror), "
+                       f"{_OR_NO_PUSH}.") from error
+    role = identity.get("auth", {}).get("accessToken", {}).get("role")
+    if role == "read":
+        raise HubError(f"push_to_hub=True, but the token of '{identity.get('name')}' is read-only: {where} needs "
+                       f"a token with write access to create '{repo_id}'; {_HOW_TO_LOG_IN}; {_OR_NO_PUSH}.")
+    full_id = repo_id if "/" in repo_id else f"{identity['name']}/{repo_id}"
+    try:
+        return api.create_repo(full_id, private=private, exist_ok=True).repo_id
+    except Exception as error:  # noqa: BLE001 - permission, quota, name clash: the Hub's message says which
+        raise HubError(f"push_to_hub=True, but the repository '{full_id}' cannot be created on {where} "
+                       f"({type(error).__name__}: {error}). Check that the token's owner '{identity.get('name')}' "
+                       f"may write to that namespace, choose another hub_model_id, {_OR_NO_PUSH}.") from error
 
 
 LAST_CHECKPOINT = "last-checkpoint"
@@ -225,14 +289,40 @@ def upload_folder(folder: str, repo_id: str, *, private: bool = False, token: st
 
     Returns:
         The URL of the commit.
+
+    Raises:
+        HubError: when the upload fails; its message says that the files stay in ``folder`` and gives the
+            ``hf upload`` command that uploads them later.
     """
-    api = HfApi(token=token)
-    repo = api.create_repo(repo_id, private=private, exist_ok=True)
-    # A fresh list: HfApi.upload_folder appends its own patterns to the list it is given, in place.
     ignore = list(DEFAULT_IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns)
-    commit = api.upload_folder(repo_id=repo.repo_id, folder_path=folder, commit_message=commit_message,
-                               ignore_patterns=ignore, path_in_repo=path_in_repo)
+    try:
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        # A copy: HfApi.upload_folder appends its own patterns to the list it is given, in place.
+        commit = api.upload_folder(repo_id=repo.repo_id, folder_path=folder, commit_message=commit_message,
+                                   ignore_patterns=list(ignore), path_in_repo=path_in_repo)
+    except Exception as error:  # noqa: BLE001 - whatever failed, the files are safe on disk: say how to retry
+        command = upload_command(folder, repo_id, ignore, private=private, path_in_repo=path_in_repo)
+        raise HubError(f"Uploading to the Hugging Face Hub repository '{repo_id}' failed "
+                       f"({type(error).__name__}: {error}).\nNothing is lost: the files are saved locally in "
+                       f"{os.path.abspath(folder)}. Upload them later with:\n\n"
+                       f"    {command}\n") from error
     return str(commit.commit_url)
+
+
+def upload_command(folder: str, repo_id: str, ignore_patterns: list[str], *, private: bool = False,
+                   path_in_repo: str | None = None) -> str:
+    """The ``hf upload`` shell command that uploads ``folder`` as :func:`upload_folder` does.
+
+    ``hf`` since huggingface_hub 1.0 takes one pattern per ``--exclude``; the argparse CLI before it took
+    all patterns after a single ``--exclude`` (and kept only the last of repeated ones).
+    """
+    if _major_version("huggingface_hub") >= 1:
+        excludes = [part for pattern in ignore_patterns for part in ("--exclude", pattern)]
+    else:
+        excludes = ["--exclude", *ignore_patterns] if ignore_patterns else []
+    words = ["hf", "upload", repo_id, os.path.abspath(folder), path_in_repo or ".", *excludes]
+    return " ".join(shlex.quote(word) for word in words) + (" --private" if private else "")
 
 
 def download_checkpoint(repo_id: str, subfolder: str = LAST_CHECKPOINT, revision: str | None = None,
@@ -255,26 +345,45 @@ def download_checkpoint(repo_id: str, subfolder: str = LAST_CHECKPOINT, revision
     return os.path.join(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=allow), subfolder)
 
 
+def _base_model_text(base_model: str | None, pipeline_class: str) -> str:
+    """How the card's first sentence names the base model: a Hub link, a local path, or a built pipeline."""
+    if base_model is None:
+        return (f"a base `{pipeline_class}` that was built in memory (it has no Hub id or path, so load the "
+                "weights onto that same pipeline)")
+    if _is_hub_id(base_model):
+        return f"[`{base_model}`](https://huggingface.co/{base_model})"
+    return f"the local pipeline `{base_model}`"
+
+
 def _is_hub_id(name: str) -> bool:
     """Whether ``name`` looks like a Hub repository id (``org/name``) rather than a local path or class name."""
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not os.path.exists(name)
 
 
-def _usage(base_model: str, repo_id: str, pipeline_class: str, transformer_class: str | None, use_lora: bool,
+def _usage(base_model: str | None, repo_id: str, pipeline_class: str, transformer_class: str, use_lora: bool,
            config: dict) -> str:
+    """The card's Python snippet: load the base pipeline (or, when it was built in memory, start from the
+    user's own), put the trained weights in, sample with the training schedule."""
     shift = config.get("shift")
     imports = ["FlowMatchEulerDiscreteScheduler"] if shift is not None else []
-    if not use_lora and transformer_class is not None:
+    if not use_lora:
         imports.append(transformer_class)
-    lines = ["import torch", f"from diffusers import {', '.join(imports + [pipeline_class])}", ""]
-    if use_lora or transformer_class is None:
+    if base_model is not None:
+        imports.append(pipeline_class)
+    lines = ["import torch"] + ([f"from diffusers import {', '.join(imports)}"] if imports else []) + [""]
+    if not use_lora:
+        lines.append(f'transformer = {transformer_class}.from_pretrained("{repo_id}", subfolder="transformer", '
+                     "torch_dtype=torch.bfloat16)")
+    if base_model is None:
+        lines.append(f"pipe = ...  # your base {pipeline_class}: the one this model was trained from (it was built "
+                     "in memory)")
+        lines.append(f'pipe.load_lora_weights("{repo_id}")' if use_lora else "pipe.transformer = transformer")
+    elif use_lora:
         lines += [f'pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16)',
                   f'pipe.load_lora_weights("{repo_id}")']
     else:
-        lines += [f'transformer = {transformer_class}.from_pretrained("{repo_id}", subfolder="transformer", '
-                  "torch_dtype=torch.bfloat16)",
-                  f'pipe = {pipeline_class}.from_pretrained("{base_model}", transformer=transformer, '
-                  "torch_dtype=torch.bfloat16)"]
+        lines.append(f'pipe = {pipeline_class}.from_pretrained("{base_model}", transformer=transformer, '
+                     "torch_dtype=torch.bfloat16)")
     if shift is not None:
         lines += ["# The static time shift the model was trained with:",
                   "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(",
@@ -297,6 +406,11 @@ def _metric_rows(metrics: dict[str, float]) -> list[dict]:
         name, stat = match.groups() if match else (key, "mean")
         rows.setdefault(name, {"name": name, "mean": "", "std": ""})[stat] = f"{value:.4f}"
     return list(rows.values())
+
+
+def _major_version(distribution: str) -> int:
+    """The major version number of an installed distribution."""
+    return int(importlib.metadata.version(distribution).split(".")[0])
 
 
 def _version(distribution: str) -> str:
