@@ -106,6 +106,8 @@ class EGRPOTrainer:
             project_config=ProjectConfiguration(project_dir=config.output_dir,
                                                 logging_dir=os.path.join(config.output_dir, "logs")),
         )
+        # Fail before any model work when the result could not be pushed at the end.
+        self.hub_repo_id = self._hub_preflight() if config.push_to_hub else None
         set_seed(config.seed, device_specific=True)
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -508,6 +510,26 @@ class EGRPOTrainer:
                 model.save_pretrained(os.path.join(output_dir, "transformer"), state_dict=state_dict)
         self.accelerator.wait_for_everyone()
 
+    def _hub_preflight(self) -> str:
+        """Check on the main process that ``hub_model_id`` can be pushed to (:func:`~trl_flow_egrpo.hub.preflight`);
+        every process raises its error, so none is left waiting. Returns the full repository id."""
+        from accelerate.utils import broadcast_object_list
+
+        from . import hub
+
+        config = self.config
+        outcome = [None]
+        if self.accelerator.is_main_process:
+            try:
+                outcome[0] = hub.preflight(config.hub_model_id or os.path.basename(os.path.abspath(config.output_dir)),
+                                           token=config.hub_token, private=config.hub_private)
+            except hub.HubError as error:
+                outcome[0] = error
+        broadcast_object_list(outcome)
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+
     def push_to_hub(self, commit_message: str | None = None, checkpoint: str | None = None) -> str | None:
         """Save the model to ``output_dir`` with a generated model card (``README.md``) and upload it to
         ``config.hub_model_id``. The repository then loads with ``pipe.load_lora_weights(repo_id)``.
@@ -519,6 +541,9 @@ class EGRPOTrainer:
                 ``resume_from_checkpoint=trl_flow_egrpo.hub.download_checkpoint(repo_id)``.
 
         Returns the model commit's URL on the main process (None on the others).
+
+        Raises:
+            HubError: the upload failed; the message says where the model is saved and how to upload it later.
         """
         from . import hub
 
@@ -526,17 +551,17 @@ class EGRPOTrainer:
         self.save_model(config.output_dir)
         if not self.accelerator.is_main_process:
             return None
-        repo_id = config.hub_model_id or os.path.basename(os.path.abspath(config.output_dir))
+        repo_id = self.hub_repo_id or config.hub_model_id or os.path.basename(os.path.abspath(config.output_dir))
         last_eval = self.state.eval_history[-1] if self.state.eval_history else {}
         metrics = {key: value for key, value in last_eval.items() if key != "iteration"}
         grid = os.path.join(config.output_dir, EVAL_GRID)
         card = hub.build_model_card(
-            base_model=self.base_model_name, repo_id=repo_id, config_dict=config.to_dict(),
-            merge_plan_table=format_merge_plan(self.merge_plan, self.schedule.sigmas),
+            base_model=self.pipeline.config.get("_name_or_path") or None, repo_id=repo_id,
+            config_dict=config.to_dict(), merge_plan_table=format_merge_plan(self.merge_plan, self.schedule.sigmas),
             reward_names=self.reward_names, reward_weights=self.reward_weights.tolist(),
             eval_reward_names=self.eval_reward_names, metrics=metrics,
-            image_grid_path=EVAL_GRID if os.path.isfile(grid) else None,
-            model_family=type(self.adapter).__name__.removesuffix("Adapter"), use_lora=config.use_peft)
+            image_grid_path=EVAL_GRID if os.path.isfile(grid) else None, adapter=self.adapter,
+            use_lora=config.use_peft)
         card.save(os.path.join(config.output_dir, "README.md"))
         message = commit_message or f"E-GRPO: {self.state.iteration} iterations"
         url = hub.upload_folder(config.output_dir, repo_id, private=config.hub_private, token=config.hub_token,
@@ -545,11 +570,6 @@ class EGRPOTrainer:
             hub.upload_folder(checkpoint, repo_id, private=config.hub_private, token=config.hub_token,
                               commit_message=f"{message} (checkpoint)", path_in_repo=hub.LAST_CHECKPOINT)
         return url
-
-    @property
-    def base_model_name(self) -> str:
-        """The pipeline's Hub id or path (``_name_or_path``), or its class name when built in memory."""
-        return self.pipeline.config.get("_name_or_path") or type(self.pipeline).__name__
 
     def save_checkpoint(self) -> str:
         """Write a resumable checkpoint of the current iteration, atomically; returns its directory."""
