@@ -207,3 +207,12 @@ def iteration_prompt_indices(iteration: int, size: int, per_process: int, proces
     first = (iteration * num_processes + process_index) * per_process
     return [epoch_order(position // size, size, seed, shuffle)[position % size]
             for position in range(first, first + per_process)]
+
+
+def padded_shard(size: int, process_index: int, num_processes: int) -> list[int]:
+    """Process ``process_index``'s share of ``size`` items, in order: ``ceil(size / N)`` consecutive indices,
+    the last ones repeating item ``size - 1`` where the items run out, so that every process gets the same
+    count (``gather`` needs equal shapes). The first ``size`` gathered results are the items' in order."""
+    per_process = -(-size // num_processes)
+    first = process_index * per_process
+    return [min(i, size - 1) for i in range(first, first + per_process)]

@@ -92,3 +92,13 @@ def check_scores(scores: torch.Tensor, expected: int, reward: str, prompts: Sequ
         raise ValueError(f"Reward '{reward}' returned NaN or inf for {len(where)} of {expected} images ({examples}). "
                          f"{hint}")
     return scores
+
+
+def score_images(reward_fns: Sequence[Callable], names: Sequence[str], images: torch.Tensor, rows: Sequence[dict],
+                 prompt_column: str) -> torch.Tensor:
+    """Scores ``[B, R]`` of ``B`` images by ``R`` rewards, each called once on all of them; image ``i`` was
+    generated for the dataset row ``rows[i]``, whose prompt and other columns the rewards receive."""
+    prompts = [row[prompt_column] for row in rows]
+    columns = {name: [row[name] for row in rows] for name in rows[0] if name != prompt_column}
+    return torch.stack([call_reward(name, fn, images, prompts, columns) for name, fn in zip(names, reward_fns)],
+                       dim=-1)

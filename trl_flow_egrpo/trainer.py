@@ -34,12 +34,13 @@ from .adapters import get_adapter, select_rows
 from .advantages import group_advantages
 from .checkpoints import TrainerState
 from .config import EGRPOConfig
-from .data import as_prompt_dataset, iteration_prompt_indices
+from .data import as_prompt_dataset, iteration_prompt_indices, padded_shard
 from .distributed import is_multiprocess_cpu_run
 from .loss import ppo_clip_loss
 from .merging import format_merge_plan, plan_merges
+from .metrics import rollout_metrics, update_metrics
 from .rollout import Rollouts, concat_rollouts, sample_images, sample_rollouts
-from .scoring import call_reward, unique_reward_names, validate_reward_fns
+from .scoring import score_images, unique_reward_names, validate_reward_fns
 from .sde import gaussian_kl, sde_mean_std, sde_step
 
 logger = logging.getLogger(__name__)
@@ -233,11 +234,11 @@ class EGRPOTrainer:
         advantages = group_advantages(rewards, self.reward_weights, config.reward_aggregation,
                                       config.advantage_clip, config.advantage_eps)
         start = time.perf_counter()
-        update_metrics = self.update(rollouts, advantages)
+        update_stats = self.update(rollouts, advantages)
         update_seconds = time.perf_counter() - start
 
         self.state.iteration += 1
-        metrics = self._metrics(rollouts, rewards, anchor_rewards, advantages, update_metrics)
+        metrics = self._metrics(rollouts, rewards, anchor_rewards, advantages, update_stats)
         metrics.update({**timings, "time/update": update_seconds, "iteration": self.state.iteration})
         self.state.log_history.append(metrics)
         if self.state.iteration % config.logging_steps == 0:
@@ -296,18 +297,13 @@ class EGRPOTrainer:
         config, accelerator = self.config, self.accelerator
         if self.eval_dataset is None:
             raise ValueError("evaluate() needs an eval_dataset: pass one to EGRPOTrainer(..., eval_dataset=...).")
-        # Pad the shard so every process scores the same number of prompts (gather needs equal shapes).
         size = len(self.eval_dataset)
-        per_process = -(-size // accelerator.num_processes)
-        positions = [min(i, size - 1) for i in range(accelerator.process_index * per_process,
-                                                      (accelerator.process_index + 1) * per_process)]
+        positions = padded_shard(size, accelerator.process_index, accelerator.num_processes)
         rows = [self.eval_dataset[i] for i in positions]
-        prompts = [row[config.prompt_column] for row in rows]
-        images = self.sample_images(prompts, [config.eval_seed + i for i in positions])
-        columns = {name: [row[name] for row in rows] for name in rows[0] if name != config.prompt_column}
+        images = self.sample_images([row[config.prompt_column] for row in rows],
+                                    [config.eval_seed + i for i in positions])
         names = self.reward_names + self.eval_reward_names
-        scores = torch.stack([call_reward(name, fn, images, prompts, columns)
-                              for name, fn in zip(names, self.reward_fns + self.eval_reward_fns)], dim=-1)
+        scores = score_images(self.reward_fns + self.eval_reward_fns, names, images, rows, config.prompt_column)
         scores = accelerator.gather(scores.to(accelerator.device))[:size]
         metrics = {}
         for r, name in enumerate(names):
@@ -330,11 +326,8 @@ class EGRPOTrainer:
         images = torch.cat([rollouts.images.flatten(0, 1), rollouts.anchor_images])
         prompt_of_image = torch.cat([rollouts.group_prompt.cpu().repeat_interleave(num_generations),
                                      torch.arange(len(rows))]).tolist()
-        prompts = [rows[i][self.config.prompt_column] for i in prompt_of_image]
-        other_columns = [name for name in rows[0] if name != self.config.prompt_column]
-        columns = {name: [rows[i][name] for i in prompt_of_image] for name in other_columns}
-        scores = torch.stack([call_reward(name, fn, images, prompts, columns)
-                              for name, fn in zip(self.reward_names, self.reward_fns)], dim=-1)
+        scores = score_images(self.reward_fns, self.reward_names, images, [rows[i] for i in prompt_of_image],
+                              self.config.prompt_column)
         branch_scores = scores[:num_groups * num_generations].view(num_groups, num_generations, -1)
         return branch_scores, scores[num_groups * num_generations:]
 
@@ -381,19 +374,11 @@ class EGRPOTrainer:
 
         gathered = {name: accelerator.gather(torch.cat(values).float().to(accelerator.device))
                     for name, values in stats.items() if values}
-        on_policy = accelerator.gather(torch.cat(on_policy_deviation).to(accelerator.device))
-        ratio = gathered["ratio"]
-        metrics = {
-            "loss": gathered["loss"].mean().item(),
-            "ratio/mean": ratio.mean().item(), "ratio/min": ratio.min().item(), "ratio/max": ratio.max().item(),
-            "ratio/on_policy_max_abs_dev": on_policy.max().item(),
-            "clip_fraction": gathered["clipped"].mean().item(),
-            "approx_kl": gathered["approx_kl"].mean().item(),
-            "grad_norm": gathered["grad_norm"].mean().item(),
-            "learning_rate": self.lr_scheduler.get_last_lr()[0],
-        }
-        if config.beta > 0:
-            metrics["kl_to_reference"] = gathered["kl"].mean().item()
+        gathered["on_policy_deviation"] = accelerator.gather(torch.cat(on_policy_deviation).to(accelerator.device))
+        if config.beta == 0:
+            gathered.pop("kl")
+        metrics = update_metrics(**gathered)
+        metrics["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
         if metrics["ratio/on_policy_max_abs_dev"] > 0.1 * config.clip_range and accelerator.is_main_process:
             # Sampling and training compute different log-probs for the same policy: the clip then acts on
             # numerical noise instead of policy change (METHOD.md section 6).
@@ -447,30 +432,21 @@ class EGRPOTrainer:
 
     # ------------------------------------------------------------------ metrics and logging
 
-    def _metrics(self, rollouts: Rollouts, rewards, anchor_rewards, advantages, update_metrics) -> dict[str, float]:
-        gather = self.accelerator.gather
+    def _metrics(self, rollouts: Rollouts, rewards, anchor_rewards, advantages, update_stats) -> dict[str, float]:
+        """The iteration's metrics over all processes (:func:`~trl_flow_egrpo.metrics.rollout_metrics`)."""
         device = self.accelerator.device
-        all_rewards = gather(rewards.to(device))  # [groups over processes, G, R]
-        steps = gather(rollouts.group_step.to(device))
-        anchors = gather(anchor_rewards.to(device))
-        weighted = (all_rewards * self.reward_weights.to(device)).sum(-1)
-        metrics = {"reward/weighted_mean": weighted.mean().item(), "reward/weighted_std": weighted.std().item()}
-        for r, name in enumerate(self.reward_names):
-            metrics[f"reward/{name}/mean"] = all_rewards[..., r].mean().item()
-            metrics[f"reward/{name}/std"] = all_rewards[..., r].std().item()
-            metrics[f"reward/{name}/anchor_mean"] = anchors[:, r].mean().item()
-            for i, step in enumerate(self.merge_plan):
-                metrics[f"reward/{name}/step_{step.start}"] = all_rewards[steps == i][..., r].mean().item()
-        # A group whose rollouts all score the same has zero advantages: it carries no learning signal.
-        metrics["zero_std_fraction"] = (weighted.std(dim=1) == 0).float().mean().item()
-        all_advantages = gather(advantages.to(device))
-        metrics.update({"advantage/mean": all_advantages.mean().item(), "advantage/std": all_advantages.std().item(),
-                        "advantage/abs_max": all_advantages.abs().max().item()})
-        evaluations = gather(torch.tensor([rollouts.num_evaluations], device=device)).sum().item()
+
+        def gather(tensor):
+            return self.accelerator.gather(tensor.to(device))
+
+        all_rewards = gather(rewards)  # [groups of all processes, G, R]
+        metrics = rollout_metrics(all_rewards, gather(anchor_rewards), gather(rollouts.group_step), gather(advantages),
+                                  self.reward_weights, self.reward_names, self.merge_plan)
+        evaluations = gather(torch.tensor([rollouts.num_evaluations])).sum().item()
         metrics["transformer_evaluations"] = evaluations
         metrics["transformer_evaluations_per_rollout"] = evaluations / all_rewards.shape[0] / all_rewards.shape[1]
         metrics["transformer_calls"] = rollouts.num_model_calls
-        metrics.update(update_metrics)
+        metrics.update(update_stats)
         return metrics
 
     def _log_start(self):

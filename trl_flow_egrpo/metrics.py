@@ -1,0 +1,68 @@
+"""The numbers logged every iteration, as pure functions of the iteration's (gathered) tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from .merging import MergeStep
+
+
+def rollout_metrics(rewards: torch.Tensor, anchor_rewards: torch.Tensor, group_step: torch.Tensor,
+                    advantages: torch.Tensor, reward_weights: torch.Tensor, reward_names: list[str],
+                    merge_plan: list[MergeStep]) -> dict[str, float]:
+    """Reward and advantage statistics of one iteration.
+
+    Args:
+        rewards: ``[groups, G, R]`` every rollout's rewards.
+        anchor_rewards: ``[prompts, R]`` the anchors' rewards (logged, never trained on).
+        group_step: ``[groups]`` each group's index in ``merge_plan``.
+        advantages: ``[groups, G]`` the group-normalized advantages.
+        reward_weights: ``[R]`` the rewards' weights.
+        reward_names: the rewards' logged names.
+        merge_plan: the plan (``reward/<name>/step_<k>`` is the mean reward of the groups branching at ``k``).
+
+    Returns:
+        ``reward/weighted_mean|std``, per reward ``mean``, ``std``, ``anchor_mean`` and ``step_<k>``,
+        ``zero_std_fraction`` (the share of groups whose advantages are all 0: their rewards have no spread,
+        so they carry no learning signal) and ``advantage/mean|std|abs_max``.
+    """
+    weighted = (rewards * reward_weights.to(rewards.device)).sum(-1)
+    metrics = {"reward/weighted_mean": weighted.mean().item(), "reward/weighted_std": weighted.std().item()}
+    for r, name in enumerate(reward_names):
+        metrics[f"reward/{name}/mean"] = rewards[..., r].mean().item()
+        metrics[f"reward/{name}/std"] = rewards[..., r].std().item()
+        metrics[f"reward/{name}/anchor_mean"] = anchor_rewards[:, r].mean().item()
+        for i, step in enumerate(merge_plan):
+            metrics[f"reward/{name}/step_{step.start}"] = rewards[group_step == i][..., r].mean().item()
+    metrics["zero_std_fraction"] = (advantages == 0).all(dim=1).float().mean().item()
+    metrics.update({"advantage/mean": advantages.mean().item(), "advantage/std": advantages.std().item(),
+                    "advantage/abs_max": advantages.abs().max().item()})
+    return metrics
+
+
+def update_metrics(ratio: torch.Tensor, clipped: torch.Tensor, approx_kl: torch.Tensor, loss: torch.Tensor,
+                   grad_norm: torch.Tensor, on_policy_deviation: torch.Tensor, kl: torch.Tensor | None = None
+                   ) -> dict[str, float]:
+    """Statistics of one iteration's policy update, from the values of all micro-batches (all processes).
+
+    Args:
+        ratio: every rollout's ratio, at every micro-batch.
+        clipped: 1 where the clip acted on a ratio, else 0.
+        approx_kl: the loss's approximate KL, one per micro-batch.
+        loss: the loss, one per micro-batch.
+        grad_norm: the gradient norm before clipping, one per optimizer step (NaN where unknown).
+        on_policy_deviation: ``max |r - 1|`` of the micro-batches of the first optimizer step, whose policy
+            is the sampling policy (METHOD.md section 6: must be ~0).
+        kl: the KL to the reference model per group, or None when there is no KL penalty.
+    """
+    metrics = {
+        "loss": loss.mean().item(),
+        "ratio/mean": ratio.mean().item(), "ratio/min": ratio.min().item(), "ratio/max": ratio.max().item(),
+        "ratio/on_policy_max_abs_dev": on_policy_deviation.max().item(),
+        "clip_fraction": clipped.float().mean().item(),
+        "approx_kl": approx_kl.mean().item(),
+        "grad_norm": grad_norm.mean().item(),
+    }
+    if kl is not None:
+        metrics["kl_to_reference"] = kl.mean().item()
+    return metrics
