@@ -73,8 +73,16 @@ class EGRPOConfig:
     rollout_batch_size: int = _doc(
         "Transformer rows per forward call while sampling (anchors and branches of all prompts and steps "
         "share calls, with per-sample timesteps).", default=16)
-    decode_batch_size: int | None = _doc("Images per VAE decode call (default: rollout_batch_size).",
-                                         default=None)
+    decode_batch_size: int | None = _doc(
+        "Images per VAE decode call. Small by default: a 720x720 FLUX decode takes about 0.9 GiB per image. "
+        "None: rollout_batch_size.", default=4)
+    offload_text_encoders: bool = _doc(
+        "Keep the text encoders in CPU memory between prompt encodings; they visit the GPU only to encode "
+        "(frees about 9 GiB for FLUX.1-dev's T5-XXL). No effect on CPU runs.", default=True)
+    prompt_cache_dir: str | None = _doc(
+        "Cache prompt embeddings on disk here, one file per prompt keyed by model and prompt: each prompt is "
+        "encoded once, across iterations and runs (trl_flow_egrpo.prompts.PromptEncoder.warm precomputes a "
+        "dataset's). None: encode every time.", default=None)
 
     # --- policy update (METHOD.md sections 5-6) -----------------------------------------------------
     clip_range: float = _doc("PPO clip range epsilon on the ratio. Paper: 1e-4.", default=1e-4)

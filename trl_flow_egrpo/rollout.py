@@ -114,18 +114,20 @@ def sample_ode(adapter: ModelAdapter, model, schedule: Schedule, conditioning: C
 
 @torch.no_grad()
 def sample_images(adapter: ModelAdapter, model, schedule: Schedule, prompts: list[str], seeds: list[int],
-                  batch_size: int, decode_batch_size: int | None = None) -> torch.Tensor:
+                  batch_size: int, decode_batch_size: int | None = None, encode_prompts=None) -> torch.Tensor:
     """Deterministic (ODE) images ``[B, 3, H, W]`` in [0, 1], prompt ``i`` from the noise of ``seeds[i]``.
 
     Each prompt's noise comes from its own seeded CPU generator, so an image depends on its prompt, seed
     and model only, not on the batch it is sampled in: before/after and base/trained comparisons are
     paired image by image. The trainer's evaluation and ``examples/evaluate.py`` both sample with this.
+    ``encode_prompts`` replaces ``adapter.encode_prompts`` (e.g. a caching
+    :class:`~trl_flow_egrpo.prompts.PromptEncoder`).
     """
     if len(seeds) != len(prompts):
         raise ValueError(f"sample_images needs one seed per prompt, got {len(seeds)} seeds for {len(prompts)} prompts.")
     noise = torch.cat([adapter.initial_noise(1, torch.Generator("cpu").manual_seed(int(seed))) for seed in seeds])
-    latents = sample_ode(adapter, model, schedule, adapter.encode_prompts(prompts), noise.to(adapter.device),
-                         batch_size)
+    conditioning = (encode_prompts or adapter.encode_prompts)(prompts)
+    latents = sample_ode(adapter, model, schedule, conditioning, noise.to(adapter.device), batch_size)
     return decode_in_chunks(adapter, latents, decode_batch_size or batch_size)
 
 

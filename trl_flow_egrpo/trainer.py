@@ -39,6 +39,7 @@ from .distributed import is_multiprocess_cpu_run
 from .loss import ppo_clip_loss
 from .merging import format_merge_plan, plan_merges
 from .metrics import rollout_metrics, update_metrics
+from .prompts import PromptEncoder
 from .rollout import Rollouts, concat_rollouts, sample_images, sample_rollouts
 from .scoring import score_images, unique_reward_names, validate_reward_fns
 from .sde import gaussian_kl, sde_mean_std, sde_step
@@ -129,6 +130,8 @@ class EGRPOTrainer:
         if config.use_peft:
             checkpoints.register_trainable_params_hooks(self.accelerator)
 
+        self.prompt_encoder = PromptEncoder(self.adapter, self.accelerator.device, config.offload_text_encoders,
+                                            config.prompt_cache_dir)
         # Rollout noise has its own generator (per process, on the CPU so that runs reproduce across devices).
         self.generator = torch.Generator("cpu").manual_seed(config.seed + self.accelerator.process_index)
         self.state = TrainerState()
@@ -264,7 +267,7 @@ class EGRPOTrainer:
     def generate(self, prompts: list[str]) -> Rollouts:
         """Sample this process's anchors and branched rollouts for ``prompts`` with the current policy."""
         config = self.config
-        conditioning = self.adapter.encode_prompts(prompts)
+        conditioning = self.prompt_encoder(prompts)
         noise = self.adapter.initial_noise(len(prompts), self.generator).to(self.accelerator.device)
         self.model.eval()
         with self.accelerator.autocast():
@@ -284,7 +287,7 @@ class EGRPOTrainer:
         self.model.eval()
         with self.accelerator.autocast():
             return sample_images(self.adapter, self.unwrapped_model, self.schedule, prompts, seeds,
-                                 config.rollout_batch_size, config.decode_batch_size)
+                                 config.rollout_batch_size, config.decode_batch_size, self.prompt_encoder)
 
     def evaluate(self) -> dict[str, float]:
         """Score deterministic samples of the eval prompts with the training and evaluation rewards.
