@@ -1,25 +1,34 @@
-"""Score a base model and its E-GRPO fine-tune on the HPD v2 test prompts: the paper's table, side by side.
+"""Score a base model and its E-GRPO fine-tune on the HPD v2 test prompts, side by side, with the paper's
+numbers next to ours when they are comparable.
 
-One image per prompt, deterministic (ODE) sampling with the training schedule, prompt ``i`` from the noise
-of seed ``eval_seed + i`` for both models (so the comparison is paired, and matches the trainer's own
-evaluation). Metrics default to the paper's: HPS-v2.1, CLIP score, PickScore, ImageReward.
+One image per prompt, prompt ``i`` from the noise of seed ``eval_seed + i`` for both models, so the comparison
+is paired image by image. Metrics default to the paper's: HPS-v2.1, CLIP score, PickScore, ImageReward.
+Two sampling protocols:
+
+- ``--protocol paper`` (default): the authors' evaluation, the plain pipeline call at 1024x1024, 50 steps,
+  guidance 3.5, with the pipeline's own scheduler and dynamic shift (FLUX.1-dev). For SD3 the paper reports
+  nothing; the protocol then uses the SD3.5-medium model card's settings (1024x1024, 40 steps, CFG 4.5).
+  ``--eval_height/--eval_width/--eval_num_inference_steps/--eval_guidance_scale`` override them (the table
+  then says the numbers are not comparable to the paper's).
+- ``--protocol training``: the training schedule of the recipe (e.g. 16 steps, static shift 3, 720x720),
+  sampled deterministically (ODE) as the trainer's own evaluation does. The paper's numbers are not shown.
 
     python examples/evaluate.py --config examples/recipes/flux_dev_hps.yaml --trained_model flux-dev-egrpo-hps
 
-The sampling settings (resolution, steps, shift, guidance, batch sizes) are EGRPOConfig fields, so the
-training recipe gives them; its training-only keys are ignored. ``--trained_model`` is a LoRA directory
+The training settings (resolution, steps, shift, guidance, batch sizes) are EGRPOConfig fields, so the recipe
+gives them; its training-only keys are ignored. ``--trained_model`` is a LoRA directory
 (``pytorch_lora_weights.safetensors``), a full fine-tune's output directory (``transformer/``), or a Hub
 repository with either. Offline on a CPU, with the tiny pipeline and weight-free metrics:
 
     python examples/evaluate.py --model_name_or_path tiny --torch_dtype float32 --trained_model tiny-run \\
         --test_dataset_name prompts.txt --metrics color brightness --height 64 --width 64 \\
-        --max_sequence_length 32 --mixed_precision no
+        --max_sequence_length 32 --num_inference_steps 8 --protocol training
 """
 
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import datasets
 import torch
@@ -29,10 +38,10 @@ from trl import TrlParser
 from trl_flow_egrpo import EGRPOConfig
 from trl_flow_egrpo.adapters import get_adapter
 from trl_flow_egrpo.data import load_prompts
+from trl_flow_egrpo.distributed import is_multiprocess_cpu_run, set_cpu_threads
 from trl_flow_egrpo.hub import download_checkpoint
 from trl_flow_egrpo.registry import REWARDS, build_reward, load_pipeline
-from trl_flow_egrpo.distributed import is_multiprocess_cpu_run
-from trl_flow_egrpo.rollout import decode_in_chunks, sample_ode
+from trl_flow_egrpo.rollout import sample_images
 from trl_flow_egrpo.scoring import call_reward, unique_reward_names
 
 logger = logging.getLogger("evaluate")
@@ -48,9 +57,42 @@ PAPER_RESULTS = {
 }
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """How the scored images are sampled.
+
+    Attributes:
+        name: ``"paper"`` (the plain pipeline call) or ``"training"`` (the training schedule, ODE sampling).
+        height: image height in pixels.
+        width: image width in pixels.
+        num_inference_steps: sampling steps.
+        guidance_scale: the family's guidance (FLUX: the guidance embedding; SD3: classifier-free guidance).
+        shift: the training schedule's static shift; None: the pipeline's own scheduler (dynamic for FLUX).
+        source: where these settings come from, for the printed table.
+    """
+
+    name: str
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    shift: float | None
+    source: str
+
+
+# The paper protocol of each model family.
+PAPER_PROTOCOLS = {
+    "flux": Protocol("paper", 1024, 1024, 50, 3.5, None,
+                     "the E-GRPO authors' evaluation of FLUX.1-dev: the plain FluxPipeline call"),
+    "sd3": Protocol("paper", 1024, 1024, 40, 4.5, None,
+                    "the paper evaluates FLUX.1-dev only; for SD3 the SD3.5-medium model card's settings, the plain "
+                    "StableDiffusion3Pipeline call"),
+}
+
+
 @dataclass
 class EvalArguments:
-    """What is evaluated, on which prompts, with which metrics."""
+    """What is evaluated, on which prompts, with which metrics, under which sampling protocol."""
 
     model_name_or_path: str = field(
         default="black-forest-labs/FLUX.1-dev",
@@ -70,6 +112,62 @@ class EvalArguments:
     hpd_local_dir: str | None = field(
         default=None, metadata={"help": "A local copy of the HPD v2 files, laid out as on the Hub."})
     results_file: str | None = field(default=None, metadata={"help": "Also write the scores to this JSON file."})
+    protocol: str = field(
+        default="paper",
+        metadata={"help": "'paper': the authors' evaluation (plain pipeline call; FLUX: 1024x1024, 50 steps, "
+                          "guidance 3.5, the pipeline's dynamic shift), the only one comparable to the paper's "
+                          "numbers. 'training': the training schedule of the config (ODE sampling)."})
+    eval_height: int | None = field(
+        default=None, metadata={"help": "Paper protocol: override the image height (default: the paper's 1024)."})
+    eval_width: int | None = field(
+        default=None, metadata={"help": "Paper protocol: override the image width (default: the paper's 1024)."})
+    eval_num_inference_steps: int | None = field(
+        default=None, metadata={"help": "Paper protocol: override the sampling steps (default: the paper's 50)."})
+    eval_guidance_scale: float | None = field(
+        default=None, metadata={"help": "Paper protocol: override the guidance (default: the paper's 3.5)."})
+
+
+def resolve_protocol(args: EvalArguments, config: EGRPOConfig, adapter) -> Protocol:
+    """The sampling protocol: the paper protocol of ``adapter``'s family with the command line's overrides, or
+    the training schedule of ``config`` (with ``adapter``'s guidance when the config leaves it to the family)."""
+    overrides = {"height": args.eval_height, "width": args.eval_width,
+                 "num_inference_steps": args.eval_num_inference_steps, "guidance_scale": args.eval_guidance_scale}
+    given = {name: value for name, value in overrides.items() if value is not None}
+    if args.protocol == "training":
+        if given:
+            raise ValueError(f"{', '.join('--eval_' + name for name in given)} apply to --protocol paper; the training "
+                             "protocol samples with the config's height, width, num_inference_steps and "
+                             "guidance_scale: set those instead.")
+        return Protocol("training", config.height, config.width, config.num_inference_steps, adapter.guidance_scale,
+                        config.shift, "the training schedule, deterministic (ODE) sampling as the trainer's evaluation")
+    if args.protocol != "paper":
+        raise ValueError(f"--protocol must be 'paper' or 'training', got '{args.protocol}'.")
+    return Protocol(**{**asdict(PAPER_PROTOCOLS[adapter.family]), **given})
+
+
+def comparable_to_paper(protocol: Protocol, family: str) -> bool:
+    """Whether scores sampled with ``protocol`` can stand next to the paper's: its exact protocol, on FLUX."""
+    return family == "flux" and protocol == PAPER_PROTOCOLS["flux"]
+
+
+def describe(protocol: Protocol, family: str) -> str:
+    """One paragraph for the table: the protocol, its settings and source, and whether the paper's numbers apply."""
+    shift = ("the pipeline's own scheduler and shift" if protocol.shift is None
+             else f"static shift {protocol.shift:g}")
+    settings = (f"{protocol.width}x{protocol.height}, {protocol.num_inference_steps} steps, guidance "
+                f"{protocol.guidance_scale:g}, {shift}")
+    text = f"Protocol '{protocol.name}': {settings} ({protocol.source})."
+    if comparable_to_paper(protocol, family):
+        return text + " The paper's numbers (FLUX.1-dev, 400 HPD v2 test prompts; PickScore x100) are shown alongside."
+    paper = PAPER_PROTOCOLS[family]
+    if protocol.name == "training":
+        reason = "the paper sampled with its own protocol (--protocol paper), not with the training schedule"
+    elif protocol != paper:
+        reason = (f"these settings differ from the protocol's {paper.width}x{paper.height}, "
+                  f"{paper.num_inference_steps} steps, guidance {paper.guidance_scale:g}")
+    else:
+        reason = "the paper evaluates FLUX.1-dev only"
+    return text + f" The paper's numbers are not shown, they are not comparable: {reason}."
 
 
 def load_trained(pipeline, trained_model: str, dtype: torch.dtype) -> None:
@@ -83,43 +181,76 @@ def load_trained(pipeline, trained_model: str, dtype: torch.dtype) -> None:
 
 
 @torch.no_grad()
-def score(pipeline, config: EGRPOConfig, dataset, metrics: list, names: list[str]) -> dict[str, float]:
-    """Mean score of each metric over one deterministic image per prompt of ``dataset``."""
-    adapter = get_adapter(pipeline, height=config.height, width=config.width, guidance_scale=config.guidance_scale,
-                          max_sequence_length=config.max_sequence_length, negative_prompt=config.negative_prompt)
-    schedule = adapter.schedule(config.num_inference_steps, config.shift)
-    batch_size = config.rollout_batch_size
-    totals = dict.fromkeys(names, 0.0)
+def sample(pipeline, adapter, protocol: Protocol, config: EGRPOConfig, prompts: list[str],
+           seeds: list[int]) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` in [0, 1] of ``prompts`` under ``protocol``, prompt ``i`` from seed ``seeds[i]``.
+
+    The paper protocol is the plain pipeline call, with one seeded CPU generator per prompt (the image does
+    not depend on the batch); the training protocol is the trainer's deterministic ODE sampler.
+    """
+    if protocol.name == "training":
+        schedule = adapter.schedule(protocol.num_inference_steps, protocol.shift)
+        return sample_images(adapter, adapter.transformer, schedule, prompts, seeds, config.rollout_batch_size,
+                             config.decode_batch_size)
+    return pipeline(prompts, height=protocol.height, width=protocol.width,
+                    num_inference_steps=protocol.num_inference_steps, guidance_scale=protocol.guidance_scale,
+                    max_sequence_length=config.max_sequence_length, output_type="pt",
+                    generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds]).images
+
+
+def score(pipeline, protocol: Protocol, config: EGRPOConfig, dataset, metrics: list,
+          names: list[str]) -> dict[str, torch.Tensor]:
+    """Each metric's score of each prompt of ``dataset`` (one image per prompt), as ``{name: float [N]}``."""
+    adapter = get_adapter(pipeline, height=protocol.height, width=protocol.width,
+                          guidance_scale=protocol.guidance_scale, max_sequence_length=config.max_sequence_length,
+                          negative_prompt=config.negative_prompt)
+    # The paper protocol decodes inside each pipeline call: its batch is bounded by the VAE's memory.
+    batch_size = (config.rollout_batch_size if protocol.name == "training"
+                  else config.decode_batch_size or config.rollout_batch_size)
+    scores = {name: [] for name in names}
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start:start + batch_size]
         prompts = rows.pop(config.prompt_column)
-        # Noise per prompt from its own seed: the same image whatever the batch size.
-        noise = torch.cat([adapter.initial_noise(1, torch.Generator("cpu").manual_seed(config.eval_seed + start + i))
-                           for i in range(len(prompts))])
-        latents = sample_ode(adapter, adapter.transformer, schedule, adapter.encode_prompts(prompts), noise,
-                             batch_size)
-        images = decode_in_chunks(adapter, latents, config.decode_batch_size or batch_size)
+        seeds = [config.eval_seed + start + i for i in range(len(prompts))]
+        images = sample(pipeline, adapter, protocol, config, prompts, seeds)
         for name, metric in zip(names, metrics):
-            totals[name] += call_reward(name, metric, images, prompts, rows).sum().item()
+            scores[name].append(call_reward(name, metric, images, prompts, rows))
         logger.info("%d/%d prompts scored.", min(start + batch_size, len(dataset)), len(dataset))
-    return {name: total / len(dataset) for name, total in totals.items()}
+    return {name: torch.cat(values) for name, values in scores.items()}
 
 
-def format_table(results: dict[str, dict[str, float]], names: list[str]) -> str:
-    """A Markdown table: one row per metric, our models' scores, then the paper's reference numbers."""
-    header = ["metric", *results, *(["trained - base"] if len(results) == 2 else []), *PAPER_COLUMNS]
+def paired_difference(trained: torch.Tensor, base: torch.Tensor) -> tuple[float, float]:
+    """Mean of the per-prompt differences ``trained - base`` and its standard error ``std / sqrt(N)``
+    (NaN for one prompt): the images are paired (same prompt, same seed), so this is the change's noise."""
+    difference = (trained - base).double()
+    error = difference.std().item() / len(difference) ** 0.5 if len(difference) > 1 else float("nan")
+    return difference.mean().item(), error
+
+
+def format_table(results: dict[str, dict[str, torch.Tensor]], names: list[str], with_paper: bool) -> str:
+    """A Markdown table: one row per metric, the mean score of each model, the paired change (with its standard
+    error) when there are two models, and the paper's reference numbers when ``with_paper``."""
+    models = list(results)
+    paired = len(models) == 2
+    header = ["metric", *models, *(["trained - base (± s.e.)"] if paired else []),
+              *(PAPER_COLUMNS if with_paper else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
-        ours = [results[model][name] for model in results]
-        delta = [f"{ours[1] - ours[0]:+.4f}"] if len(ours) == 2 else []
-        paper = [f"{value:g}" for value in PAPER_RESULTS[name]] if name in PAPER_RESULTS else ["-"] * 4
-        lines.append("| " + " | ".join([name, *(f"{value:.4f}" for value in ours), *delta, *paper]) + " |")
+        cells = [name, *(f"{results[model][name].mean().item():.4f}" for model in models)]
+        if paired:
+            change, error = paired_difference(results[models[1]][name], results[models[0]][name])
+            # Three significant digits: a small change after a short run must not print as +0.0000.
+            cells.append(f"{change:+.3g} ± {error:.2g}")
+        if with_paper:
+            cells += [f"{value:g}" for value in PAPER_RESULTS[name]] if name in PAPER_RESULTS else ["-"] * 4
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(args: EvalArguments, config: EGRPOConfig):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO)
+    set_cpu_threads()
     datasets.disable_progress_bars()
     dataset = load_prompts(args.test_dataset_name, args.test_dataset_split, config.prompt_column,
                            local_dir=args.hpd_local_dir)
@@ -129,23 +260,34 @@ def main(args: EvalArguments, config: EGRPOConfig):
     names = unique_reward_names(metrics)
     dtype = getattr(torch, args.torch_dtype)
     pipeline = load_pipeline(args.model_name_or_path, dtype).to(PartialState(cpu=is_multiprocess_cpu_run()).device)
-    logger.info("Scoring %d prompts (%s, %s) with %s; %d steps, shift %s, %dx%d.", len(dataset),
-                args.test_dataset_name, args.test_dataset_split, ", ".join(names), config.num_inference_steps,
-                config.shift, config.height, config.width)
+    pipeline.set_progress_bar_config(disable=True)
+    adapter = get_adapter(pipeline, height=config.height, width=config.width, guidance_scale=config.guidance_scale)
+    family = adapter.family
+    protocol = resolve_protocol(args, config, adapter)
+    logger.info("Scoring %d prompts (%s, %s) with %s. %s", len(dataset), args.test_dataset_name,
+                args.test_dataset_split, ", ".join(names), describe(protocol, family))
 
-    results = {"base": score(pipeline, config, dataset, metrics, names)}
+    results = {"base": score(pipeline, protocol, config, dataset, metrics, names)}
     if args.trained_model:
         load_trained(pipeline, args.trained_model, dtype)
-        results["trained"] = score(pipeline, config, dataset, metrics, names)
+        results["trained"] = score(pipeline, protocol, config, dataset, metrics, names)
 
-    print(f"\n{len(dataset)} prompts, one image each (seeds {config.eval_seed}..{config.eval_seed + len(dataset) - 1})"
-          f"\n\n{format_table(results, names)}\n\nPaper: FLUX.1-dev, 400 HPD v2 test prompts; its PickScore is shown "
-          "x100, on PickScoreReward's scale.")
+    with_paper = comparable_to_paper(protocol, family)
+    print(f"\n{len(dataset)} prompts, one image each (seeds {config.eval_seed}..{config.eval_seed + len(dataset) - 1})."
+          f"\n{describe(protocol, family)}\n\n{format_table(results, names, with_paper)}")
+    if args.trained_model and all(torch.equal(results["trained"][name], results["base"][name]) for name in names):
+        print("\nThe trained model scored exactly as the base on every image: the fine-tune did not change the "
+              "model (a LoRA that never trained, or the wrong --trained_model).")
     if args.results_file:
         with open(args.results_file, "w") as handle:
-            json.dump({"num_prompts": len(dataset), "models": {"base": args.model_name_or_path,
-                                                               "trained": args.trained_model},
-                       "scores": results}, handle, indent=1)
+            json.dump({"num_prompts": len(dataset), "protocol": asdict(protocol),
+                       "comparable_to_paper": with_paper,
+                       "models": {"base": args.model_name_or_path, "trained": args.trained_model},
+                       "scores": {model: {name: values.mean().item() for name, values in scores.items()}
+                                  for model, scores in results.items()},
+                       "trained_minus_base": {name: dict(zip(("mean", "standard_error"), paired_difference(
+                           results["trained"][name], results["base"][name]))) for name in names}
+                       if args.trained_model else {}}, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,19 @@ A LoRA on one 80 GB GPU:
 Offline, on a CPU, in a minute (the embedded tiny FLUX pipeline, a local prompt file, a weight-free reward):
 
     python examples/hpd.py --model_name_or_path tiny --torch_dtype float32 --dataset_name prompts.txt \\
-        --reward_funcs color --height 64 --width 64 --max_sequence_length 32 --num_generations 4 \\
-        --mixed_precision no --max_steps 2 --output_dir tiny-run
+        --reward_funcs color --height 64 --width 64 --max_sequence_length 32 --num_inference_steps 8 \\
+        --num_active_steps 4 --num_generations 4 --mixed_precision no --learning_rate 1e-2 --clip_range 1e-2 \\
+        --max_steps 10 --output_dir tiny-run
+
+On CPUs, several processes run with torchrun (``torchrun --nproc_per_node 2 examples/hpd.py ...``);
+``accelerate launch --cpu --num_processes 2`` would start only one, so the script refuses it.
 
 Every field of the script arguments below and of ``EGRPOConfig`` is an option, in the YAML file given to
 ``--config`` or on the command line (which overrides the file).
 """
 
 import logging
+import sys
 from dataclasses import dataclass, field
 
 import datasets
@@ -31,7 +36,8 @@ from trl import TrlParser
 from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer
 from trl_flow_egrpo.data import load_prompts
 from trl_flow_egrpo.registry import REWARDS, build_reward, load_pipeline
-from trl_flow_egrpo.distributed import is_multiprocess_cpu_run
+from trl_flow_egrpo.distributed import (is_multiprocess_cpu_run, set_cpu_threads,
+                                        single_process_cpu_launch_error)
 
 logger = logging.getLogger("hpd")
 
@@ -72,6 +78,7 @@ def main(args: ScriptArguments, config: EGRPOConfig):
     main_process = PartialState(cpu=is_multiprocess_cpu_run()).is_main_process
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if main_process else logging.WARNING)
+    set_cpu_threads()
     datasets.disable_progress_bars()  # a bar per tiny prompt file would drown the first lines of the log
 
     train_dataset = load_prompts(args.dataset_name, args.dataset_split, config.prompt_column,
@@ -109,4 +116,7 @@ def main(args: ScriptArguments, config: EGRPOConfig):
 
 
 if __name__ == "__main__":
+    refusal = single_process_cpu_launch_error(sys.argv[0], sys.argv[1:])
+    if refusal:
+        raise SystemExit(refusal)
     main(*TrlParser((ScriptArguments, EGRPOConfig)).parse_args_and_config())

@@ -15,10 +15,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer  # noqa: E402
+from trl_flow_egrpo.distributed import set_cpu_threads  # noqa: E402
 from trl_flow_egrpo.rewards import BrightnessReward, ColorReward  # noqa: E402
 from trl_flow_egrpo.tiny import build_tiny_flux_pipeline  # noqa: E402
 
@@ -52,8 +52,7 @@ def main():
     parser.add_argument("--output_dir", default="quickstart-output")
     args = parser.parse_args()
     logging.basicConfig(format="%(message)s", level=logging.INFO)
-    # The tiny model's matrices are too small for intra-op threads to pay; one thread is faster.
-    torch.set_num_threads(1)
+    set_cpu_threads()
 
     config = EGRPOConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, height=64, width=64, max_sequence_length=32,

@@ -1,13 +1,19 @@
 """The example scripts end to end on the tiny pipeline, as a user runs them: a YAML recipe plus command-line
-overrides, prompt files laid out as on the Hub, wandb (offline) and tensorboard logging, then evaluation."""
+overrides, prompt files laid out as on the Hub, wandb (offline) and tensorboard logging, then evaluation under
+both protocols; the documented tiny run of docs/quickstart.md, command for command; the launches that cannot
+work refused with the one that does."""
 
 import glob
+import importlib.util
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
 import pytest
+import torch
 
 # The runs log to both trackers (the dev extras install them).
 pytest.importorskip("tensorboard")
@@ -49,13 +55,30 @@ mixed_precision: "no"
 """
 
 
-def run_script(args, tmp_path):
+def script_env(tmp_path):
+    """The environment of a user's offline run. OMP_NUM_THREADS is left unset on purpose: the scripts choose
+    their CPU threads themselves (one per process), which is what keeps them fast on a shared CPU."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
                WANDB_DIR=str(tmp_path), HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"),
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")  # 1 thread: far faster on a shared CPU
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result.stdout + result.stderr
+               TOKENIZERS_PARALLELISM="false")
+    env.pop("OMP_NUM_THREADS", None)
+    return env
+
+
+def run_script(args, tmp_path, launcher=(sys.executable,), cwd=ROOT, check=True):
+    result = subprocess.run([*launcher, *args], cwd=cwd, env=script_env(tmp_path), capture_output=True, text=True,
+                            timeout=300)
+    if check:
+        assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result.stdout + result.stderr if check else result
+
+
+def load_example(name):
+    """An example script as a module (its ``main`` does not run)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +115,7 @@ def test_hpd_runs_a_recipe_with_command_line_overrides(trained):
     assert "Prompts: 4 for training" in log and "3 for evaluation (zhwang/HPDv2, photo)" in log
     assert "| step | start k | length l |" in log  # the merge plan, logged at start
     assert "Evaluation at iteration 2: eval/color/mean" in log
+    assert "CPU run: 1 torch thread per process" in log  # chosen by the script, OMP_NUM_THREADS unset
 
 
 def test_hpd_logs_evaluation_to_tensorboard_and_wandb(trained):
@@ -112,17 +136,130 @@ def test_hpd_logs_evaluation_to_tensorboard_and_wandb(trained):
         assert b"eval/color/mean" in handle.read()
 
 
-def test_evaluate_scores_base_and_trained_side_by_side(trained):
-    tmp, output_dir, _ = trained
-    results = tmp / "scores.json"
+def evaluate(tmp, output_dir, *protocol_args):
+    """examples/evaluate.py on the HPD test prompts of ``tmp``: its printed log and its results file."""
+    results = tmp / f"scores-{len(protocol_args)}.json"
     log = run_script(["examples/evaluate.py", "--model_name_or_path", "tiny", "--torch_dtype", "float32",
                       "--trained_model", str(output_dir), "--metrics", "color", "brightness",
                       "--hpd_local_dir", str(tmp / "hpd"), "--height", "64", "--width", "64",
-                      "--max_sequence_length", "32", "--num_inference_steps", "8", "--results_file", str(results)],
-                     tmp)
-    scores = json.loads(results.read_text())
-    assert scores["num_prompts"] == 3  # the HPD test prompts
-    assert scores["scores"]["base"].keys() == scores["scores"]["trained"].keys() == {"color", "brightness"}
-    assert scores["scores"]["trained"]["color"] != scores["scores"]["base"]["color"]  # the LoRA was applied
-    assert "| metric | base | trained | trained - base | paper base |" in log
-    assert f"| color | {scores['scores']['base']['color']:.4f} | {scores['scores']['trained']['color']:.4f} |" in log
+                      "--max_sequence_length", "32", "--num_inference_steps", "8", "--results_file", str(results),
+                      *protocol_args], tmp)
+    return log, json.loads(results.read_text())
+
+
+def test_evaluate_scores_base_and_trained_side_by_side_in_both_protocols(trained):
+    tmp, output_dir, _ = trained
+    log, scores = evaluate(tmp, output_dir, "--protocol", "training")
+    paper_log, paper_scores = evaluate(tmp, output_dir, "--eval_height", "64", "--eval_width", "64",
+                                       "--eval_num_inference_steps", "4")
+    for result in (scores, paper_scores):
+        assert result["num_prompts"] == 3  # the HPD test prompts
+        assert result["scores"]["base"].keys() == result["scores"]["trained"].keys() == {"color", "brightness"}
+        assert result["scores"]["trained"]["color"] != result["scores"]["base"]["color"]  # the LoRA was applied
+        assert not result["comparable_to_paper"]
+    assert scores["protocol"] == {"name": "training", "height": 64, "width": 64, "num_inference_steps": 8,
+                                  "guidance_scale": 3.5, "shift": 3.0, "source": scores["protocol"]["source"]}
+    assert paper_scores["protocol"]["name"] == "paper" and paper_scores["protocol"]["shift"] is None
+    assert paper_scores["scores"]["base"]["color"] != scores["scores"]["base"]["color"]  # other sampler
+    # Each table says its protocol; neither shows the paper's numbers, which were sampled otherwise.
+    assert "Protocol 'training': 64x64, 8 steps, guidance 3.5, static shift 3" in log
+    assert "Protocol 'paper': 64x64, 4 steps, guidance 3.5, the pipeline's own scheduler and shift" in paper_log
+    for text in (log, paper_log):
+        assert "| metric | base | trained | trained - base (± s.e.) |\n" in text and "paper base" not in text
+        assert "The paper's numbers are not shown, they are not comparable" in text
+    base, trained_score = scores["scores"]["base"]["color"], scores["scores"]["trained"]["color"]
+    assert f"| color | {base:.4f} | {trained_score:.4f} | {trained_score - base:+.3g} ± " in log
+
+
+def test_paper_protocol_is_the_plain_pipeline_call():
+    from trl_flow_egrpo import EGRPOConfig
+    from trl_flow_egrpo.adapters import get_adapter
+    from trl_flow_egrpo.tiny import build_tiny_flux_pipeline
+
+    example = load_example("evaluate")
+    pipeline = build_tiny_flux_pipeline(seed=0)
+    pipeline.set_progress_bar_config(disable=True)
+    config = EGRPOConfig(height=64, width=64, max_sequence_length=32, rollout_batch_size=4, mixed_precision="no")
+    adapter = get_adapter(pipeline, height=64, width=64)
+    args = example.EvalArguments(eval_height=64, eval_width=64, eval_num_inference_steps=4)
+    protocol = example.resolve_protocol(args, config, adapter)
+    prompts, seeds = ["a red apple", "a fox", "a kite"], [7, 8, 9]
+    images = example.sample(pipeline, adapter, protocol, config, prompts, seeds)
+    # One prompt at a time, exactly as the authors call the pipeline: the same images, whatever the batch.
+    for image, prompt, seed in zip(images, prompts, seeds):
+        alone = pipeline(prompt, height=64, width=64, num_inference_steps=4, guidance_scale=3.5,
+                         max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(seed),
+                         output_type="pt").images[0]
+        torch.testing.assert_close(image, alone, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="--eval_height apply to --protocol paper"):
+        example.resolve_protocol(example.EvalArguments(protocol="training", eval_height=64), config, adapter)
+
+
+def test_paper_numbers_only_next_to_the_papers_protocol():
+    example = load_example("evaluate")
+    flux = example.PAPER_PROTOCOLS["flux"]
+    assert (flux.height, flux.width, flux.num_inference_steps, flux.guidance_scale, flux.shift) == (1024, 1024, 50,
+                                                                                                      3.5, None)
+    overridden = example.Protocol(**{**example.asdict(flux), "num_inference_steps": 8})
+    training = example.Protocol("training", 720, 720, 16, 3.5, 3.0, "the training schedule")
+    assert example.comparable_to_paper(flux, "flux")
+    assert not example.comparable_to_paper(overridden, "flux") and not example.comparable_to_paper(training, "flux")
+    assert not example.comparable_to_paper(example.PAPER_PROTOCOLS["sd3"], "sd3")
+    assert "shown alongside" in example.describe(flux, "flux")
+    assert "differ from the protocol's 1024x1024, 50 steps, guidance 3.5" in example.describe(overridden, "flux")
+    assert "evaluates FLUX.1-dev only" in example.describe(example.PAPER_PROTOCOLS["sd3"], "sd3")
+    results = {"base": {"hps_v2.1": torch.tensor([0.30, 0.32])}, "trained": {"hps_v2.1": torch.tensor([0.33, 0.36])}}
+    table = example.format_table(results, ["hps_v2.1"], with_paper=True)
+    assert "| hps_v2.1 | 0.3100 | 0.3450 | +0.035 ± 0.005 | 0.311 | 0.353 | 0.391 | 0.382 |" in table
+    assert "paper" not in example.format_table(results, ["hps_v2.1"], with_paper=False)
+
+
+def documented_commands(section: str) -> list[str]:
+    """The shell commands of the ```bash blocks of one section of docs/quickstart.md, continuations joined."""
+    with open(os.path.join(ROOT, "docs", "quickstart.md")) as handle:
+        text = handle.read()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", body, flags=re.S)
+    return [line for block in blocks for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_documented_tiny_run_shows_the_training_in_the_evaluation(tmp_path):
+    commands = documented_commands("The paper's script, on the tiny model")
+    assert [command.split()[:2] for command in commands] == [["printf", '"a'], ["python", "examples/hpd.py"],
+                                                             ["python", "examples/evaluate.py"]]
+    subprocess.run(commands[0], shell=True, cwd=tmp_path, check=True)
+    for command in commands[1:]:
+        words = shlex.split(command)
+        log = run_script([os.path.join(ROOT, words[1]), *words[2:]], tmp_path, cwd=tmp_path)
+    row = re.search(r"\| color \| -?[\d.]+ \| -?[\d.]+ \| ([-+][\d.e-]+) ± ([\d.e-]+) \|", log)
+    assert row, f"no color row with a paired change in the evaluation:\n{log[-1500:]}"
+    change, error = row.groups()
+    assert float(change) > 0.005 and float(change) > 3 * float(error), log[-1500:]  # a change, far beyond noise
+
+
+def test_accelerate_cpu_launch_of_two_processes_is_refused_with_the_working_command(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple\na fire truck\n")
+    script_args = ["--model_name_or_path", "tiny", "--torch_dtype", "float32", "--dataset_name", str(prompts),
+                   "--reward_funcs", "color", "--height", "64", "--width", "64", "--max_sequence_length", "32",
+                   "--num_inference_steps", "4", "--num_active_steps", "2", "--num_generations", "2",
+                   "--mixed_precision", "no", "--max_steps", "1", "--output_dir", str(tmp_path / "run")]
+    result = run_script(["--num_processes", "2", "--cpu", "--quiet", "examples/hpd.py", *script_args], tmp_path,
+                        launcher=(sys.executable, "-m", "accelerate.commands.launch"), check=False)
+    assert result.returncode != 0, "accelerate launch --cpu --num_processes 2 trained, in one process"
+    assert "starts a single process" in result.stderr
+    assert shlex.join(["torchrun", "--nproc_per_node", "2", "examples/hpd.py", *script_args]) in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_cpu_threads_one_per_process_unless_omp_num_threads_says_otherwise(monkeypatch):
+    from trl_flow_egrpo.distributed import set_cpu_threads
+
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        torch.set_num_threads(2)
+        assert set_cpu_threads({"OMP_NUM_THREADS": "2"}) is None and torch.get_num_threads() == 2
+        assert set_cpu_threads({}) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -419,7 +419,8 @@ def test_model_card_takes_the_classes_from_the_adapter():
     card = _card(adapter=SD3Adapter, base_model="stabilityai/stable-diffusion-3.5-medium", use_lora=False)
     assert "sd3" in card.data.tags and "flux" not in card.data.tags
     assert 'SD3Transformer2DModel.from_pretrained("someone/flux-egrpo"' in card.text
-    assert 'StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium", transformer=' in card.text
+    assert ('StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium", transformer='
+            in card.text)
     assert card.data.license_name == "stabilityai-ai-community"
 
 
