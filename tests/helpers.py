@@ -1,6 +1,8 @@
 """Shared builders for the tests: a tiny E-GRPO setup that trains on a CPU in seconds."""
 
+import torch
 from datasets import Dataset
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer
 from trl_flow_egrpo.rewards import ColorReward
@@ -37,3 +39,48 @@ def assert_reward_rose(before, after, min_gain: float) -> None:
     standard_error = gain.std() / len(gain) ** 0.5
     assert gain.mean() > min_gain, f"reward did not rise: {before.mean():.4f} -> {after.mean():.4f}"
     assert gain.mean() > 4 * standard_error, f"gain {gain.mean():.4f} within noise (s.e. {standard_error:.4f})"
+
+
+def record_optimizer_steps(trainer) -> list[float]:
+    """Make ``trainer``'s optimizer append, at each of its steps, the learning rate that step uses; returns the
+    list (its length is the number of optimizer steps taken)."""
+    learning_rates = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        learning_rates.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    return learning_rates
+
+
+def record_calls(obj, method_name: str) -> list[tuple]:
+    """Make ``obj.<method_name>`` append ``(args, result)`` for every call; returns the list."""
+    calls = []
+    method = getattr(obj, method_name)
+
+    def recording_method(*args, **kwargs):
+        result = method(*args, **kwargs)
+        calls.append((args, result))
+        return result
+
+    setattr(obj, method_name, recording_method)
+    return calls
+
+
+def plain_pipeline_images(pipeline, trainer, prompts: list[str], seed: int) -> torch.Tensor:
+    """Images of a plain ``FluxPipeline.__call__`` on ``pipeline``, driven as ``trainer.sample_images(prompts,
+    seed)`` samples: the trainer's steps, static shift and guidance, prompt ``i`` from a generator seeded
+    ``seed + i``. Asserts that the pipeline really sampled with the trainer's sigmas."""
+    config = trainer.config
+    pipeline.set_progress_bar_config(disable=True)
+    if config.shift is not None:
+        pipeline.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            pipeline.scheduler.config, shift=config.shift, use_dynamic_shifting=False)
+    images = pipeline(prompts, num_inference_steps=config.num_inference_steps,
+                      guidance_scale=trainer.adapter.guidance_scale, height=config.height, width=config.width,
+                      max_sequence_length=config.max_sequence_length, output_type="pt",
+                      generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]).images
+    torch.testing.assert_close(pipeline.scheduler.sigmas.float().cpu(), trainer.schedule.sigmas, rtol=0, atol=0)
+    return images

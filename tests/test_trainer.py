@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from diffusers import FluxPipeline
 
-from helpers import PROMPTS, assert_reward_rose, tiny_config, tiny_trainer
+from helpers import (PROMPTS, assert_reward_rose, plain_pipeline_images, record_optimizer_steps,
+                     tiny_config, tiny_trainer)
 from trl_flow_egrpo import EGRPOTrainer, checkpoints
 from trl_flow_egrpo.rewards import BrightnessReward, ColorReward
 from trl_flow_egrpo.tiny import build_tiny_flux_pipeline
@@ -22,10 +22,13 @@ def _checkpoint_dirs(path):
 
 
 def test_on_policy_ratios_are_one(tmp_path):
-    # Training micro-batches (3 groups) differ from sampling batches (7 rows): ratios must still be 1.
-    trainer = tiny_trainer(tmp_path, rollout_batch_size=7, per_device_train_batch_size=3, max_steps=1)
+    # One optimizer step per iteration, so every ratio is taken at the sampling policy. Training micro-batches
+    # (3 groups) differ from sampling batches (7 rows): the ratios must still be 1.
+    trainer = tiny_trainer(tmp_path, rollout_batch_size=7, per_device_train_batch_size=3, max_steps=1,
+                           optimizer_step="iteration")
     metrics = trainer.step()
     assert metrics["ratio/on_policy_max_abs_dev"] < 1e-5
+    assert abs(metrics["ratio/min"] - 1) < 1e-5 and abs(metrics["ratio/max"] - 1) < 1e-5
     assert metrics["transformer_evaluations"] == 2 * trainer.evaluations_per_prompt()
     assert metrics["clip_fraction"] == 0.0
 
@@ -40,38 +43,40 @@ def test_training_raises_the_reward(tmp_path):
     assert len(history) == 12 and all(np.isfinite(m["loss"]) for m in history)
 
 
-def test_lora_save_load_reproduces_the_trained_model(tmp_path):
+def test_lora_loads_into_plain_diffusers_and_samples_the_trained_images(tmp_path):
     trainer = tiny_trainer(tmp_path, max_steps=3)
+    assert trainer.config.lora_alpha != trainer.config.lora_r  # a LoRA loaded at the wrong scale changes the images
     trainer.train()
     trainer.save_model(str(tmp_path / "lora"))
-    assert os.path.isfile(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
-    trained = trainer.sample_images(EVAL_PROMPTS[:3], seed=5)
+    prompts = EVAL_PROMPTS[:3]
+    trained = trainer.sample_images(prompts, seed=5)
 
+    # A fresh plain FluxPipeline with the saved LoRA, sampled with the trainer's schedule and seeds.
     fresh = build_tiny_flux_pipeline(seed=0)
     fresh.load_lora_weights(str(tmp_path / "lora"))
-    base = tiny_trainer(tmp_path / "base", pipeline=build_tiny_flux_pipeline(seed=0), use_peft=False, max_steps=1)
-    base_images = base.sample_images(EVAL_PROMPTS[:3], seed=5)
-    loaded = tiny_trainer(tmp_path / "fresh", pipeline=fresh, use_peft=False, max_steps=1)
-    loaded_images = loaded.sample_images(EVAL_PROMPTS[:3], seed=5)
-    torch.testing.assert_close(loaded_images, trained, rtol=1e-5, atol=1e-5)
-    assert (trained - base_images).abs().max() > 1e-3  # the LoRA changed the model, so the test can fail
-
-    # The plain diffusers pipeline loads it too and samples the same images as the trainer.
-    pipe_images = fresh(EVAL_PROMPTS[:1], latents=loaded.adapter.initial_noise(1, torch.Generator().manual_seed(5)),
-                        num_inference_steps=16, height=64, width=64, max_sequence_length=32, output_type="pt",
-                        sigmas=None).images
-    assert pipe_images.shape == (1, 3, 64, 64)
+    loaded = plain_pipeline_images(fresh, trainer, prompts, seed=5)
+    base = plain_pipeline_images(build_tiny_flux_pipeline(seed=0), trainer, prompts, seed=5)
+    torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)
+    # Training moved the images well beyond that tolerance, so a LoRA lost or mis-scaled in the round trip fails.
+    assert (trained - base).abs().mean() > 1e-3, (trained - base).abs().mean()
 
 
-def test_full_fine_tuning_saves_the_transformer(tmp_path):
-    trainer = tiny_trainer(tmp_path, use_peft=False, learning_rate=1e-4, max_steps=1)
-    trainer.train()
-    trainer.save_model(str(tmp_path / "full"))
+def test_full_fine_tuning_trains_every_weight_and_saves_the_trained_transformer(tmp_path):
     from diffusers import FluxTransformer2DModel
 
-    reloaded = FluxTransformer2DModel.from_pretrained(str(tmp_path / "full" / "transformer"))
-    for (name, a), (_, b) in zip(trainer.unwrapped_model.state_dict().items(), reloaded.state_dict().items()):
-        torch.testing.assert_close(a, b, msg=name)
+    trainer = tiny_trainer(tmp_path, use_peft=False, learning_rate=1e-4, max_steps=1)
+    initial = {name: tensor.clone() for name, tensor in trainer.unwrapped_model.state_dict().items()}
+    trainer.train()
+    trained = trainer.unwrapped_model.state_dict()
+    assert trained.keys() == initial.keys()
+    unchanged = [name for name in initial if torch.equal(trained[name], initial[name])]
+    assert unchanged == [], f"full fine-tuning left these weights untouched: {unchanged}"
+
+    trainer.save_model(str(tmp_path / "full"))
+    reloaded = FluxTransformer2DModel.from_pretrained(str(tmp_path / "full" / "transformer")).state_dict()
+    assert reloaded.keys() == trained.keys()
+    for name, tensor in trained.items():
+        assert torch.equal(reloaded[name], tensor), name
 
 
 @pytest.mark.parametrize("use_peft", [True, False])
@@ -204,13 +209,47 @@ def test_reward_receives_dataset_columns(tmp_path):
     assert seen["pairs"] <= {("a", "x"), ("b", "y"), ("c", "z")} and len(seen["pairs"]) == 2
 
 
+def _max_ratio_deviation(metrics) -> float:
+    return max(metrics["ratio/max"] - 1, 1 - metrics["ratio/min"])
+
+
 def test_optimizer_step_per_active_step(tmp_path):
     trainer = tiny_trainer(tmp_path, optimizer_step="active_step", num_active_steps=3, max_steps=1)
+    steps = record_optimizer_steps(trainer)
     metrics = trainer.step()
-    assert trainer.optimizer_steps_per_iteration == len(trainer.merge_plan) == 3
+    assert len(trainer.merge_plan) == 3 and len(steps) == 3
+    assert metrics["ratio/on_policy_max_abs_dev"] < 1e-5  # the first step's groups, sampled by the same policy
+    # After the first optimizer step the policy moved: later steps' ratios leave 1 well beyond rounding.
+    assert _max_ratio_deviation(metrics) > 1e-4, metrics
+
+
+def test_second_inner_epoch_updates_again_off_policy(tmp_path):
+    trainer = tiny_trainer(tmp_path, optimizer_step="iteration", num_inner_epochs=2, max_steps=1)
+    steps = record_optimizer_steps(trainer)
+    metrics = trainer.step()
+    assert len(steps) == 2 == trainer.optimizer_steps_per_iteration
+    # The on-policy deviation is the first epoch's; the second epoch's ratios see the updated policy.
     assert metrics["ratio/on_policy_max_abs_dev"] < 1e-5
-    # After the first optimizer step the policy moved: later groups see ratios != 1.
-    assert metrics["ratio/max"] - metrics["ratio/min"] > 0
+    assert _max_ratio_deviation(metrics) > 1e-3, metrics
+    assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["reward/weighted_mean"])
+
+
+@pytest.mark.parametrize("optimizer_step, num_inner_epochs", [("active_step", 1), ("active_step", 2),
+                                                              ("iteration", 1), ("iteration", 2)])
+def test_learning_rate_schedule_spans_every_optimizer_step(tmp_path, optimizer_step, num_inner_epochs):
+    max_steps, learning_rate = 2, 1e-2
+    trainer = tiny_trainer(tmp_path, optimizer_step=optimizer_step, num_inner_epochs=num_inner_epochs,
+                           max_steps=max_steps, learning_rate=learning_rate, lr_scheduler_type="linear",
+                           prompts_per_device=1, num_generations=2)
+    steps_per_iteration = (len(trainer.merge_plan) if optimizer_step == "active_step" else 1) * num_inner_epochs
+    assert len(trainer.merge_plan) > 1  # active_step and iteration then differ
+    used = record_optimizer_steps(trainer)
+    logged = [trainer.step()["learning_rate"] for _ in range(max_steps)]
+    # A linear decay over all max_steps * steps_per_iteration optimizer steps: step j uses L * (1 - j / N).
+    total = max_steps * steps_per_iteration
+    assert used == pytest.approx([learning_rate * (1 - j / total) for j in range(total)], rel=1e-12, abs=0)
+    assert logged == pytest.approx([learning_rate * (1 - k / max_steps) for k in range(1, max_steps + 1)],
+                                   rel=1e-12, abs=1e-15)
 
 
 def test_async_rewards_give_the_same_groups(tmp_path):
