@@ -263,3 +263,63 @@ def test_cpu_threads_one_per_process_unless_omp_num_threads_says_otherwise(monke
         assert set_cpu_threads({}) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(ROOT, "examples", "recipes", "*.yaml"))),
+                         ids=os.path.basename)
+def test_recipe_parses_and_sets_the_papers_update_explicitly(recipe):
+    import yaml
+    from trl import TrlParser
+
+    from trl_flow_egrpo import EGRPOConfig
+
+    with open(recipe) as handle:
+        assert yaml.safe_load(handle)["optimizer_step"] == "active_step"  # stated, not left to the default
+    script_args, config = TrlParser((load_example("hpd").ScriptArguments, EGRPOConfig)).parse_args_and_config(
+        args=["--config", recipe])
+    assert config.optimizer_step == "active_step" and config.max_steps > 0 and script_args.reward_funcs
+
+
+def reproducing_doc() -> str:
+    with open(os.path.join(ROOT, "docs", "reproducing.md")) as handle:
+        return handle.read()
+
+
+def test_every_documented_ablation_is_an_override_of_the_papers_recipe():
+    from trl import TrlParser
+
+    from trl_flow_egrpo import EGRPOConfig, plan_merges, shifted_sigmas
+
+    table = reproducing_doc().split("| ablation | paper's finding | override |", 1)[1].split("\n\n", 1)[0]
+    rows = [row.split(" | ") for row in table.strip().splitlines()[1:]]
+    plans = {}
+    for ablation, _, override in rows:
+        words = shlex.split(re.search(r"`([^`]+)`", override).group(1))  # each row names its override
+        _, config = TrlParser((load_example("hpd").ScriptArguments, EGRPOConfig)).parse_args_and_config(
+            args=["--config", os.path.join(ROOT, "examples", "recipes", "flux_dev_hps.yaml"), *words])
+        plans[ablation.strip("| ")] = plan_merges(
+            shifted_sigmas(config.num_inference_steps, config.shift), config.noise_level, config.entropy_threshold,
+            config.num_active_steps, config.merge_length, config.merge_windows, first_step=config.first_active_step)
+    assert len(plans) == 5
+    assert plans["second 8 steps"][0].start == 8 and plans["second 8 steps"][-1].start >= 8
+    assert [step.start for step in plans["first 4 active steps"]] == [0, 1, 2, 3]
+
+
+def test_documented_flops_per_evaluation_are_what_the_documented_count_prints(tmp_path):
+    doc = reproducing_doc()
+    flat = " ".join(doc.split())  # the prose, line breaks aside
+    snippet = re.search(r"```python\n(import torch\nfrom diffusers import FluxTransformer2DModel.*?)```", doc,
+                        flags=re.S).group(1)
+    (tmp_path / "count.py").write_text(snippet)
+    result = subprocess.run([sys.executable, "count.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=script_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    counted = float(result.stdout.split()[0])
+    assert f"{counted:.3e}" == "3.728e+13"
+    assert f"One evaluation at 720x720 with 512 text tokens is {counted / 1e13:.2f}e13 FLOPs" in flat
+    # The time estimate follows from the count: 40% of an H100's 989 TFLOP/s, then (1012 + 32) evaluations.
+    seconds = counted / (0.4 * 989e12)
+    assert f"an evaluation takes ~{seconds:.3f} s" in flat
+    assert f"An iteration is then ~{(1012 + 32) * seconds / 60:.1f} minutes" in flat
+    assert f"the run ~{round(300 * (1012 + 32) * seconds / 3600)} hours on 8 H100s" in flat
+    assert f"about {5 * round(8 * 300 * (1012 + 32) * seconds / 3600 / 5)} GPU-hours" in flat
