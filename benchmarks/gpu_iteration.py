@@ -1,111 +1,167 @@
-"""One E-GRPO iteration of a FLUX.1-dev-shaped transformer (random weights, bf16, LoRA): time and peak memory.
+"""E-GRPO iterations of the LoRA recipe on FLUX.1-dev-shaped models with random weights: time and peak memory.
 
-    python benchmarks/gpu_iteration.py                      # on a GPU: the paper's setting, 720x720, G=12
-    python benchmarks/gpu_iteration.py --layers 1 --single_layers 1 --size 64 --generations 2 --steps 4 \
-        --max_sequence_length 16 --device cpu            # a smoke test of the script on a CPU
+    python benchmarks/gpu_iteration.py                   # on a GPU: the recipe as it is (720x720, G=12, bf16)
+    python benchmarks/gpu_iteration.py --tiny --device cpu   # a smoke test of the script on a CPU
 
-The transformer has FLUX.1-dev's exact configuration (19 double + 38 single blocks, 3072 wide, 12B
-parameters; fewer blocks with --layers / --single_layers) and random weights, so no download is needed.
-The text encoders are one-layer stand-ins of the right widths (CLIP pooled 768, T5 4096) and the VAE is
-the tiny 8x one of ``trl_flow_egrpo.tiny``: what is measured is the transformer's cost, which is what
-E-GRPO spends (sampling: 16 + G * 83 rows per prompt at the paper's plan; update: one forward and
-backward per (prompt, merged step) group). The reward is the weight-free colour reward.
+The pipeline has FLUX.1-dev's exact architecture, component by component (the configurations of
+``benchmarks/memory.py``): the 12B transformer, T5-XXL and CLIP-L text encoders, the 16-channel VAE, with
+random weights built directly on the device in bf16, so nothing is downloaded and no float32 copy ever
+exists in host memory. The tokenizers are the in-memory ones of ``trl_flow_egrpo.tiny`` (their ids fit
+every vocabulary). The settings are those of ``examples/recipes/flux_dev_lora_single_gpu.yaml``; the reward
+is the weight-free colour reward (``gpu_probe.py`` adds ballast for the real reward model's weights).
 
-Prints the seconds of each iteration (the first includes warm-up), its split into sampling / rewards /
+``--tiny`` narrows the transformer (one block of each kind, two heads) and uses one-layer text encoders of
+the right widths and the tiny VAE: the same code path at a size a CPU runs in seconds.
+
+Prints, per iteration, the seconds (the first includes warm-up) and their split into sampling / rewards /
 update, the transformer evaluations, the on-policy max |r - 1| and the peak GPU memory.
 """
 
+from __future__ import annotations
+
 import argparse
+import dataclasses
 import os
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
+import yaml  # noqa: E402
 
-from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer  # noqa: E402
-from trl_flow_egrpo.rewards import ColorReward  # noqa: E402
-from trl_flow_egrpo.tiny import build_tiny_flux_pipeline  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import CLIP_L_TEXT, FLUX_DEV_TRANSFORMER, FLUX_DEV_VAE, REPO, T5_XXL_ENCODER  # noqa: E402
 
-FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                            guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+LORA_RECIPE = os.path.join(REPO, "examples", "recipes", "flux_dev_lora_single_gpu.yaml")
+TINY_TRANSFORMER = dict(num_layers=1, num_single_layers=1, num_attention_heads=2)
+"""--tiny: one double and one single block, 2 heads of 128 (256 wide); inputs keep FLUX.1-dev's widths."""
+TINY_RECIPE = dict(height=64, width=64, num_generations=2, num_inference_steps=4, num_active_steps=2,
+                   max_sequence_length=16, rollout_batch_size=4, decode_batch_size=2)
+"""--tiny: the recipe's settings at a size a CPU runs in seconds."""
+PROMPTS = ["a red apple on a wooden table", "a fire truck in the rain", "a lighthouse at dusk", "a bowl of ramen"]
 
 
-def flux_shaped_pipeline(layers: int, single_layers: int, device: str, dtype: torch.dtype):
-    """The tiny pipeline with a FLUX.1-dev-shaped transformer and width-matched one-layer text encoders."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+def flux_dev_shaped_pipeline(device: str | torch.device, dtype: torch.dtype, tiny: bool = False, seed: int = 0):
+    """A ``FluxPipeline`` with FLUX.1-dev's component shapes and random weights, built on ``device`` in ``dtype``.
+
+    Args:
+        device: where the weights are created (directly: a 12B model never exists in host memory).
+        dtype: dtype of every component.
+        tiny: narrow transformer (:data:`TINY_TRANSFORMER`), one-layer text encoders of the right widths,
+            and the tiny VAE of :func:`trl_flow_egrpo.tiny.build_tiny_flux_pipeline`.
+        seed: seeds the random weights.
+    """
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    tiny = build_tiny_flux_pipeline()
+    from trl_flow_egrpo.tiny import build_tiny_flux_pipeline
+
+    small = build_tiny_flux_pipeline(seed=seed)
+    tokenizer, tokenizer_2 = small.tokenizer, small.tokenizer_2
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    if tiny:
+        clip = CLIP_L_TEXT | dict(intermediate_size=256, num_hidden_layers=1, vocab_size=1000) | ids
+        t5 = T5_XXL_ENCODER | dict(vocab_size=256, d_ff=256, num_layers=1, num_heads=8, dropout_rate=0.0)
+    else:
+        clip = CLIP_L_TEXT | ids
+        t5 = T5_XXL_ENCODER | dict(dropout_rate=0.0)
     default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the target dtype directly: 12B float32 weights would not fit
+    torch.set_default_dtype(dtype)  # create the weights in their final dtype
     try:
-        with torch.device(device):
-            transformer = FluxTransformer2DModel(**(FLUX_DEV_TRANSFORMER | dict(num_layers=layers,
-                                                                                num_single_layers=single_layers)))
-            text_encoder = CLIPTextModel(CLIPTextConfig(
-                hidden_size=768, intermediate_size=256, num_attention_heads=12, num_hidden_layers=1, vocab_size=1000,
-                bos_token_id=0, eos_token_id=2, pad_token_id=1, max_position_embeddings=77, projection_dim=768))
-            text_encoder_2 = T5EncoderModel(T5Config(
-                vocab_size=256, d_model=4096, d_kv=64, d_ff=256, num_layers=1, num_heads=8, dropout_rate=0.0,
-                relative_attention_num_buckets=8, is_encoder_decoder=False, use_cache=False, pad_token_id=0,
-                eos_token_id=1, decoder_start_token_id=0))
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(seed)
+            transformer = FluxTransformer2DModel(**(FLUX_DEV_TRANSFORMER | (TINY_TRANSFORMER if tiny else {})))
+            text_encoder = CLIPTextModel(CLIPTextConfig(**clip))
+            text_encoder_2 = T5EncoderModel(T5Config(**t5))
+            vae = small.vae.to(device, dtype) if tiny else AutoencoderKL(**FLUX_DEV_VAE)
     finally:
         torch.set_default_dtype(default_dtype)
-    pipeline = FluxPipeline(scheduler=tiny.scheduler, vae=tiny.vae, text_encoder=text_encoder, tokenizer=tiny.tokenizer,
-                            text_encoder_2=text_encoder_2, tokenizer_2=tiny.tokenizer_2, transformer=transformer)
-    for module in (transformer, text_encoder, text_encoder_2, tiny.vae):
+    pipeline = FluxPipeline(scheduler=small.scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    for module in (transformer, text_encoder, text_encoder_2, vae):
         module.eval()
-    return pipeline.to(device)
+    return pipeline
+
+
+def lora_recipe_config(output_dir: str, device: str, tiny: bool = False, **overrides):
+    """The ``EGRPOConfig`` of ``examples/recipes/flux_dev_lora_single_gpu.yaml`` for a benchmark run.
+
+    No checkpoints, evaluation, trackers or Hub; no mixed precision on a CPU (float32 there: CPUs have no
+    fast bf16); ``tiny`` applies :data:`TINY_RECIPE`; ``overrides`` last.
+    """
+    from trl_flow_egrpo import EGRPOConfig
+
+    with open(LORA_RECIPE) as f:
+        recipe = yaml.safe_load(f)
+    fields = {field.name for field in dataclasses.fields(EGRPOConfig)}
+    values = {key: value for key, value in recipe.items() if key in fields}
+    values |= dict(output_dir=output_dir, save_steps=0, eval_steps=0, log_with=None, push_to_hub=False,
+                   disable_tqdm=True)
+    if str(device) == "cpu":
+        values["mixed_precision"] = "no"
+    return EGRPOConfig(**(values | (TINY_RECIPE if tiny else {}) | overrides))
+
+
+def build_trainer(pipeline, config):
+    """An ``EGRPOTrainer`` on ``pipeline`` with the colour reward and a few prompts."""
+    from trl_flow_egrpo import EGRPOTrainer
+    from trl_flow_egrpo.rewards import ColorReward
+
+    return EGRPOTrainer(config, pipeline, [ColorReward()], [{"prompt": prompt} for prompt in PROMPTS])
+
+
+def timed_step(trainer, device: str) -> dict:
+    """One ``trainer.step()``: its metrics plus ``seconds`` and, on CUDA, peak allocated / reserved GiB.
+
+    The peaks are reset first (after emptying the allocator's cache), so they are this iteration's own.
+    """
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    metrics = trainer.step()
+    if cuda:
+        torch.cuda.synchronize()
+    result = dict(metrics, seconds=time.perf_counter() - start)
+    if cuda:
+        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    return result
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=19)
-    parser.add_argument("--single_layers", type=int, default=38)
-    parser.add_argument("--size", type=int, default=720, help="image height and width (authors' code: 720)")
-    parser.add_argument("--generations", type=int, default=12, help="G (paper code: 12)")
-    parser.add_argument("--steps", type=int, default=16, help="T (paper: 16; 8 active steps)")
-    parser.add_argument("--rollout_batch_size", type=int, default=16)
-    parser.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens (FLUX.1-dev: 512)")
+    parser.add_argument("--tiny", action="store_true", help="narrow models and small images (a CPU smoke test)")
     parser.add_argument("--iterations", type=int, default=2)
-    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--gradient_checkpointing", choices=["recipe", "on", "off"], default="recipe")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    bf16 = args.device != "cpu"
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
 
     start = time.perf_counter()
-    pipeline = flux_shaped_pipeline(args.layers, args.single_layers, args.device,
-                                    torch.bfloat16 if bf16 else torch.float32)
+    pipeline = flux_dev_shaped_pipeline(args.device, dtype, tiny=args.tiny)
     parameters = sum(p.numel() for p in pipeline.transformer.parameters())
-    print(f"FLUX-shaped transformer: {parameters / 1e9:.2f}B parameters, built in {time.perf_counter() - start:.1f} s "
-          f"on {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
-
+    print(f"FLUX.1-dev-shaped pipeline: transformer {parameters / 1e9:.2f}B parameters, built in "
+          f"{time.perf_counter() - start:.1f} s on {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
+    overrides = {} if args.gradient_checkpointing == "recipe" else dict(
+        gradient_checkpointing=args.gradient_checkpointing == "on")
     with tempfile.TemporaryDirectory() as output_dir:
-        config = EGRPOConfig(output_dir=output_dir, height=args.size, width=args.size, num_generations=args.generations,
-                             max_steps=args.iterations, mixed_precision="bf16" if bf16 else "no",
-                             rollout_batch_size=args.rollout_batch_size, save_steps=0, disable_tqdm=True,
-                             max_sequence_length=args.max_sequence_length, num_inference_steps=args.steps,
-                             num_active_steps=min(8, args.steps),
-                             gradient_checkpointing=args.gradient_checkpointing)
-        trainer = EGRPOTrainer(config, pipeline, [ColorReward()], Dataset.from_dict({"prompt": ["a red apple"] * 8}))
+        config = lora_recipe_config(output_dir, args.device, args.tiny, max_steps=args.iterations, **overrides)
+        trainer = build_trainer(pipeline, config)
         for iteration in range(args.iterations):
-            if args.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            metrics = trainer.step()
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-            peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" \
-                if args.device.startswith("cuda") else ""
-            print(f"iteration {iteration + 1}: {seconds:.1f} s (sampling {metrics['time/sampling']:.1f} s, rewards "
-                  f"{metrics['time/rewards']:.2f} s, update {metrics['time/update']:.1f} s), "
-                  f"{metrics['transformer_evaluations']} transformer evaluations, on-policy max|r-1| "
-                  f"{metrics['ratio/on_policy_max_abs_dev']:.1e}{peak}", flush=True)
+            result = timed_step(trainer, args.device)
+            peak = (f", peak GPU memory {result['peak_allocated_gib']:.1f} GiB allocated / "
+                    f"{result['peak_reserved_gib']:.1f} GiB reserved" if "peak_reserved_gib" in result else "")
+            print(f"iteration {iteration + 1}: {result['seconds']:.1f} s (sampling {result['time/sampling']:.1f} s, "
+                  f"rewards {result['time/rewards']:.2f} s, update {result['time/update']:.1f} s), "
+                  f"{result['transformer_evaluations']} transformer evaluations, on-policy max|r-1| "
+                  f"{result['ratio/on_policy_max_abs_dev']:.1e}{peak}", flush=True)
 
 
 if __name__ == "__main__":

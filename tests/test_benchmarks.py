@@ -1,6 +1,7 @@
-"""The benchmark scripts: the meta-device memory model."""
+"""The benchmark scripts: the GPU probe's tiny CPU mode end to end, and the meta-device memory model."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,6 +25,63 @@ def run_script(*args, timeout=600):
                             timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
+
+
+def test_gpu_probe_tiny_cpu_writes_results_and_row(tmp_path):
+    stdout = run_script("benchmarks/gpu_probe.py", "--tiny", "--device", "cpu", "--out", str(tmp_path))
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    sections = [line["section"] for line in lines]
+    for section in ("device", "build", "flops", "forward", "trainer_step", "lora_forward", "update", "sdpa",
+                    "vae_decode", "done"):
+        assert section in sections, f"section {section} missing from the probe's output: {sections}"
+
+    (results_file,) = tmp_path.glob("*-cpu.json")
+    results = json.loads(results_file.read_text())
+    for key in ("device", "commit", "rollout_mfu", "iteration_seconds", "peak_reserved_gib",
+                "on_policy_max_abs_dev", "details"):
+        assert key in results
+    assert results["device"] == "cpu" and results["commit"]
+    assert results["iteration_seconds"] > 0
+    assert math.isfinite(results["on_policy_max_abs_dev"]) and results["on_policy_max_abs_dev"] >= 0
+    assert results["rollout_mfu"] is None and results["peak_reserved_gib"] is None  # no GPU, no peak: null
+    details = results["details"]
+    assert details["flops"]["per_row"] > 0
+    assert [entry["rows"] for entry in details["forward"]] == [1, 2]
+    assert all(entry["s_per_call"] > 0 for entry in details["forward"])
+    step = details["trainer_step"]
+    assert step["transformer_evaluations"] > 0 and step["sampling_s"] > 0 and step["config"]["num_generations"] == 2
+    assert {entry["gradient_checkpointing"] for entry in details["update"]} == {True, False}
+
+    table = (tmp_path / "RESULTS.md").read_text().splitlines()
+    assert table[0] == "# GPU probe results"
+    assert table[-1].startswith("| ") and table[-1].endswith(f"| {results_file.name} |")
+    assert f"| {results['commit']} |" in table[-1]
+
+
+def test_gpu_probe_refuses_full_size_on_cpu():
+    import gpu_probe
+
+    with pytest.raises(SystemExit, match="--tiny"):
+        gpu_probe.main(["--device", "cpu"])
+
+
+@pytest.mark.slow
+def test_full_size_probe_pipeline_fits_together_on_meta():
+    """The GPU path's pipeline (real T5-XXL, CLIP-L, VAE, 12B transformer) encodes, denoises and decodes at
+    720x720 with 512 tokens, checked on the meta device; its models are the memory model's."""
+    from gpu_iteration import flux_dev_shaped_pipeline
+
+    pipeline = flux_dev_shaped_pipeline("meta", torch.bfloat16)
+    for module, name in ((pipeline.transformer, "transformer"), (pipeline.text_encoder_2, "t5_xxl"),
+                         (pipeline.text_encoder, "clip_l_text"), (pipeline.vae, "vae")):
+        assert memory.parameter_count(module) == memory.parameter_count(memory.build_on_meta(name)), name
+    embeds, pooled, _ = pipeline.encode_prompt(["a red apple on a table"], None, device="meta",
+                                               max_sequence_length=512)
+    inputs = memory.transformer_inputs(1, 720, 512) | dict(encoder_hidden_states=embeds, pooled_projections=pooled)
+    with torch.no_grad():
+        velocity = pipeline.transformer(**inputs)[0]
+        image = pipeline.vae.decode(torch.empty(1, 16, 90, 90, device="meta", dtype=torch.bfloat16)).sample
+    assert velocity.shape == (1, 2025, 64) and image.shape == (1, 3, 720, 720)
 
 
 def test_live_bytes_counts_frees_and_excludes_existing_tensors():
