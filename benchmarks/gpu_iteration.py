@@ -81,6 +81,8 @@ def flux_dev_shaped_pipeline(device: str | torch.device, dtype: torch.dtype, tin
         torch.set_default_dtype(default_dtype)
     pipeline = FluxPipeline(scheduler=small.scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                             text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    for module in (text_encoder, text_encoder_2):
+        module.tie_weights()  # as from_pretrained does (transformers 5.0 builds T5's embeddings untied)
     for module in (transformer, text_encoder, text_encoder_2, vae):
         module.eval()
     return pipeline
