@@ -97,8 +97,10 @@ def test_resume_continues_exactly(tmp_path):
     assert checkpoints.list_checkpoints(str(tmp_path / "a")) == [str(tmp_path / "a" / "checkpoint-2"),
                                                                  str(tmp_path / "a" / "checkpoint-4")]
     resumed = tiny_trainer(tmp_path / "b", max_steps=4, resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    # A fresh start would reproduce the uninterrupted run too (same seed): only 2 iterations may run.
+    iterations_run = record_calls(resumed, "step")
     resumed_history = resumed.train().log_history
-    assert len(resumed_history) == 4
+    assert len(iterations_run) == 2 and len(resumed_history) == 4
     for expected, actual in zip(history[2:], resumed_history[2:]):
         for key in keys:
             assert actual[key] == expected[key], key
@@ -125,8 +127,9 @@ def test_interrupted_checkpoint_leaves_the_previous_one_usable(tmp_path, monkeyp
 
     resumed = tiny_trainer(tmp_path, max_steps=4, save_steps=2, save_total_limit=1, resume_from_checkpoint="true")
     assert resumed.state.iteration == 0
+    iterations_run = record_calls(resumed, "step")
     resumed.train()
-    assert resumed.state.iteration == 4
+    assert len(iterations_run) == 2 and resumed.state.iteration == 4  # continued from checkpoint-2
     assert sorted(_checkpoint_dirs(tmp_path)) == ["checkpoint-4"]  # stale staging replaced, old pruned
 
 
