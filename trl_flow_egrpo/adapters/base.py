@@ -153,7 +153,14 @@ class ModelAdapter(ABC):
         ``latents`` are in the VAE's ``[B, C, h, w]`` layout; families that pack latents unpack them first.
         """
         vae = self.pipeline.vae
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        return self.vae_images(latents / vae.config.scaling_factor + vae.config.shift_factor)
+
+    def vae_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode latents that are already in the VAE decoder's own space and map its ``[-1, 1]`` output to
+        float32 ``[0, 1]``, as ``pipeline(..., output_type="pt")`` does. For families whose latent normalization
+        is not ``scaling_factor`` / ``shift_factor`` (FLUX.2's batch-norm statistics): they undo their own and
+        call this."""
+        vae = self.pipeline.vae
         images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
