@@ -71,20 +71,44 @@ def sde_mean_std(latents: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Te
         merge_length: ``l >= 1``: an int, or a LongTensor ``[B]``.
         noise_level: ``a``; 0 gives the deterministic Euler step (``std = 0``).
     """
+    sigmas = sigmas.to(device=latents.device, dtype=torch.float32)
+    start = _per_sample(index, latents.shape[0], latents.device)
+    return _gaussian_step(latents, velocity, sigmas, start, merge_length,
+                          diffusion_coefficient(sigmas, start, noise_level))
+
+
+def constant_noise_sde_mean_std(latents: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index,
+                                eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""One step of the SDE with a constant diffusion coefficient ``eta`` (DanceGRPO's form), from
+    ``sigmas[index]`` to ``sigmas[index + 1]``: float32 mean and per-sample std.
+
+    The reverse-time SDE ``dx = (v - eta^2 / 2 * score) dsigma + eta dW`` with the score of the flow-matching
+    marginal, ``score = -(x + (1 - s) v) / s``, discretized by Euler-Maruyama over ``d = s' - s``:
+
+    .. math:: \mu = x + \Big(v + \frac{\eta^2}{2s}\big(x + (1 - s) v\big)\Big) d, \qquad
+              \mathrm{std} = \eta \sqrt{-d}
+
+    i.e. the step of the module docstring with ``c`` held at ``eta`` instead of ``a sqrt(s / (1 - s))``: the
+    noise is the same at every noise level, where Flow-GRPO's grows towards pure noise.
+    """
     batch_size = latents.shape[0]
-    device = latents.device
-    sigmas = sigmas.to(device=device, dtype=torch.float32)
-    start = _per_sample(index, batch_size, device)
-    end = start + _per_sample(merge_length, batch_size, device)
+    sigmas = sigmas.to(device=latents.device, dtype=torch.float32)
+    start = _per_sample(index, batch_size, latents.device)
+    return _gaussian_step(latents, velocity, sigmas, start, 1,
+                          torch.full((batch_size,), float(eta), device=latents.device))
+
+
+def _gaussian_step(latents, velocity, sigmas, start, merge_length, c):
+    """``mu = x + (v + c^2 / (2 s) (x + (1 - s) v)) d`` and ``std = c sqrt(-d)`` for per-sample ``c`` ``[B]``."""
+    batch_size = latents.shape[0]
+    end = start + _per_sample(merge_length, batch_size, latents.device)
     if bool((end >= len(sigmas)).any()) or bool((end <= start).any()):
         raise ValueError(f"Merged steps must satisfy 1 <= merge_length and index + merge_length <= {len(sigmas) - 1}.")
-
     view = (batch_size,) + (1,) * (latents.dim() - 1)
     x = latents.to(torch.float32)
     v = velocity.to(torch.float32)
     s = sigmas[start]
     d = (sigmas[end] - s).view(view)
-    c = diffusion_coefficient(sigmas, start, noise_level)
     s = s.view(view)
     mean = x + (v + (c.view(view) ** 2 / (2 * s)) * (x + (1 - s) * v)) * d
     return mean, c * torch.sqrt(-d.view(batch_size))
@@ -116,6 +140,14 @@ def sde_step(
         :class:`SDEStepOutput` with the float32 ``sample``, ``mean``, per-sample ``std`` and ``log_prob``.
     """
     mean, std = sde_mean_std(latents, velocity, sigmas, index, merge_length, noise_level)
+    return sample_gaussian_step(mean, std, noise, generator, sample)
+
+
+def sample_gaussian_step(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor | None = None,
+                         generator: torch.Generator | None = None,
+                         sample: torch.Tensor | None = None) -> SDEStepOutput:
+    """Draw ``x' = mean + std * eps`` (or take the given ``sample``) and its log-density; ``std == 0``
+    everywhere gives no density (``log_prob=None``). Arguments as :func:`sde_step`."""
     view = (mean.shape[0],) + (1,) * (mean.dim() - 1)
     if sample is None:
         if noise is None:
@@ -124,8 +156,7 @@ def sde_step(
         sample = mean + std.view(view) * noise.to(device=mean.device, dtype=torch.float32)
     else:
         sample = sample.to(torch.float32)
-
-    if noise_level == 0:
+    if not bool((std > 0).any()):
         return SDEStepOutput(sample=sample, mean=mean, std=std, log_prob=None)
     return SDEStepOutput(sample=sample, mean=mean, std=std, log_prob=gaussian_log_prob(sample, mean, std))
 
