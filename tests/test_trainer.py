@@ -79,6 +79,24 @@ def test_full_fine_tuning_trains_every_weight_and_saves_the_trained_transformer(
         assert torch.equal(reloaded[name], tensor), name
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 8: save_model hands the gathered state dict to diffusers' save_pretrained, which has no state_dict "
+    "parameter (its **kwargs swallow it) and saves the local module instead, a shard under FSDP / ZeRO-3. Needs "
+    "save_model to write the gathered weights itself; then remove this mark."))
+def test_full_fine_tuning_saves_the_gathered_weights(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    # Under FSDP / ZeRO-3 the local module holds a shard; the full weights are what get_state_dict gathers.
+    trainer = tiny_trainer(tmp_path, use_peft=False)
+    gathered = {name: tensor + 1 for name, tensor in trainer.unwrapped_model.state_dict().items()}
+    trainer.accelerator.get_state_dict = lambda model, *args, **kwargs: gathered
+    trainer.save_model(str(tmp_path / "full"))
+    reloaded = FluxTransformer2DModel.from_pretrained(str(tmp_path / "full" / "transformer")).state_dict()
+    assert reloaded.keys() == gathered.keys()
+    for name, tensor in gathered.items():
+        assert torch.equal(reloaded[name], tensor), name
+
+
 @pytest.mark.parametrize("use_peft", [True, False])
 def test_kl_penalty_is_zero_at_the_base_model_and_grows_with_updates(tmp_path, use_peft):
     # One optimizer step per iteration: the first iteration's loss is computed at the base model (a LoRA
