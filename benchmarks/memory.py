@@ -430,7 +430,8 @@ def recipe_rows(recipe: dict, measured: dict) -> list[Row]:
     same(f"sampling: activations of a {recipe['rollout_batch_size']}-row forward"
          + (" with the LoRA" if recipe["use_peft"] else ""), measured["sampling"], "meta-device pass", "sampling")
     decode_images = recipe["decode_batch_size"] or recipe["rollout_batch_size"]
-    same(f"decoding: VAE decode of {decode_images} images", measured["decoding"], "meta-device pass", "decoding")
+    same(f"decoding: VAE decode of {decode_images} images", measured["decoding"],
+         f"meta-device pass ({measured['decoding'] / decode_images / GIB:.2f} GiB per image)", "decoding")
     same(f"scoring: {REWARD_BATCH_SIZE} crops through a reward model", measured["scoring"], "meta-device pass",
          "scoring")
     same(f"update: forward + backward of {recipe['per_device_train_batch_size']} row(s)"
