@@ -79,10 +79,6 @@ def test_full_fine_tuning_trains_every_weight_and_saves_the_trained_transformer(
         assert torch.equal(reloaded[name], tensor), name
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 8: save_model hands the gathered state dict to diffusers' save_pretrained, which has no state_dict "
-    "parameter (its **kwargs swallow it) and saves the local module instead, a shard under FSDP / ZeRO-3. Needs "
-    "save_model to write the gathered weights itself; then remove this mark."))
 def test_full_fine_tuning_saves_the_gathered_weights(tmp_path):
     from diffusers import FluxTransformer2DModel
 

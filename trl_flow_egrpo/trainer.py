@@ -474,7 +474,7 @@ class EGRPOTrainer:
 
     def save_model(self, output_dir: str | None = None) -> None:
         """Write the trained model: the LoRA in diffusers format (``pipe.load_lora_weights(output_dir)``),
-        or, when fully fine-tuning, the transformer's ``save_pretrained`` in ``output_dir/transformer``."""
+        or, when fully fine-tuning, the whole transformer in diffusers' layout in ``output_dir/transformer``."""
         output_dir = output_dir or self.config.output_dir
         # Every process takes part in gathering the full state dict (sharded under FSDP / DeepSpeed ZeRO-3).
         state_dict = self.accelerator.get_state_dict(self.model)
@@ -486,7 +486,7 @@ class EGRPOTrainer:
 
                 self.adapter.save_lora_weights(output_dir, get_peft_model_state_dict(model, state_dict=state_dict))
             else:
-                model.save_pretrained(os.path.join(output_dir, "transformer"), state_dict=state_dict)
+                self.adapter.save_transformer(os.path.join(output_dir, "transformer"), state_dict)
         self.accelerator.wait_for_everyone()
 
     def _hub_preflight(self) -> str:

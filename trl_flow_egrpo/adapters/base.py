@@ -7,6 +7,7 @@ The trainer and the rollout engine never touch a pipeline's internals; they go t
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -163,6 +164,18 @@ class ModelAdapter(ABC):
         vae = self.pipeline.vae
         images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def save_transformer(self, directory: str, state_dict: dict[str, torch.Tensor]) -> None:
+        """Write a fully fine-tuned transformer in diffusers' layout (``<TransformerClass>.from_pretrained(directory)``):
+        its config and the given weights, sharded like ``save_pretrained`` (``diffusion_pytorch_model*.safetensors``
+        plus an index). The weights are passed in, not read from the module, because under FSDP / ZeRO-3 the
+        module holds one process's shard and only the gathered state dict is whole."""
+        from huggingface_hub import save_torch_state_dict
+
+        os.makedirs(directory, exist_ok=True)
+        self.transformer.save_config(directory)
+        save_torch_state_dict(state_dict, directory, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                              max_shard_size="10GB")
 
     def save_lora_weights(self, directory: str, lora_state_dict: dict[str, torch.Tensor]) -> None:
         """Write a transformer LoRA in the diffusers format (``pipe.load_lora_weights(directory)``).
