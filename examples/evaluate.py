@@ -80,7 +80,7 @@ class Protocol:
     source: str
 
 
-# The paper protocol of each model family.
+# The paper protocol of each model family that has one; other families give their settings on the command line.
 PAPER_PROTOCOLS = {
     "flux": Protocol("paper", 1024, 1024, 50, 3.5, None,
                      "the E-GRPO authors' evaluation of FLUX.1-dev: the plain FluxPipeline call"),
@@ -142,7 +142,15 @@ def resolve_protocol(args: EvalArguments, config: EGRPOConfig, adapter) -> Proto
                         config.shift, "the training schedule, deterministic (ODE) sampling as the trainer's evaluation")
     if args.protocol != "paper":
         raise ValueError(f"--protocol must be 'paper' or 'training', got '{args.protocol}'.")
-    return Protocol(**{**asdict(PAPER_PROTOCOLS[adapter.family]), **given})
+    paper = PAPER_PROTOCOLS.get(adapter.family)
+    if paper is not None:
+        return Protocol(**{**asdict(paper), **given})
+    missing = [f"--eval_{name}" for name in overrides if name not in given]
+    if missing:
+        raise ValueError(f"--protocol paper has no settings for the '{adapter.family}' family (the paper evaluates "
+                         f"FLUX.1-dev): give {', '.join(missing)}, or use --protocol training.")
+    return Protocol("paper", shift=None, source=f"the plain {adapter.pipeline_class_names[0]} call with these "
+                    "settings; the paper evaluates FLUX.1-dev only", **given)
 
 
 def comparable_to_paper(protocol: Protocol, family: str) -> bool:
@@ -159,10 +167,10 @@ def describe(protocol: Protocol, family: str) -> str:
     text = f"Protocol '{protocol.name}': {settings} ({protocol.source})."
     if comparable_to_paper(protocol, family):
         return text + " The paper's numbers (FLUX.1-dev, 400 HPD v2 test prompts; PickScore x100) are shown alongside."
-    paper = PAPER_PROTOCOLS[family]
+    paper = PAPER_PROTOCOLS.get(family)
     if protocol.name == "training":
         reason = "the paper sampled with its own protocol (--protocol paper), not with the training schedule"
-    elif protocol != paper:
+    elif paper is not None and protocol != paper:
         reason = (f"these settings differ from the protocol's {paper.width}x{paper.height}, "
                   f"{paper.num_inference_steps} steps, guidance {paper.guidance_scale:g}")
     else:

@@ -194,6 +194,16 @@ def test_paper_protocol_is_the_plain_pipeline_call():
     with pytest.raises(ValueError, match="--eval_height apply to --protocol paper"):
         example.resolve_protocol(example.EvalArguments(protocol="training", eval_height=64), config, adapter)
 
+    class OtherFamily:  # a family without a paper protocol: its settings must be given
+        family, guidance_scale, pipeline_class_names = "other", 4.0, ("OtherPipeline",)
+
+    with pytest.raises(ValueError, match="no settings for the 'other' family.*--eval_num_inference_steps"):
+        example.resolve_protocol(example.EvalArguments(eval_height=64), config, OtherFamily)
+    given = example.resolve_protocol(example.EvalArguments(eval_height=64, eval_width=64, eval_num_inference_steps=4,
+                                                           eval_guidance_scale=4.0), config, OtherFamily)
+    assert (given.height, given.num_inference_steps, given.guidance_scale, given.shift) == (64, 4, 4.0, None)
+    assert "evaluates FLUX.1-dev only" in example.describe(given, "other")
+
 
 def test_paper_numbers_only_next_to_the_papers_protocol():
     example = load_example("evaluate")
