@@ -104,6 +104,14 @@ def test_kl_penalty_is_zero_at_the_base_model_and_grows_with_updates(tmp_path, u
     assert kls[1] > 1e-8 and kls[2] > 1e-8, kls
 
 
+def test_strong_kl_penalty_pulls_the_policy_back_to_the_base(tmp_path):
+    # The first update is at the base model (KL 0, no penalty gradient) and moves the policy away; from then on a
+    # beta this large outweighs the reward's gradient and the KL falls (with beta=0.1 it keeps growing, above).
+    trainer = tiny_trainer(tmp_path, beta=100.0, max_steps=4, optimizer_step="iteration")
+    kls = [trainer.step()["kl_to_reference"] for _ in range(4)]
+    assert kls[1] > 1e-8 and kls[3] < kls[1] / 2, kls
+
+
 def test_resume_continues_exactly(tmp_path):
     keys = ["loss", "ratio/mean", "reward/weighted_mean", "grad_norm", "advantage/std"]
     uninterrupted = tiny_trainer(tmp_path / "a", max_steps=4, save_steps=2)
