@@ -5,9 +5,10 @@ from __future__ import annotations
 from .base import Conditioning, ModelAdapter, select_rows
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
+from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS: list[type[ModelAdapter]] = [FluxAdapter, SD3Adapter, Flux2Adapter]
+ADAPTERS: list[type[ModelAdapter]] = [FluxAdapter, SD3Adapter, Flux2Adapter, QwenImageAdapter]
 """Adapter classes tried in order by :func:`get_adapter`."""
 
 
@@ -26,5 +27,5 @@ def get_adapter(pipeline, **kwargs) -> ModelAdapter:
                      "or add an adapter for your model family (docs/adding-a-model.md).")
 
 
-__all__ = ["ADAPTERS", "Conditioning", "Flux2Adapter", "FluxAdapter", "ModelAdapter", "SD3Adapter", "get_adapter",
-           "select_rows"]
+__all__ = ["ADAPTERS", "Conditioning", "Flux2Adapter", "FluxAdapter", "ModelAdapter", "QwenImageAdapter", "SD3Adapter",
+           "get_adapter", "select_rows"]
