@@ -72,7 +72,8 @@ def record_calls(obj, method_name: str) -> list[tuple]:
 def plain_pipeline_images(pipeline, trainer, prompts: list[str], seed: int) -> torch.Tensor:
     """Images of a plain ``FluxPipeline.__call__`` on ``pipeline``, driven as ``trainer.sample_images(prompts,
     seed)`` samples: the trainer's steps, static shift and guidance, prompt ``i`` from a generator seeded
-    ``seed + i``. Asserts that the pipeline really sampled with the trainer's sigmas."""
+    ``seed + i``. A static shift replaces ``pipeline.scheduler``. Asserts that the pipeline really sampled with
+    the trainer's sigmas."""
     config = trainer.config
     pipeline.set_progress_bar_config(disable=True)
     if config.shift is not None:
