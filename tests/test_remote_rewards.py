@@ -3,10 +3,6 @@ port, and RemoteReward against it. Every server is stopped at the end of its tes
 
 import http.client
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -21,7 +17,8 @@ from trl_flow_egrpo import checkpoints, cli
 from trl_flow_egrpo.rewards import BrightnessReward, ColorReward, PickScoreReward
 from trl_flow_egrpo.rewards.remote import RemoteReward, RemoteRewardError
 from trl_flow_egrpo.serve import protocol
-from trl_flow_egrpo.serve.protocol import CONTENT_TYPE, ProtocolError, dequantize, quantize
+from trl_flow_egrpo.serve.launch import RewardServerProcess
+from trl_flow_egrpo.serve.protocol import CONTENT_TYPE, dequantize, quantize
 
 pytest.importorskip("fastapi")  # fallback only: the dev extra installs the server extra
 pytest.importorskip("uvicorn")
@@ -32,55 +29,10 @@ STARTUP_SECONDS = 180  # importing torch, diffusers and peft on a busy 2-core ma
 PROMPTS = ["a red apple", "a fire truck", "a cat on a mat", "sunset over the sea", "a rose"]
 
 
-class RewardServer:
-    """``trl-flow-egrpo serve-reward`` in a subprocess, logging to files in ``log_dir``."""
-
-    def __init__(self, name: str, log_dir: Path, *args: str, token: str | None = None, port: int = 0):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        env.pop(protocol.TOKEN_ENV, None)
-        if token is not None:
-            env[protocol.TOKEN_ENV] = token
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.stdout_path, self.stderr_path = log_dir / "server.out", log_dir / "server.err"
-        command = [sys.executable, "-m", "trl_flow_egrpo.cli", "serve-reward", name, "--port", str(port),
-                   "--log-level", "warning", *args]
-        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
-            self.process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, stdin=subprocess.DEVNULL)
-        self.url = self.port = None
-
-    def ready(self) -> "RewardServer":
-        """Wait until the server listens (it starts in the background, so several can start at once)."""
-        if self.url is None:
-            try:
-                self.url = self._wait_for_url()
-            except BaseException:
-                self.stop()
-                raise
-            self.port = urllib.parse.urlsplit(self.url).port
-        return self
-
-    def _wait_for_url(self) -> str:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while time.monotonic() < deadline:
-            for line in self.stdout_path.read_text().splitlines():
-                if line.startswith("Serving reward"):
-                    return line.split(" on ", 1)[1].split()[0]
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the reward server exited with {self.process.returncode}:\n{self.logs()}")
-            time.sleep(0.1)
-        raise TimeoutError(f"the reward server did not start within {STARTUP_SECONDS} s:\n{self.logs()}")
-
-    def logs(self) -> str:
-        return self.stdout_path.read_text() + self.stderr_path.read_text()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
+def start_server(name: str, log_dir: Path, *args: str, token: str | None = None, port: int = 0):
+    """A reward server subprocess (one torch thread, offline, warnings only), starting in the background."""
+    return RewardServerProcess(name, "--log-level", "warning", *args, port=port, token=token, log_dir=log_dir,
+                               env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, startup_timeout=STARTUP_SECONDS)
 
 
 def post(url: str, body: bytes, token: str | None = TOKEN, path: str = "/score") -> tuple[int, str]:
@@ -133,15 +85,17 @@ def servers(tmp_path_factory, pickscore_files):
     * ``color``: the weight-free colour reward behind a token, with small limits (1 MB and 16 images per
       request, 8 images per reward call);
     * ``pickscore``: a tiny PickScore model (official save_pretrained layout), loaded by name with --reward-kwargs;
-    * ``killable``: another colour reward behind a token, for the test that kills it.
+    * ``killable``: another colour reward behind a token, for the test that kills it;
+    * ``unknown``: a reward name that does not exist, for the test of a server that cannot start.
     """
     started = {}
     try:
-        started["color"] = RewardServer("color", tmp_path_factory.mktemp("color"), "--max-request-mb", "1",
+        started["color"] = start_server("color", tmp_path_factory.mktemp("color"), "--max-request-mb", "1",
                                         "--max-batch", "16", "--batch-size", "8", token=TOKEN)
-        started["pickscore"] = RewardServer("pickscore", tmp_path_factory.mktemp("pickscore_server"),
+        started["pickscore"] = start_server("pickscore", tmp_path_factory.mktemp("pickscore_server"),
                                             "--reward-kwargs", json.dumps(pickscore_files), "--device", "cpu")
-        started["killable"] = RewardServer("color", tmp_path_factory.mktemp("killable"), token=TOKEN)
+        started["killable"] = start_server("color", tmp_path_factory.mktemp("killable"), token=TOKEN)
+        started["unknown"] = start_server("no_such_reward", tmp_path_factory.mktemp("unknown"))
         yield started
     finally:
         for server in started.values():
@@ -283,7 +237,7 @@ def test_oversize_requests_are_refused_and_the_server_keeps_serving(color_server
 
 
 def test_client_errors_name_the_url_after_the_retries(tmp_path):
-    with RewardServerPort() as port:  # a port nothing listens on
+    with FreePort() as port:  # a port nothing listens on
         url = f"http://127.0.0.1:{port}"
     start = time.monotonic()
     with pytest.raises(RemoteRewardError, match=rf"Remote reward at {url}/health failed after 3 attempt\(s\) "
@@ -296,7 +250,7 @@ def test_client_errors_name_the_url_after_the_retries(tmp_path):
         RemoteReward("http://127.0.0.1:8711", retries=-1)
 
 
-class RewardServerPort:
+class FreePort:
     """A free loopback port, reserved while the ``with`` block runs."""
 
     def __enter__(self) -> int:
@@ -308,6 +262,12 @@ class RewardServerPort:
 
     def __exit__(self, *exc) -> None:
         self.socket.close()
+
+
+def test_a_server_that_cannot_start_says_why(servers):
+    with pytest.raises(RuntimeError, match=r"(?s)exited with code 1:.*cannot serve 'no_such_reward': ValueError: "
+                                           r"Unknown reward 'no_such_reward'. Known rewards: hps, clip"):
+        servers["unknown"].ready()
 
 
 # --------------------------------------------------------------------------------------------- the batching worker
@@ -441,15 +401,14 @@ def test_a_server_killed_mid_run_ends_the_run_clearly_and_a_resume_continues_exa
     def killing_reward(images, prompts, **columns):  # the server dies just before iteration 3 is scored
         calls.append(len(images))
         if len(calls) == 3:
-            server.process.kill()
-            server.process.wait(timeout=30)
+            server.kill()
         return remote(images, prompts, **columns)
 
     killing_reward.name = "color"
     run = tmp_path / "run"
     with pytest.raises(RemoteRewardError, match=rf"Remote reward at {server.url}/score failed after 3 attempt"):
         tiny_trainer(run, [killing_reward], max_steps=3, save_steps=1).train()
-    restarted = RewardServer("color", tmp_path / "restarted", token=TOKEN, port=server.port)
+    restarted = start_server("color", tmp_path / "restarted", token=TOKEN, port=server.port)
     try:
         assert checkpoints.list_checkpoints(str(run)) == [str(run / "checkpoint-1"), str(run / "checkpoint-2")]
         for checkpoint in checkpoints.list_checkpoints(str(run)):

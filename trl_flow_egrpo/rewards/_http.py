@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 import urllib.parse
@@ -100,14 +101,19 @@ class HttpClient:
 
     def _send(self, method: str, path: str, body: bytes | None, headers: dict[str, str] | None) -> Response:
         connection = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self._local.connection = self._connection_class(self._host, self._port, timeout=self.timeout)
         try:
+            if connection is None:
+                connection = self._local.connection = self._connection_class(self._host, self._port,
+                                                                             timeout=self.timeout)
+                connection.connect()
+                # Small requests go out at once instead of waiting for the server's delayed ACK (Nagle).
+                connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connection.request(method, self._prefix + path, body=body, headers={**self.headers, **(headers or {})})
             response = connection.getresponse()
             result = Response(response.status, response.read())
         except BaseException:
-            connection.close()
+            if connection is not None:
+                connection.close()
             self._local.connection = None
             raise
         if response.will_close:
