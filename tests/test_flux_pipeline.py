@@ -62,13 +62,13 @@ def test_branches_leave_the_anchor_with_one_stochastic_step():
         latents = euler_step(latents, adapter.velocity(pipe.transformer, latents, timesteps, conditioning),
                              schedule.sigmas, k)
     for g in range(rollouts.num_groups):
-        k, p = int(rollouts.group_start[g]), int(rollouts.group_prompt[g])
-        torch.testing.assert_close(rollouts.branch_latents[g], anchor_states[k][p], rtol=1e-5, atol=1e-5)
+        k, p = int(rollouts.step_start[g]), int(rollouts.group_prompt[g])
+        torch.testing.assert_close(rollouts.step_latents[g], anchor_states[k][p], rtol=1e-5, atol=1e-5)
         samples = rollouts.samples[g]
         assert not torch.allclose(samples[0], samples[1])
     # One branch continued by hand with the ODE from k + l (not k + 1) lands on the stored final image.
     g = 5
-    k, length, p = int(rollouts.group_start[g]), int(rollouts.group_length[g]), int(rollouts.group_prompt[g])
+    k, length, p = int(rollouts.step_start[g]), int(rollouts.step_length[g]), int(rollouts.group_prompt[g])
     latents = rollouts.samples[g, 1:2]
     for index in range(k + length, 16):
         velocity = adapter.velocity(pipe.transformer, latents, schedule.timesteps[index].view(1),

@@ -315,7 +315,7 @@ def test_async_rewards_score_every_rollout_with_its_own_image_and_prompt(tmp_pat
     assert sync["batch_sizes"] == [3 * (num_plan_steps * num_generations + 1)]
     assert overlapped["batch_sizes"] == [num_plan_steps * num_generations + 1] * 3  # one call per prompt
     # The same groups in the same order, at the same cost.
-    for field in ("group_prompt", "group_step", "group_start", "group_length"):
+    for field in ("group_prompt", "group_step", "step_start", "step_length", "step_prompt", "step_phase"):
         assert torch.equal(getattr(overlapped["rollouts"], field), getattr(sync["rollouts"], field)), field
     assert overlapped["metrics"]["transformer_evaluations"] == sync["metrics"]["transformer_evaluations"]
     assert overlapped["metrics"]["ratio/on_policy_max_abs_dev"] < 1e-5
@@ -330,20 +330,18 @@ def test_async_rewards_score_every_rollout_with_its_own_image_and_prompt(tmp_pat
         assert run["metrics"]["reward/reward/anchor_mean"] == pytest.approx(anchor_mean.item(), rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 8: with async_rewards each prompt is sampled alone, so the one rollout generator hands the prompts "
-    "different initial and SDE noise than the batched synchronous run. Needs the trainer to draw each prompt's "
-    "noise (its initial noise, then its groups' SDE noise) prompt by prompt, in both modes; then remove this mark."))
 def test_async_rewards_reproduce_the_synchronous_iteration(tmp_path, monkeypatch):
     # One transformer row per call: both modes then run identical computations, batch composition aside.
     sync, overlapped = _sync_and_async_iterations(tmp_path, monkeypatch, rollout_batch_size=1, prompts_per_device=2)
-    for field in ("branch_latents", "samples", "log_probs", "images", "anchor_images"):
+    for field in ("step_latents", "samples", "log_probs", "images", "anchor_images"):
         torch.testing.assert_close(getattr(overlapped["rollouts"], field), getattr(sync["rollouts"], field), msg=field)
     torch.testing.assert_close(overlapped["rewards"], sync["rewards"])
-    torch.testing.assert_close(overlapped["advantages"], sync["advantages"])
+    # The rewards agree to float error (the reward sees other batches); normalizing by a small group std
+    # magnifies that error in the advantages.
+    torch.testing.assert_close(overlapped["advantages"], sync["advantages"], rtol=1e-3, atol=1e-3)
     for key, value in sync["metrics"].items():
         if not key.startswith("time/"):
-            assert overlapped["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+            assert overlapped["metrics"][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
 
 
 @pytest.mark.parametrize("aggregation", ["advantage", "sum"])

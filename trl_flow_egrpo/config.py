@@ -37,6 +37,22 @@ class EGRPOConfig:
     run_name: str | None = _doc("Run name for the trackers (default: the output_dir's name).", default=None)
     disable_tqdm: bool = _doc("Hide the progress bar.", default=False)
 
+    # --- algorithm (docs/algorithms.md) ---------------------------------------------------------------
+    algorithm: str = _doc(
+        "'e-grpo' (entropy-aware branching, the default), or a baseline of the GRPO family sharing everything "
+        "else: 'flow-grpo' (G independent SDE trajectories per prompt), 'dance-grpo' (constant-noise SDE, one "
+        "initial noise per group, random steps trained), 'mix-grpo' (SDE only in a sliding window of steps).",
+        default="e-grpo")
+    timestep_fraction: float | None = _doc(
+        "Flow-GRPO / DanceGRPO: the fraction of each trajectory's steps that is trained (Flow-GRPO: the first "
+        "ones; DanceGRPO: drawn at random per trajectory). None: the algorithm's default (0.99 / 0.6).",
+        default=None)
+    dance_eta: float = _doc("DanceGRPO: the constant diffusion coefficient eta of its SDE. DanceGRPO: 0.3.",
+                            default=0.3)
+    mix_window_size: int = _doc("MixGRPO: SDE (and trained) steps in the window. MixGRPO: 4.", default=4)
+    mix_shift_interval: int = _doc("MixGRPO: iterations between two moves of the window. MixGRPO: 25.", default=25)
+    mix_window_stride: int = _doc("MixGRPO: steps the window moves later each time. MixGRPO: 1.", default=1)
+
     # --- schedule and SDE (METHOD.md sections 1-2) ------------------------------------------------
     num_inference_steps: int = _doc("T, sampling steps per rollout. Paper: 16.", default=16)
     shift: float | None = _doc(
@@ -202,6 +218,17 @@ class EGRPOConfig:
                 refuse(name, ">= 1")
         if self.max_sequence_length > 512:
             refuse("max_sequence_length", "<= 512 (T5's limit in the pipelines)")
+        if self.algorithm not in ("e-grpo", "flow-grpo", "dance-grpo", "mix-grpo"):
+            refuse("algorithm", "one of 'e-grpo', 'flow-grpo', 'dance-grpo', 'mix-grpo'")
+        if self.timestep_fraction is not None and not 0 < self.timestep_fraction <= 1:
+            refuse("timestep_fraction", "in (0, 1], or None for the algorithm's default")
+        if not (math.isfinite(self.dance_eta) and self.dance_eta > 0):
+            refuse("dance_eta", "a finite number > 0")
+        if not 1 <= self.mix_window_size <= self.num_inference_steps:
+            refuse("mix_window_size", f"between 1 and num_inference_steps ({self.num_inference_steps})")
+        for name in ("mix_shift_interval", "mix_window_stride"):
+            if getattr(self, name) < 1:
+                refuse(name, ">= 1")
         for name in ("save_steps", "eval_steps", "warmup_steps"):
             if getattr(self, name) < 0:
                 refuse(name, ">= 0 (0 turns it off)")

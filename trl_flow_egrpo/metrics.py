@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import torch
 
-from .merging import MergeStep
-
 
 def rollout_metrics(rewards: torch.Tensor, anchor_rewards: torch.Tensor, group_step: torch.Tensor,
                     advantages: torch.Tensor, reward_weights: torch.Tensor, reward_names: list[str],
-                    merge_plan: list[MergeStep]) -> dict[str, float]:
+                    group_labels: list[str]) -> dict[str, float]:
     """Reward and advantage statistics of one iteration.
 
     Args:
         rewards: ``[groups, G, R]`` every rollout's rewards.
-        anchor_rewards: ``[prompts, R]`` the anchors' rewards (logged, never trained on).
-        group_step: ``[groups]`` each group's index in ``merge_plan``.
+        anchor_rewards: ``[prompts or 0, R]`` E-GRPO's anchors' rewards (logged, never trained on).
+        group_step: ``[groups]`` each group's label index (E-GRPO: its step's position in the merge plan).
         advantages: ``[groups, G]`` the group-normalized advantages.
         reward_weights: ``[R]`` the rewards' weights.
         reward_names: the rewards' logged names.
-        merge_plan: the plan (``reward/<name>/step_<k>`` is the mean reward of the groups branching at ``k``).
+        group_labels: names of the labels (E-GRPO: ``step_<k>``, logged as ``reward/<name>/step_<k>``, the mean
+            reward of the groups branching at ``k``); empty to log no per-label means.
 
     Returns:
-        ``reward/weighted_mean|std``, per reward ``mean``, ``std``, ``anchor_mean`` and ``step_<k>``,
+        ``reward/weighted_mean|std``, per reward ``mean``, ``std``, ``anchor_mean`` (with anchors) and the labels,
         ``zero_std_fraction`` (the share of groups whose advantages are all 0: their rewards have no spread,
         so they carry no learning signal) and ``advantage/mean|std|abs_max``.
     """
@@ -31,9 +30,10 @@ def rollout_metrics(rewards: torch.Tensor, anchor_rewards: torch.Tensor, group_s
     for r, name in enumerate(reward_names):
         metrics[f"reward/{name}/mean"] = rewards[..., r].mean().item()
         metrics[f"reward/{name}/std"] = rewards[..., r].std().item()
-        metrics[f"reward/{name}/anchor_mean"] = anchor_rewards[:, r].mean().item()
-        for i, step in enumerate(merge_plan):
-            metrics[f"reward/{name}/step_{step.start}"] = rewards[group_step == i][..., r].mean().item()
+        if len(anchor_rewards):
+            metrics[f"reward/{name}/anchor_mean"] = anchor_rewards[:, r].mean().item()
+        for i, label in enumerate(group_labels):
+            metrics[f"reward/{name}/{label}"] = rewards[group_step == i][..., r].mean().item()
     metrics["zero_std_fraction"] = (advantages == 0).all(dim=1).float().mean().item()
     metrics.update({"advantage/mean": advantages.mean().item(), "advantage/std": advantages.std().item(),
                     "advantage/abs_max": advantages.abs().max().item()})

@@ -20,62 +20,105 @@ import torch
 from .adapters import Conditioning, ModelAdapter, select_rows
 from .merging import MergeStep
 from .schedule import Schedule
-from .sde import euler_step, sde_step
+from .sde import euler_step, sample_gaussian_step, sde_step
 
 
 @dataclass
 class Rollouts:
-    """The rollouts of one iteration on one process. A group is one (prompt, plan step) pair.
+    """The rollouts of one iteration on one process, whatever the algorithm drew them with.
+
+    A *group* is the ``G`` rollouts whose rewards are normalized together (E-GRPO: one prompt's branches at
+    one merged step; Flow-GRPO: one prompt's ``G`` trajectories). A *trained step* is a stochastic step whose
+    log-probability the update recomputes: it starts from ``step_latents`` at schedule index ``step_start``,
+    spans ``step_length`` intervals and drew ``K`` samples from there. E-GRPO's ``G`` branches of a group
+    leave the same anchor latents, so one trained step holds all ``K = G`` of them and the update evaluates
+    the policy once for the group; a trajectory algorithm's trained steps hold ``K = 1`` sample each.
 
     Attributes:
+        num_prompts: prompts of the iteration on this process.
         group_prompt: ``[num_groups]`` index of each group's prompt (into the iteration's prompts).
-        group_step: ``[num_groups]`` index of each group's step in the merge plan.
-        group_start: ``[num_groups]`` schedule index ``k`` where the group branches.
-        group_length: ``[num_groups]`` merge length ``l`` of the group's SDE step.
-        branch_latents: ``[num_groups, ...]`` float32 anchor latents ``x_k`` the group branches from.
-        samples: ``[num_groups, G, ...]`` float32 ``x'`` drawn by the merged SDE step.
-        log_probs: ``[num_groups, G]`` float32 log-probabilities of ``samples`` at sampling time.
+        group_step: ``[num_groups]`` the group's label (E-GRPO: its step's position in the merge plan; else 0).
         images: ``[num_groups, G, 3, H, W]`` decoded final images in [0, 1].
-        anchor_images: ``[num_prompts, 3, H, W]`` the anchor (ODE) images, for logging only.
-        anchor_latents: ``[num_prompts, ...]`` the anchors' final latents.
+        anchor_images: ``[num_prompts or 0, 3, H, W]`` E-GRPO's anchor (ODE) images, for logging only.
+        anchor_latents: ``[num_prompts or 0, ...]`` the anchors' final latents.
+        step_latents: ``[num_steps, ...]`` float32 latents ``x_k`` where each trained step starts.
+        step_start: ``[num_steps]`` schedule index ``k`` of each trained step.
+        step_length: ``[num_steps]`` intervals ``l`` each trained step spans.
+        step_prompt: ``[num_steps]`` index of each trained step's prompt.
+        step_phase: ``[num_steps]`` which optimizer step of an iteration trains it (``optimizer_step='active_step'``).
+        samples: ``[num_steps, K, ...]`` float32 ``x'`` drawn by each trained step.
+        log_probs: ``[num_steps, K]`` float32 log-probabilities of ``samples`` at sampling time.
+        sample_group: ``[num_steps, K]`` the group of each sample's rollout.
+        sample_member: ``[num_steps, K]`` the rollout's position in its group (``0..G-1``).
         conditioning: the prompts' encodings, reused by the policy update.
         num_evaluations: per-sample transformer evaluations spent (forward batch rows).
         num_model_calls: transformer calls made.
     """
 
+    num_prompts: int
     group_prompt: torch.Tensor
     group_step: torch.Tensor
-    group_start: torch.Tensor
-    group_length: torch.Tensor
-    branch_latents: torch.Tensor
-    samples: torch.Tensor
-    log_probs: torch.Tensor
     images: torch.Tensor
     anchor_images: torch.Tensor
     anchor_latents: torch.Tensor
+    step_latents: torch.Tensor
+    step_start: torch.Tensor
+    step_length: torch.Tensor
+    step_prompt: torch.Tensor
+    step_phase: torch.Tensor
+    samples: torch.Tensor
+    log_probs: torch.Tensor
+    sample_group: torch.Tensor
+    sample_member: torch.Tensor
     conditioning: Conditioning
     num_evaluations: int
     num_model_calls: int
 
     @property
     def num_groups(self) -> int:
-        """Number of (prompt, plan step) groups."""
+        """Number of groups."""
         return len(self.group_prompt)
 
 
 def concat_rollouts(parts: list[Rollouts]) -> Rollouts:
-    """Join the rollouts of disjoint prompt batches into one, renumbering the prompts in order."""
-    offsets = [0]
+    """Join the rollouts of disjoint prompt batches into one, renumbering prompts and groups in order."""
+    prompt_offsets, group_offsets = [0], [0]
     for part in parts[:-1]:
-        offsets.append(offsets[-1] + len(part.anchor_images))
+        prompt_offsets.append(prompt_offsets[-1] + part.num_prompts)
+        group_offsets.append(group_offsets[-1] + part.num_groups)
+
+    def shifted(name: str, offsets: list[int]) -> torch.Tensor:
+        return torch.cat([getattr(part, name) + offset for part, offset in zip(parts, offsets)])
+
     return Rollouts(
-        group_prompt=torch.cat([part.group_prompt + offset for part, offset in zip(parts, offsets)]),
+        num_prompts=sum(part.num_prompts for part in parts),
+        group_prompt=shifted("group_prompt", prompt_offsets), step_prompt=shifted("step_prompt", prompt_offsets),
+        sample_group=shifted("sample_group", group_offsets),
         **{name: torch.cat([getattr(part, name) for part in parts])
-           for name in ("group_step", "group_start", "group_length", "branch_latents", "samples", "log_probs",
-                        "images", "anchor_images", "anchor_latents")},
+           for name in ("group_step", "images", "anchor_images", "anchor_latents", "step_latents", "step_start",
+                        "step_length", "step_phase", "samples", "log_probs", "sample_member")},
         conditioning={name: torch.cat([part.conditioning[name] for part in parts]) for name in parts[0].conditioning},
         num_evaluations=sum(part.num_evaluations for part in parts),
         num_model_calls=sum(part.num_model_calls for part in parts))
+
+
+def prompt_generators(generator: torch.Generator, num_prompts: int) -> list[torch.Generator]:
+    """One CPU generator per prompt, seeded from ``generator``: everything random about a prompt's rollouts
+    (its initial noise, its SDE noise) comes from its own generator, so a prompt's rollouts are the same whether
+    it is sampled alone or with others (``async_rewards`` samples prompt by prompt). Drawing ``n`` seeds at once
+    or one at a time consumes ``generator`` identically."""
+    seeds = torch.randint(0, 2**62, (num_prompts,), generator=generator).tolist()
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def as_prompt_generators(generator: torch.Generator | list[torch.Generator], num_prompts: int) -> list[torch.Generator]:
+    """``generator`` if it is a list of per-prompt generators, else :func:`prompt_generators` seeded from it."""
+    return generator if isinstance(generator, (list, tuple)) else prompt_generators(generator, num_prompts)
+
+
+def prompt_noise(generators: list[torch.Generator], rows: torch.Tensor, shape, device) -> torch.Tensor:
+    """Standard normal noise ``[len(rows), *shape]``, row ``i`` drawn from ``generators[rows[i]]``, rows in order."""
+    return torch.stack([torch.randn(tuple(shape), generator=generators[row]) for row in rows.tolist()]).to(device)
 
 
 def batched_velocity(adapter: ModelAdapter, model, latents: torch.Tensor, timesteps: torch.Tensor,
@@ -141,7 +184,7 @@ def sample_rollouts(
     initial_noise: torch.Tensor,
     num_generations: int,
     noise_level: float,
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
     batch_size: int,
     decode_batch_size: int | None = None,
 ) -> Rollouts:
@@ -156,7 +199,9 @@ def sample_rollouts(
         initial_noise: ``[num_prompts, ...]`` one initial noise per prompt.
         num_generations: ``G``, rollouts per (prompt, plan step) group.
         noise_level: SDE noise level ``a``.
-        generator: draws every branch's SDE noise (reproducible: noise is drawn in a fixed order).
+        generator: one generator per prompt, drawing the SDE noise of that prompt's branches in plan order, so
+            that a prompt's rollouts do not depend on the other prompts sampled with it; or one generator, from
+            which the per-prompt ones are seeded (:func:`prompt_generators`).
         batch_size: transformer rows per call.
         decode_batch_size: images per VAE call (default ``batch_size``).
 
@@ -170,6 +215,7 @@ def sample_rollouts(
     num_prompts = initial_noise.shape[0]
     latent_shape = initial_noise.shape[1:]
     num_groups = num_prompts * len(plan)
+    generators = as_prompt_generators(generator, num_prompts)
 
     # Group g = (prompt g // len(plan), plan step g % len(plan)).
     group_prompt = torch.arange(num_prompts, device=device).repeat_interleave(len(plan))
@@ -209,7 +255,8 @@ def sample_rollouts(
             groups = prompt[anchors] * len(plan) + plan_position[starts]
             lengths = group_length[groups]
             step = sde_step(repeat(latents[anchors]), repeat(velocity[anchors]), sigmas, repeat(starts),
-                            repeat(lengths), noise_level, generator=generator)
+                            repeat(lengths), noise_level,
+                            noise=prompt_noise(generators, repeat(prompt[anchors]), latent_shape, device))
             branch_latents[groups] = latents[anchors]
             samples[groups] = step.sample.view(len(anchors), num_generations, *latent_shape)
             log_probs[groups] = step.log_prob.view(len(anchors), num_generations)
@@ -233,9 +280,92 @@ def sample_rollouts(
     decode_batch_size = decode_batch_size or batch_size
     images = decode_in_chunks(adapter, torch.cat([final_latents, anchor_final]), decode_batch_size)
     branch_images, anchor_images = images[:len(final_latents)], images[len(final_latents):]
+    # One trained step per group: its G branches share the anchor latents they leave from.
+    groups = torch.arange(num_groups, device=device)
     return Rollouts(
-        group_prompt=group_prompt, group_step=group_step, group_start=group_start, group_length=group_length,
-        branch_latents=branch_latents, samples=samples, log_probs=log_probs,
+        num_prompts=num_prompts, group_prompt=group_prompt, group_step=group_step,
         images=branch_images.view(num_groups, num_generations, *branch_images.shape[1:]),
-        anchor_images=anchor_images, anchor_latents=anchor_final, conditioning=conditioning,
-        num_evaluations=num_evaluations, num_model_calls=num_calls)
+        anchor_images=anchor_images, anchor_latents=anchor_final,
+        step_latents=branch_latents, step_start=group_start, step_length=group_length, step_prompt=group_prompt,
+        step_phase=group_step, samples=samples, log_probs=log_probs,
+        sample_group=groups[:, None].expand(num_groups, num_generations).clone(),
+        sample_member=members[None, :].expand(num_groups, num_generations).clone(),
+        conditioning=conditioning, num_evaluations=num_evaluations, num_model_calls=num_calls)
+
+
+@torch.no_grad()
+def sample_trajectories(adapter: ModelAdapter, model, schedule: Schedule, conditioning: Conditioning,
+                        latents: torch.Tensor, row_prompt: torch.Tensor, step_distribution, stochastic: torch.Tensor,
+                        trained: torch.Tensor, generator: torch.Generator | list[torch.Generator], batch_size: int,
+                        first_index: int = 0,
+                        end_index: int | None = None):
+    """Advance ``N`` trajectories in lock step from schedule index ``first_index`` to ``end_index`` (default: the
+    end of the schedule), drawing the
+    ``stochastic`` steps from ``step_distribution`` and recording the ``trained`` ones (the trajectory
+    algorithms: Flow-GRPO, DanceGRPO, MixGRPO).
+
+    Args:
+        adapter, model, schedule, conditioning, batch_size: as :func:`sample_rollouts`.
+        latents: ``[N, ...]`` the trajectories' latents at ``first_index``.
+        row_prompt: ``[N]`` each trajectory's prompt (row of ``conditioning``).
+        step_distribution: ``fn(latents, velocity, start, length) -> (mean, std)``, the SDE step's Gaussian
+            (:meth:`~trl_flow_egrpo.algorithms.RolloutStrategy.step_distribution`), called with ``length = 1``.
+        stochastic: ``[T]`` bool, which steps are SDE steps (the others are Euler steps).
+        trained: ``[N, T]`` bool, which steps of each trajectory are recorded for training (stochastic ones).
+        generator: one generator per prompt (each stochastic step draws a row's noise from its prompt's), or one
+            generator seeding them (:func:`prompt_generators`).
+        first_index: schedule index the trajectories start at.
+        end_index: schedule index where they stop (exclusive), default ``T``.
+
+    Returns:
+        ``(final_latents, steps, num_evaluations, num_calls)``; ``steps`` is a list of
+        ``(index, rows, latents, samples, log_probs)``, one per recorded schedule index, in time order.
+    """
+    sigmas = schedule.sigmas.to(latents.device)
+    latents = latents.to(torch.float32)
+    generators = as_prompt_generators(generator, int(row_prompt.max()) + 1)
+    steps, num_evaluations, num_calls = [], 0, 0
+    for index in range(first_index, schedule.num_steps if end_index is None else end_index):
+        timesteps = schedule.timesteps[index].expand(len(latents)).to(latents.device)
+        velocity = batched_velocity(adapter, model, latents, timesteps, conditioning, row_prompt, batch_size)
+        num_evaluations += len(latents)
+        num_calls += -(-len(latents) // batch_size)
+        if not bool(stochastic[index]):
+            latents = euler_step(latents, velocity, sigmas, index)
+            continue
+        mean, std = step_distribution(latents, velocity, index, 1)
+        step = sample_gaussian_step(mean, std, noise=prompt_noise(generators, row_prompt, latents.shape[1:],
+                                                                  latents.device))
+        rows = trained[:, index].nonzero().squeeze(1).to(latents.device)
+        if len(rows):
+            steps.append((index, rows, latents[rows], step.sample[rows], step.log_prob[rows]))
+        latents = step.sample
+    return latents, steps, num_evaluations, num_calls
+
+
+def trajectory_rollouts(steps: list, final_latents: torch.Tensor, adapter: ModelAdapter, num_prompts: int,
+                        num_generations: int, conditioning: Conditioning, num_evaluations: int, num_calls: int,
+                        decode_batch_size: int) -> Rollouts:
+    """:class:`Rollouts` of trajectory algorithms from :func:`sample_trajectories`' output: row ``r`` is
+    member ``r % G`` of group (= prompt) ``r // G``; a trajectory's ``j``-th trained step (in time order) is
+    trained in phase ``j``, so every optimizer step of ``optimizer_step='active_step'`` sees one step of every
+    trajectory."""
+    device = final_latents.device
+    rows = torch.cat([step[1] for step in steps])
+    order = torch.argsort(rows, stable=True)  # steps of each trajectory together, in time order
+    rows = rows[order]
+    phase = torch.arange(len(rows), device=device) - torch.searchsorted(rows, rows)
+    images = decode_in_chunks(adapter, final_latents, decode_batch_size)
+    groups = torch.arange(num_prompts, device=device)
+    return Rollouts(
+        num_prompts=num_prompts, group_prompt=groups, group_step=torch.zeros_like(groups),
+        images=images.view(num_prompts, num_generations, *images.shape[1:]),
+        anchor_images=images[:0], anchor_latents=final_latents[:0],  # no anchors: nothing to log
+        step_latents=torch.cat([step[2] for step in steps])[order],
+        step_start=torch.cat([torch.full((len(step[1]),), step[0], device=device) for step in steps])[order],
+        step_length=torch.ones(len(rows), dtype=torch.long, device=device),
+        step_prompt=rows // num_generations, step_phase=phase,
+        samples=torch.cat([step[3] for step in steps])[order].unsqueeze(1),
+        log_probs=torch.cat([step[4] for step in steps])[order].unsqueeze(1),
+        sample_group=(rows // num_generations).unsqueeze(1), sample_member=(rows % num_generations).unsqueeze(1),
+        conditioning=conditioning, num_evaluations=num_evaluations, num_model_calls=num_calls)

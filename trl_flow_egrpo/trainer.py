@@ -31,18 +31,18 @@ from transformers import get_scheduler
 
 from . import checkpoints, tracking
 from .adapters import get_adapter, select_rows
+from .algorithms import build_strategy
 from .advantages import group_advantages
 from .checkpoints import TrainerState
 from .config import EGRPOConfig
 from .data import as_prompt_dataset, iteration_prompt_indices, padded_shard
 from .distributed import is_multiprocess_cpu_run
 from .loss import ppo_clip_loss
-from .merging import format_merge_plan, plan_merges
 from .metrics import rollout_metrics, update_metrics
 from .prompts import PromptEncoder
-from .rollout import Rollouts, concat_rollouts, sample_images, sample_rollouts
+from .rollout import Rollouts, concat_rollouts, prompt_generators, sample_images
 from .scoring import score_images, unique_reward_names, validate_reward_fns
-from .sde import gaussian_kl, sde_mean_std, sde_step
+from .sde import gaussian_kl, sample_gaussian_step
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +115,7 @@ class EGRPOTrainer:
             torch.backends.cuda.matmul.allow_tf32 = True
 
         self.schedule = self.adapter.schedule(config.num_inference_steps, config.shift)
-        self.merge_plan = plan_merges(self.schedule.sigmas, config.noise_level, config.entropy_threshold,
-                                      config.num_active_steps, config.merge_length, config.merge_windows,
-                                      first_step=config.first_active_step)
+        self.strategy = build_strategy(config, self.schedule)
 
         self.model, self.reference_model = self._prepare_transformer()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -168,8 +166,13 @@ class EGRPOTrainer:
     @property
     def optimizer_steps_per_iteration(self) -> int:
         """Optimizer steps in one iteration (per ``optimizer_step`` and ``num_inner_epochs``)."""
-        per_epoch = len(self.merge_plan) if self.config.optimizer_step == "active_step" else 1
+        per_epoch = self.strategy.num_phases if self.config.optimizer_step == "active_step" else 1
         return per_epoch * self.config.num_inner_epochs
+
+    @property
+    def merge_plan(self) -> list:
+        """E-GRPO's merge plan (:func:`~trl_flow_egrpo.plan_merges`); empty for the other algorithms."""
+        return getattr(self.strategy, "merge_plan", [])
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:
@@ -265,15 +268,13 @@ class EGRPOTrainer:
 
     @torch.no_grad()
     def generate(self, prompts: list[str]) -> Rollouts:
-        """Sample this process's anchors and branched rollouts for ``prompts`` with the current policy."""
-        config = self.config
+        """Sample this process's rollouts of ``prompts`` with the current policy (``config.algorithm``'s way)."""
         conditioning = self.prompt_encoder(prompts)
-        noise = self.adapter.initial_noise(len(prompts), self.generator).to(self.accelerator.device)
+        generators = prompt_generators(self.generator, len(prompts))
         self.model.eval()
         with self.accelerator.autocast():
-            return sample_rollouts(self.adapter, self.unwrapped_model, self.schedule, self.merge_plan, conditioning,
-                                   noise, config.num_generations, config.noise_level, self.generator,
-                                   config.rollout_batch_size, config.decode_batch_size)
+            return self.strategy.sample(self.adapter, self.unwrapped_model, conditioning, generators,
+                                        self.state.iteration)
 
     @torch.no_grad()
     def sample_images(self, prompts: list[str], seed: int | Sequence[int] = 0) -> torch.Tensor:
@@ -321,14 +322,14 @@ class EGRPOTrainer:
         return metrics
 
     def score(self, rollouts: Rollouts, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards of every rollout ``[num_groups, G, num_rewards]`` and of the anchors ``[P, num_rewards]``.
+        """Rewards of every rollout ``[num_groups, G, num_rewards]`` and of the anchors ``[P or 0, num_rewards]``.
 
         All images of the iteration (branches, then anchors) go to each reward in one call.
         """
-        num_groups, num_generations = rollouts.samples.shape[:2]
+        num_groups, num_generations = rollouts.images.shape[:2]
         images = torch.cat([rollouts.images.flatten(0, 1), rollouts.anchor_images])
         prompt_of_image = torch.cat([rollouts.group_prompt.cpu().repeat_interleave(num_generations),
-                                     torch.arange(len(rows))]).tolist()
+                                     torch.arange(len(rollouts.anchor_images))]).tolist()
         scores = score_images(self.reward_fns, self.reward_names, images, [rows[i] for i in prompt_of_image],
                               self.config.prompt_column)
         branch_scores = scores[:num_groups * num_generations].view(num_groups, num_generations, -1)
@@ -338,10 +339,11 @@ class EGRPOTrainer:
         """PPO-clip updates on the iteration's rollouts. Returns the update's statistics."""
         config, accelerator = self.config, self.accelerator
         advantages = advantages.to(accelerator.device)
+        # The trained steps of each optimizer step (a phase of the strategy's, or all of them).
         if config.optimizer_step == "active_step":
-            step_groups = [(rollouts.group_step == i).nonzero().flatten() for i in range(len(self.merge_plan))]
+            phases = [(rollouts.step_phase == i).nonzero().flatten() for i in range(self.strategy.num_phases)]
         else:
-            step_groups = [torch.arange(rollouts.num_groups, device=accelerator.device)]
+            phases = [torch.arange(len(rollouts.step_start), device=accelerator.device)]
 
         stats: dict[str, list[torch.Tensor]] = {"ratio": [], "clipped": [], "approx_kl": [], "loss": [], "kl": [],
                                                 "grad_norm": []}
@@ -349,14 +351,14 @@ class EGRPOTrainer:
         on_policy = True
         self.model.train()
         for _ in range(config.num_inner_epochs):
-            for groups in step_groups:
-                micro_batches = groups.split(config.per_device_train_batch_size)
+            for steps in phases:
+                micro_batches = steps.split(config.per_device_train_batch_size)
                 for i, micro_batch in enumerate(micro_batches):
                     sync = i == len(micro_batches) - 1
                     with contextlib.nullcontext() if sync else accelerator.no_sync(self.model):
                         output, kl = self._policy_loss(rollouts, advantages, micro_batch)
                         loss = output.loss + config.beta * kl.mean() if config.beta > 0 else output.loss
-                        accelerator.backward(loss * len(micro_batch) / len(groups))
+                        accelerator.backward(loss * len(micro_batch) / len(steps))
                     stats["ratio"].append(output.ratio)
                     stats["clipped"].append(output.clipped.float())
                     stats["approx_kl"].append(output.approx_kl.view(1))
@@ -390,34 +392,28 @@ class EGRPOTrainer:
                            metrics["ratio/on_policy_max_abs_dev"], config.clip_range)
         return metrics
 
-    def _policy_loss(self, rollouts: Rollouts, advantages: torch.Tensor, groups: torch.Tensor):
-        """PPO-clip loss of the groups ``groups``: one forward per group, shared by its G ratios."""
-        config, adapter = self.config, self.adapter
-        num_generations = rollouts.samples.shape[1]
-        starts = rollouts.group_start[groups]
-        latents = rollouts.branch_latents[groups]
+    def _policy_loss(self, rollouts: Rollouts, advantages: torch.Tensor, steps: torch.Tensor):
+        """PPO-clip loss of the trained steps ``steps``: one forward per step, shared by its ``K`` samples."""
+        config, adapter, strategy = self.config, self.adapter, self.strategy
+        starts, lengths = rollouts.step_start[steps], rollouts.step_length[steps]
+        latents = rollouts.step_latents[steps]
         timesteps = self.schedule.timesteps.to(latents.device)[starts]
-        conditioning = select_rows(rollouts.conditioning, rollouts.group_prompt[groups])
+        conditioning = select_rows(rollouts.conditioning, rollouts.step_prompt[steps])
         with self.accelerator.autocast():
             velocity = adapter.velocity(self.model, latents, timesteps, conditioning)
-
-        def repeat(tensor):
-            return tensor.repeat_interleave(num_generations, dim=0)
-
-        step = sde_step(repeat(latents), repeat(velocity), self.schedule.sigmas, repeat(starts),
-                        repeat(rollouts.group_length[groups]), config.noise_level,
-                        sample=rollouts.samples[groups].flatten(0, 1))
-        output = ppo_clip_loss(step.log_prob, rollouts.log_probs[groups].flatten(),
-                               advantages[groups].flatten(), config.clip_range)
-        kl = torch.zeros(len(groups), device=latents.device)
+        mean, std = strategy.step_distribution(latents, velocity, starts, lengths)
+        num_samples = rollouts.samples.shape[1]
+        step = sample_gaussian_step(mean.repeat_interleave(num_samples, dim=0), std.repeat_interleave(num_samples),
+                                    sample=rollouts.samples[steps].flatten(0, 1))
+        sample_advantages = advantages[rollouts.sample_group[steps], rollouts.sample_member[steps]].flatten()
+        output = ppo_clip_loss(step.log_prob, rollouts.log_probs[steps].flatten(), sample_advantages,
+                               config.clip_range)
+        kl = torch.zeros(len(steps), device=latents.device)
         if config.beta > 0:
             with torch.no_grad(), self.accelerator.autocast(), self._reference_model() as reference:
                 reference_velocity = adapter.velocity(reference, latents, timesteps, conditioning)
-            reference_mean, _ = sde_mean_std(latents, reference_velocity, self.schedule.sigmas, starts,
-                                             rollouts.group_length[groups], config.noise_level)
-            # All G members of a group share the step's mean and std: compare one per group.
-            mean = step.mean.view(len(groups), num_generations, *latents.shape[1:])[:, 0]
-            kl = gaussian_kl(mean, reference_mean, step.std.view(len(groups), num_generations)[:, 0])
+            reference_mean, _ = strategy.step_distribution(latents, reference_velocity, starts, lengths)
+            kl = gaussian_kl(mean, reference_mean, std)
         return output, kl
 
     @contextlib.contextmanager
@@ -444,7 +440,7 @@ class EGRPOTrainer:
 
         all_rewards = gather(rewards)  # [groups of all processes, G, R]
         metrics = rollout_metrics(all_rewards, gather(anchor_rewards), gather(rollouts.group_step), gather(advantages),
-                                  self.reward_weights, self.reward_names, self.merge_plan)
+                                  self.reward_weights, self.reward_names, self.strategy.group_labels)
         evaluations = gather(torch.tensor([rollouts.num_evaluations])).sum().item()
         metrics["transformer_evaluations"] = evaluations
         metrics["transformer_evaluations_per_rollout"] = evaluations / all_rewards.shape[0] / all_rewards.shape[1]
@@ -453,22 +449,16 @@ class EGRPOTrainer:
         return metrics
 
     def _log_start(self):
-        config = self.config
-        plan_table = format_merge_plan(self.merge_plan, self.schedule.sigmas)
-        per_prompt = self.evaluations_per_prompt()
         if self.accelerator.is_main_process:
-            logger.info("E-GRPO merge plan (T=%d, a=%.3g, tau=%.3g, %d active steps from step %d):\n%s",
-                        config.num_inference_steps, config.noise_level, config.entropy_threshold,
-                        config.num_active_steps, config.first_active_step, plan_table)
-            logger.info("Per prompt: %d groups x %d rollouts, %d transformer evaluations; %d trainable parameters; "
-                        "%d process(es).", len(self.merge_plan), config.num_generations, per_prompt,
-                        self.num_trainable_parameters, self.accelerator.num_processes)
+            logger.info("%s (T=%d)", self.strategy.describe(), self.config.num_inference_steps)
+            logger.info("Per prompt: %d rollouts, %d transformer evaluations; %d trainable parameters; %d process(es).",
+                        self.config.num_generations * max(1, len(self.strategy.group_labels)),
+                        self.evaluations_per_prompt(), self.num_trainable_parameters, self.accelerator.num_processes)
 
     def evaluations_per_prompt(self) -> int:
-        """Transformer evaluations (rows) the rollouts of one prompt cost: ``T`` for the anchor plus
-        ``G * (T - k - l)`` per merged step (the branch step reuses the anchor's velocity)."""
-        num_steps = self.schedule.num_steps
-        return num_steps + self.config.num_generations * sum(num_steps - s.end for s in self.merge_plan)
+        """Transformer evaluations (rows) the rollouts of one prompt cost at the current iteration (E-GRPO: ``T``
+        for the anchor plus ``G * (T - k - l)`` per merged step, the branch step reusing the anchor's velocity)."""
+        return self.strategy.evaluations_per_prompt(self.state.iteration)
 
     # ------------------------------------------------------------------ saving
 
@@ -536,7 +526,7 @@ class EGRPOTrainer:
         grid = os.path.join(config.output_dir, EVAL_GRID)
         card = hub.build_model_card(
             base_model=self.pipeline.config.get("_name_or_path") or None, repo_id=repo_id,
-            config_dict=config.to_dict(), merge_plan_table=format_merge_plan(self.merge_plan, self.schedule.sigmas),
+            config_dict=config.to_dict(), merge_plan_table=self.strategy.describe(),
             reward_names=self.reward_names, reward_weights=self.reward_weights.tolist(),
             eval_reward_names=self.eval_reward_names, metrics=metrics,
             image_grid_path=EVAL_GRID if os.path.isfile(grid) else None, adapter=self.adapter,

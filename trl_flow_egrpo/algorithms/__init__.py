@@ -1,0 +1,27 @@
+"""The GRPO family behind one switch (``EGRPOConfig.algorithm``): one file per algorithm, registered here.
+
+E-GRPO is the default; Flow-GRPO, DanceGRPO and MixGRPO are the baselines the paper compares against, sharing
+the rollout engine, rewards, advantages, loss, logging, checkpoints and Hub code. docs/algorithms.md compares
+them side by side.
+"""
+
+from __future__ import annotations
+
+from .base import RolloutStrategy
+from .dance_grpo import DanceGRPO
+from .egrpo import EGRPO
+from .flow_grpo import FlowGRPO
+from .mix_grpo import MixGRPO
+
+ALGORITHMS: dict[str, type[RolloutStrategy]] = {cls.name: cls for cls in (EGRPO, FlowGRPO, DanceGRPO, MixGRPO)}
+"""Rollout strategies by ``EGRPOConfig.algorithm`` name."""
+
+
+def build_strategy(config, schedule) -> RolloutStrategy:
+    """The rollout strategy of ``config.algorithm`` on ``schedule``."""
+    if config.algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={config.algorithm!r} is not allowed: algorithm must be one of {list(ALGORITHMS)}.")
+    return ALGORITHMS[config.algorithm](config, schedule)
+
+
+__all__ = ["ALGORITHMS", "DanceGRPO", "EGRPO", "FlowGRPO", "MixGRPO", "RolloutStrategy", "build_strategy"]

@@ -1,0 +1,66 @@
+"""The rollout-strategy interface: how an algorithm of the GRPO family samples and what it trains.
+
+Everything else (rewards, group advantages, the PPO-clip loss, optimizer steps, logging, checkpoints, the Hub)
+is shared by the trainer. A strategy decides: the initial noises, which steps are stochastic (SDE) and which
+deterministic (ODE), which stochastic steps are trained, how rollouts form groups, and the Gaussian of a
+trained step (so that the update recomputes the same log-probability the sampler drew with).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from ..adapters import Conditioning, ModelAdapter
+from ..rollout import Rollouts
+from ..schedule import Schedule
+
+
+class RolloutStrategy(ABC):
+    """One algorithm's sampling and choice of trained steps.
+
+    Args:
+        config: the run's :class:`~trl_flow_egrpo.EGRPOConfig` (its ``num_generations``, ``noise_level`` and
+            the algorithm's own fields).
+        schedule: the sampling schedule.
+    """
+
+    name: ClassVar[str] = ""
+    """The value of ``EGRPOConfig.algorithm`` that selects this strategy."""
+
+    def __init__(self, config, schedule: Schedule):
+        self.config = config
+        self.schedule = schedule
+
+    @abstractmethod
+    def sample(self, adapter: ModelAdapter, model, conditioning: Conditioning, generators: list[torch.Generator],
+               iteration: int) -> Rollouts:
+        """Sample iteration ``iteration``'s rollouts of the prompts (rows of ``conditioning``); everything random
+        about prompt ``p`` comes from ``generators[p]`` (:func:`~trl_flow_egrpo.rollout.prompt_generators`)."""
+
+    @abstractmethod
+    def step_distribution(self, latents: torch.Tensor, velocity: torch.Tensor, start: torch.Tensor,
+                          length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and per-sample std of the trained steps starting at ``start`` over ``length`` intervals, with
+        the policy's ``velocity`` at ``latents``: the Gaussian the samples were drawn from."""
+
+    @property
+    @abstractmethod
+    def num_phases(self) -> int:
+        """Optimizer steps per iteration and inner epoch with ``optimizer_step='active_step'`` (one per phase
+        of :attr:`Rollouts.step_phase`)."""
+
+    @abstractmethod
+    def evaluations_per_prompt(self, iteration: int = 0) -> int:
+        """Transformer rows the rollouts of one prompt cost at ``iteration``."""
+
+    @property
+    def group_labels(self) -> list[str]:
+        """Names of the values of :attr:`Rollouts.group_step` (reward metrics per label); empty if one label."""
+        return []
+
+    def describe(self) -> str:
+        """A few lines for the log: what is stochastic and what is trained."""
+        return f"{self.name}: {self.evaluations_per_prompt()} transformer evaluations per prompt"

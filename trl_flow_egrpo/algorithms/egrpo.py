@@ -1,0 +1,52 @@
+"""E-GRPO (entropy-aware GRPO): branches from a deterministic anchor at the merged steps of the entropy plan."""
+
+from __future__ import annotations
+
+import torch
+
+from ..merging import format_merge_plan, plan_merges
+from ..rollout import sample_rollouts
+from ..sde import sde_mean_std
+from .base import RolloutStrategy
+
+
+class EGRPO(RolloutStrategy):
+    """METHOD.md sections 3-4: per prompt one initial noise and its ODE anchor; at each merged step of the plan
+    ``(k, l)``, ``G`` branches leave the anchor with one SDE step over ``l`` intervals and follow the ODE. A group
+    is one (prompt, merged step); only the merged step is trained, one forward per group for its ``G`` samples."""
+
+    name = "e-grpo"
+
+    def __init__(self, config, schedule):
+        super().__init__(config, schedule)
+        self.merge_plan = plan_merges(schedule.sigmas, config.noise_level, config.entropy_threshold,
+                                      config.num_active_steps, config.merge_length, config.merge_windows,
+                                      first_step=config.first_active_step)
+
+    def sample(self, adapter, model, conditioning, generators, iteration):
+        config = self.config
+        noise = torch.cat([adapter.initial_noise(1, generator) for generator in generators]).to(adapter.device)
+        return sample_rollouts(adapter, model, self.schedule, self.merge_plan, conditioning, noise,
+                               config.num_generations, config.noise_level, generators, config.rollout_batch_size,
+                               config.decode_batch_size)
+
+    def step_distribution(self, latents, velocity, start, length):
+        return sde_mean_std(latents, velocity, self.schedule.sigmas, start, length, self.config.noise_level)
+
+    @property
+    def num_phases(self) -> int:
+        return len(self.merge_plan)
+
+    def evaluations_per_prompt(self, iteration: int = 0) -> int:
+        """``T`` for the anchor plus ``G * (T - k - l)`` per merged step (the branch step reuses the anchor's
+        velocity)."""
+        num_steps = self.schedule.num_steps
+        return num_steps + self.config.num_generations * sum(num_steps - step.end for step in self.merge_plan)
+
+    @property
+    def group_labels(self) -> list[str]:
+        return [f"step_{step.start}" for step in self.merge_plan]
+
+    def describe(self) -> str:
+        return (f"E-GRPO merge plan (a={self.config.noise_level:.3g}, tau={self.config.entropy_threshold:.3g}):\n"
+                + format_merge_plan(self.merge_plan, self.schedule.sigmas))
