@@ -278,8 +278,10 @@ def test_learning_rate_schedule_spans_every_optimizer_step(tmp_path, optimizer_s
 
 
 def _image_and_prompt_reward(images, prompts, **columns):
-    """Depends on the image and on its prompt: a reward paired with the wrong image or prompt shows."""
-    return images.mean(dim=(1, 2, 3)) + torch.tensor([PROMPTS.index(prompt) for prompt in prompts], dtype=torch.float32)
+    """Depends on the image and on its prompt: a reward paired with the wrong image or prompt shows. Summed in
+    float64, so that an image's reward does not depend on the batch it is scored in (float32 rounding does)."""
+    offsets = torch.tensor([PROMPTS.index(prompt) for prompt in prompts], dtype=torch.float64)
+    return images.double().mean(dim=(1, 2, 3)) + offsets
 
 
 def _sync_and_async_iterations(tmp_path, monkeypatch, **overrides) -> tuple[dict, dict]:
@@ -325,7 +327,7 @@ def test_async_rewards_score_every_rollout_with_its_own_image_and_prompt(tmp_pat
         prompts = [row["prompt"] for row in run["trainer"].iteration_rows(0)]
         image_prompts = [prompts[p] for p in rollouts.group_prompt.repeat_interleave(num_generations).tolist()]
         expected = _image_and_prompt_reward(rollouts.images.flatten(0, 1), image_prompts)
-        torch.testing.assert_close(run["rewards"], expected.view(*rollouts.images.shape[:2], 1))
+        torch.testing.assert_close(run["rewards"], expected.float().view(*rollouts.images.shape[:2], 1))
         anchor_mean = _image_and_prompt_reward(rollouts.anchor_images, prompts).mean()
         assert run["metrics"]["reward/reward/anchor_mean"] == pytest.approx(anchor_mean.item(), rel=1e-6)
 
