@@ -3,7 +3,9 @@
 Every model-based reward subclasses :class:`ModelReward`, which loads the model once on first call, moves it
 to the scoring device and dtype, scores in batches without gradients and checks the scores. Preprocessing
 runs in torch on the float images the trainer produces: the PIL round trip of the official scorers would
-quantize to uint8 and copy to the CPU on every step.
+quantize to uint8 and copy to the CPU on every step. Two transforms cover the official ones: resize the
+short side, center crop and normalize (open_clip, BLIP/ImageReward, transformers' CLIP processor), and
+resize the long side, zero-pad and normalize (HPSv2's validation transform).
 """
 
 from __future__ import annotations
@@ -104,7 +106,60 @@ def resize_center_crop_normalize(images: torch.Tensor, size: int, mean: Sequence
         return int(round(margin / 2)) if crop_rounding == "round" else margin // 2
 
     top, left = offset(new_height - size), offset(new_width - size)
-    images = images[..., top:top + size, left:left + size]
+    return normalize(images[..., top:top + size, left:left + size], mean, std)
+
+
+def resize_longest_pad_normalize(images: torch.Tensor, size: int, mean: Sequence[float],
+                                 std: Sequence[float]) -> torch.Tensor:
+    """HPSv2's validation transform, in torch: resize the longest side to ``size``, zero-pad to a square, normalize.
+
+    The official ``hpsv2`` scorer builds its transform with ``light_augmentation=True``: ``ToTensor`` first,
+    then ``ResizeMaxSize(size)``, then ``Normalize``. So it resamples a float tensor, and this function does
+    the same operations on the same floats:
+
+    * Resize: ``s = size / max(H, W)``, new sides ``round(H * s)`` and ``round(W * s)`` (Python's round,
+      half to even), bicubic with antialiasing (torchvision's default for tensors since 0.17; PIL's kernel,
+      a = -0.5) in one ``interpolate`` call. The result is not clamped: bicubic overshoot below 0 and above
+      1 stays, as it does in the official float pipeline.
+    * Pad: with zeros (black, before normalization) to ``size`` x ``size``, ``pad // 2`` on the left and top
+      and the rest on the right and bottom, where ``pad = size - new side``.
+    * Normalize: ``(x - mean) / std`` per channel.
+
+    For a float image on the uint8 grid (``k / 255``) the result is the official transform of the PIL
+    image of it; for other floats it differs only by the official scorer's uint8 quantization of its input,
+    which this function skips. One deliberate difference: the official transform does nothing when the
+    longest side already equals ``size``, which leaves a non-square image unpadded (and the model then fails
+    on it); here such an image is padded like any other.
+
+    Args:
+        images: ``[B, 3, H, W]`` floats in [0, 1].
+        size: side of the square output.
+        mean: per-channel mean subtracted after padding.
+        std: per-channel standard deviation divided by after padding.
+
+    Returns:
+        ``[B, 3, size, size]`` float tensor on the images' device.
+
+    Raises:
+        ValueError: when the short side would shrink to 0 pixels (an aspect ratio above ``2 * size``).
+    """
+    height, width = images.shape[-2:]
+    scale = size / max(height, width)
+    new_height, new_width = round(height * scale), round(width * scale)
+    if min(new_height, new_width) < 1:
+        raise ValueError(f"An image of {height} x {width} pixels resized to fit {size} x {size} would be "
+                         f"{new_height} x {new_width}: its aspect ratio is too extreme for this model. Crop it first.")
+    if (new_height, new_width) != (height, width):
+        images = F.interpolate(images, size=(new_height, new_width), mode="bicubic", antialias=True,
+                               align_corners=False)
+    pad_height, pad_width = size - new_height, size - new_width
+    images = F.pad(images, (pad_width // 2, pad_width - pad_width // 2, pad_height // 2,
+                            pad_height - pad_height // 2), value=0.0)
+    return normalize(images, mean, std)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(images - mean) / std`` with per-channel ``mean`` and ``std``, for ``[B, C, H, W]`` images."""
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     return (images - mean_t) / std_t

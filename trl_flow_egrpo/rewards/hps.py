@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ._common import resize_longest_pad_normalize
 from .clip_score import OpenCLIPCosineReward
 
 HPS_REPO_ID = "xswu/HPSv2"
@@ -25,6 +26,12 @@ class HPSv2Reward(OpenCLIPCosineReward):
     open_clip's own key names (a bare state dict is accepted too). The architecture is built with
     ``open_clip.create_model(model_name, pretrained=None)`` and loaded strictly; the ``hpsv2`` package is not
     needed. The official scorer runs in fp16 autocast on GPU; ``dtype=torch.float16`` comes closest to it.
+
+    Preprocessing is the official scorer's validation transform (``light_augmentation=True``), not open_clip's
+    standard resize-and-crop: the longest side is resized to the model's input size (224 for ViT-H-14) with
+    antialiased bicubic, not clamped, the image is zero-padded to a square (``pad // 2`` left and top), then
+    normalized with the OpenAI CLIP mean/std; see :func:`~trl_flow_egrpo.rewards._common.
+    resize_longest_pad_normalize`. A non-square image is thus scored whole, with black bars.
 
     Args:
         version: ``"v2.1"`` (default) or ``"v2.0"``; picks the Hub file. Never switched silently.
@@ -55,3 +62,11 @@ class HPSv2Reward(OpenCLIPCosineReward):
         model = self._open_clip.create_model(self.model_name, pretrained=None)
         model.load_state_dict(state_dict)
         return model
+
+    def _preprocess_arguments(self, cfg: dict) -> dict:
+        """Keyword arguments of :func:`resize_longest_pad_normalize`: the model's input size, mean and std."""
+        return dict(size=self._square_size(cfg), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """The official validation transform (longest side resized, zero-padded square, normalized)."""
+        return resize_longest_pad_normalize(images, **self._preprocess)
