@@ -338,7 +338,8 @@ def test_async_rewards_score_every_rollout_with_its_own_image_and_prompt(tmp_pat
     "noise (its initial noise, then its groups' SDE noise) prompt by prompt, in both modes; then remove this mark."))
 def test_async_rewards_reproduce_the_synchronous_iteration(tmp_path, monkeypatch):
     # One transformer row per call: both modes then run identical computations, batch composition aside.
-    sync, overlapped = _sync_and_async_iterations(tmp_path, monkeypatch, rollout_batch_size=1, prompts_per_device=2)
+    sync, overlapped = _sync_and_async_iterations(tmp_path, monkeypatch, rollout_batch_size=1, prompts_per_device=2,
+                                                  num_generations=2, num_active_steps=2)
     for field in ("branch_latents", "samples", "log_probs", "images", "anchor_images"):
         torch.testing.assert_close(getattr(overlapped["rollouts"], field), getattr(sync["rollouts"], field), msg=field)
     torch.testing.assert_close(overlapped["rewards"], sync["rewards"])
