@@ -354,6 +354,9 @@ class EGRPOTrainer:
                 for i, micro_batch in enumerate(micro_batches):
                     sync = i == len(micro_batches) - 1
                     with contextlib.nullcontext() if sync else accelerator.no_sync(self.model):
+        for reward_fn in self.eval_reward_fns:  # off the GPU until the next evaluation (model rewards)
+            if callable(getattr(reward_fn, "offload", None)):
+                reward_fn.offload()
                         output, kl = self._policy_loss(rollouts, advantages, micro_batch)
                         loss = output.loss + config.beta * kl.mean() if config.beta > 0 else output.loss
                         accelerator.backward(loss * len(micro_batch) / len(groups))

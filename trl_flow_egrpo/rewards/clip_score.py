@@ -25,7 +25,7 @@ class OpenCLIPCosineReward(ModelReward):
     """
 
     def __init__(self, model_name: str, *, batch_size: int = 16, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str = torch.float32):
+                 dtype: torch.dtype | str = "auto"):
         super().__init__(batch_size=batch_size, device=device, dtype=dtype)
         self.model_name = model_name
         # Fail at construction, not after the first batch of images has been generated.
@@ -99,7 +99,7 @@ class CLIPScoreReward(OpenCLIPCosineReward):
 
     def __init__(self, model_name: str = "ViT-H-14", pretrained: str = "laion2b_s32b_b79k", *,
                  scale: float | None = None, batch_size: int = 16, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str = torch.float32):
+                 dtype: torch.dtype | str = "auto"):
         super().__init__(model_name, batch_size=batch_size, device=device, dtype=dtype)
         if scale is not None and scale <= 0:
             raise ValueError(f"scale must be positive or None, got {scale}.")

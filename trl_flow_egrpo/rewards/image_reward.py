@@ -200,7 +200,7 @@ class ImageRewardReward(ModelReward):
 
     def __init__(self, checkpoint: str | None = None, med_config: str | None = None, *,
                  tokenizer: str = "bert-base-uncased", vision_config: dict | None = None, batch_size: int = 16,
-                 device: torch.device | str | None = None, dtype: torch.dtype | str = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype | str = "auto"):
         super().__init__(batch_size=batch_size, device=device, dtype=dtype)
         self.checkpoint = checkpoint
         self.med_config = med_config

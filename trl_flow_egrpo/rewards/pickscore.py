@@ -36,7 +36,7 @@ class PickScoreReward(ModelReward):
 
     def __init__(self, model: str = "yuvalkirstain/PickScore_v1",
                  processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", *, batch_size: int = 16,
-                 device: torch.device | str | None = None, dtype: torch.dtype | str = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype | str = "auto"):
         super().__init__(batch_size=batch_size, device=device, dtype=dtype)
         self.model_id = model
         self.processor_id = processor
