@@ -86,7 +86,8 @@ def main() -> None:
                         torch.testing.assert_close(remote(images, PROMPTS), local_reward(quantized, PROMPTS),
                                                    rtol=1e-6, atol=1e-6)
                         timings[encoding] = timed_ms(lambda: remote(images, PROMPTS), args.repeats)
-                    png, raw = (len(encode_request(quantize(images), PROMPTS, {}, encoding)) for encoding in ("png", "raw"))
+                    png, raw = (len(encode_request(quantize(images), PROMPTS, {}, encoding))
+                                for encoding in ("png", "raw"))
                     print(f"{name:10s} {size:>4d}^2 {timings['local']:>16s} {timings['raw']:>16s} "
                           f"{timings['png']:>16s} {png / raw:16.2f}")
         finally:

@@ -169,3 +169,31 @@ def test_trainer_state_json_is_plain_json(saved_run):
     with open(os.path.join(saved_run[0], "checkpoint-2", checkpoints.TRAINER_STATE)) as handle:
         state = json.load(handle)
     assert state["iteration"] == 2 and len(state["log_history"]) == 2 and state["config"]["save_steps"] == 1
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+def test_model_rewards_run_half_precision_on_gpu_and_float32_on_cpu():
+    from trl_flow_egrpo.rewards import HPSv2Reward
+
+    reward = HPSv2Reward()
+    assert reward.model_dtype(torch.device("cuda")) == torch.float16
+    assert reward.model_dtype(torch.device("cpu")) == torch.float32
+    assert HPSv2Reward(dtype="bfloat16").model_dtype(torch.device("cuda")) == torch.bfloat16
+
+
+def test_eval_only_rewards_are_offloaded_after_each_evaluation(tmp_path):
+    class EvalReward:
+        name = "eval_only"
+        offloads = 0
+
+        def __call__(self, images, prompts, **columns):
+            return torch.zeros(len(images))
+
+        def offload(self):
+            self.offloads += 1
+
+    reward = EvalReward()
+    trainer = tiny_trainer(tmp_path, eval_dataset=PROMPTS[:3], eval_reward_fns=[reward], max_steps=2, eval_steps=1)
+    trainer.train()
+    assert reward.offloads == 2

@@ -20,9 +20,7 @@ from trl_flow_egrpo.serve import protocol
 from trl_flow_egrpo.serve.launch import RewardServerProcess
 from trl_flow_egrpo.serve.protocol import CONTENT_TYPE, dequantize, quantize
 
-pytest.importorskip("fastapi")  # fallback only: the dev extra installs the server extra
-pytest.importorskip("uvicorn")
-from trl_flow_egrpo.serve.server import BatchScorer, RewardFailure, load_reward  # noqa: E402
+from trl_flow_egrpo.serve.server import BatchScorer, RewardFailure, load_reward
 
 TOKEN = "test-token-0123456789"
 STARTUP_SECONDS = 180  # importing torch, diffusers and peft on a busy 2-core machine
@@ -88,6 +86,8 @@ def servers(tmp_path_factory, pickscore_files):
     * ``killable``: another colour reward behind a token, for the test that kills it;
     * ``unknown``: a reward name that does not exist, for the test of a server that cannot start.
     """
+    for package in ("fastapi", "uvicorn"):
+        pytest.importorskip(package)  # fallback only: the dev extra installs the server extra
     started = {}
     try:
         started["color"] = start_server("color", tmp_path_factory.mktemp("color"), "--max-request-mb", "1",

@@ -30,6 +30,7 @@ from trl_flow_egrpo.rewards._common import (  # noqa: E402
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     resize_center_crop_normalize,
+    resize_longest_pad_normalize,
 )
 from trl_flow_egrpo.scoring import check_scores  # noqa: E402
 from trl_flow_egrpo.rewards.image_reward import official_key_to_module_key  # noqa: E402
@@ -188,13 +189,62 @@ def test_inputs_are_checked(hps):
 @IMAGE_KINDS
 @pytest.mark.parametrize("size", SIZES)
 def test_preprocessing_matches_open_clip_eval_transform(size, sharp):
-    """HPSv2 and CLIP score: open_clip's eval transform of ViT-H-14 (HPSv2's ``preprocess_val``)."""
+    """CLIP score: open_clip's eval transform of ViT-H-14."""
     from open_clip import image_transform
 
     image = sample_images(*size, sharp=sharp)
     official = image_transform(224, is_train=False, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)(to_pil(image[0]))
     ours = resize_center_crop_normalize(image, 224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)[0]
     assert_matches_uint8_pipeline(ours, official, OPENAI_CLIP_STD)
+
+
+def official_hps_transform(size: int, mean, std):
+    """The official HPSv2 scorer's ``preprocess_val`` (``light_augmentation=True``), for PIL images.
+
+    Written from the behaviour of hpsv2's ``image_transform(..., resize_longest_max=True)``: ``ToTensor``
+    first, then ``ResizeMaxSize``, i.e. torchvision's tensor ``resize`` to ``round(side * size / longest)``
+    per side (bicubic; torchvision antialiases tensors by default), left alone when the longest side is
+    already ``size``, zero padding with ``pad // 2`` before and the rest after, then ``Normalize``.
+    """
+    from torchvision.transforms import InterpolationMode, Normalize, ToTensor
+    from torchvision.transforms import functional as TF
+
+    def transform(image):
+        pixels = ToTensor()(image.convert("RGB"))
+        height, width = pixels.shape[1:]
+        scale = size / float(max(height, width))
+        if scale != 1.0:
+            new_height, new_width = round(height * scale), round(width * scale)
+            pixels = TF.resize(pixels, [new_height, new_width], InterpolationMode.BICUBIC)
+            pad_height, pad_width = size - new_height, size - new_width
+            pixels = TF.pad(pixels, [pad_width // 2, pad_height // 2, pad_width - pad_width // 2,
+                                     pad_height - pad_height // 2], fill=0)
+        return Normalize(mean, std)(pixels)
+
+    return transform
+
+
+@IMAGE_KINDS
+@pytest.mark.parametrize("size", [(720, 720), (720, 1280), (1024, 576), (300, 500), *SIZES])
+def test_hps_preprocessing_is_the_official_validation_transform(size, sharp):
+    """HPSv2: the official scorer resizes the longest side and zero-pads; it resamples floats (ToTensor comes
+    first), so on images on the uint8 grid the two agree to float rounding, not just to a uint8 level."""
+    image = sample_images(*size, sharp=sharp)
+    official = official_hps_transform(224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)(to_pil(image[0]))
+    ours = resize_longest_pad_normalize(image, 224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)[0]
+    assert ours.shape == official.shape == (3, 224, 224)
+    torch.testing.assert_close(ours, official, atol=1e-5, rtol=0)
+
+
+def test_hps_preprocessing_pads_images_whose_longest_side_fits_and_refuses_slivers():
+    """The official transform leaves a 224 x 150 image unpadded (the model then cannot take it); ours pads it
+    like any other, without resampling."""
+    image = sample_images(224, 150)
+    pixels = resize_longest_pad_normalize(image, 224, (0, 0, 0), (1, 1, 1))
+    assert pixels.shape == (1, 3, 224, 224)
+    assert torch.equal(pixels[..., 37:187], image) and not pixels[..., :37].any() and not pixels[..., 187:].any()
+    with pytest.raises(ValueError, match="1 x 500 pixels .* would be 0 x 224.*aspect ratio"):
+        resize_longest_pad_normalize(torch.rand(1, 3, 1, 500), 224, (0, 0, 0), (1, 1, 1))
 
 
 @IMAGE_KINDS
@@ -211,16 +261,29 @@ def test_preprocessing_matches_image_reward_transform(size, sharp):
     assert_matches_uint8_pipeline(ours, official_transform(to_pil(image[0])), OPENAI_CLIP_STD)
 
 
+def clip_image_processor_class(backend: str):
+    """transformers' CLIP image processor on the ``"torchvision"`` or ``"pil"`` backend, in either major version.
+
+    transformers 5 names them ``CLIPImageProcessor`` and ``CLIPImageProcessorPil``; 4.x names them
+    ``CLIPImageProcessorFast`` and ``CLIPImageProcessor``.
+    """
+    import transformers
+
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    except ImportError:
+        classes = {"torchvision": transformers.CLIPImageProcessorFast, "pil": transformers.CLIPImageProcessor}
+    else:
+        classes = {"torchvision": transformers.CLIPImageProcessor, "pil": CLIPImageProcessorPil}
+    return classes[backend]
+
+
 @pytest.mark.parametrize("backend", ["torchvision", "pil"])
 @IMAGE_KINDS
 @pytest.mark.parametrize("size", SIZES)
 def test_preprocessing_matches_clip_image_processor(pickscore_dirs, backend, size, sharp):
     """PickScore: the CLIP image processor it was published with, in both transformers backends."""
-    from transformers import CLIPImageProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    processor_class = CLIPImageProcessor if backend == "torchvision" else CLIPImageProcessorPil
-    processor = processor_class.from_pretrained(pickscore_dirs[1])
+    processor = clip_image_processor_class(backend).from_pretrained(pickscore_dirs[1])
     image = sample_images(*size, sharp=sharp)
     official = processor(images=[to_pil(image[0])], return_tensors="pt").pixel_values[0]
     ours = resize_center_crop_normalize(image, **_clip_processor_preprocess(processor, "pickscore"))[0]
@@ -240,12 +303,12 @@ def test_crop_rounding_follows_each_library():
 # HPSv2.
 
 
-def official_open_clip_scores(model, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+def official_hps_scores(model, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """The official HPSv2 scorer's recipe (hpsv2/img_score.py), one image at a time, on PIL images."""
     import open_clip
 
     cfg = open_clip.get_model_preprocess_cfg(model)
-    preprocess = open_clip.image_transform(cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"])
+    preprocess = official_hps_transform(cfg["size"][0], cfg["mean"], cfg["std"])
     tokenizer = open_clip.get_tokenizer(fixtures.TINY_OPEN_CLIP_NAME)
     scores = []
     with torch.no_grad():
@@ -270,14 +333,13 @@ def test_hps_loads_the_official_layout_and_scores_like_the_official_scorer(hps, 
     scores = hps(exact, PROMPTS)
     assert scores.dtype == torch.float32 and scores.shape == (5,)
     assert bool(((scores >= -1) & (scores <= 1)).all())
-    torch.testing.assert_close(scores, official_open_clip_scores(official_model, exact, PROMPTS),
-                               atol=1e-5, rtol=0)
-    # Resampled inputs: the scores agree to the uint8 rounding of the official pipeline.
-    resized = sample_images(48, 80, count=5, seed=1)
-    torch.testing.assert_close(hps(resized, PROMPTS), official_open_clip_scores(official_model, resized, PROMPTS),
-                               atol=5e-3, rtol=0)
-    assert hps._preprocess == dict(size=32, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, interpolation="bicubic",
-                                   resize_mode="shortest")
+    torch.testing.assert_close(scores, official_hps_scores(official_model, exact, PROMPTS), atol=1e-5, rtol=0)
+    # Resampled and padded inputs: the official pipeline resamples floats too, so the scores agree as closely.
+    for seed, size in enumerate([(48, 80), (80, 48), (720, 1280), (1024, 576), (300, 500), (64, 64)], start=1):
+        resized = sample_images(*size, count=5, seed=seed)
+        torch.testing.assert_close(hps(resized, PROMPTS), official_hps_scores(official_model, resized, PROMPTS),
+                                   atol=1e-5, rtol=0, msg=lambda message: f"{size}: {message}")
+    assert hps._preprocess == dict(size=32, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
 
 
 def test_hps_batched_equals_one_by_one_and_loads_once(hps):
@@ -352,7 +414,11 @@ def test_clip_score_is_the_cosine_of_the_open_clip_checkpoint(open_clip_checkpoi
 
 
 def official_pickscore_scores(model_dir, processor_dir, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """PickScore's published inference snippet (README), one prompt with its image at a time."""
+    """PickScore's published inference snippet (README), one prompt with its image at a time.
+
+    The snippet's ``get_image_features``/``get_text_features`` are written out as what they compute in every
+    transformers version (tower, pooled output, projection), since their return type changed in version 5.
+    """
     from transformers import AutoProcessor, CLIPModel
 
     processor = AutoProcessor.from_pretrained(processor_dir)
@@ -362,9 +428,9 @@ def official_pickscore_scores(model_dir, processor_dir, images: torch.Tensor, pr
         for image, prompt in zip(images, prompts):
             image_inputs = processor(images=[to_pil(image)], return_tensors="pt")
             text_inputs = processor(text=prompt, padding=True, truncation=True, max_length=77, return_tensors="pt")
-            image_embs = model.get_image_features(**image_inputs).pooler_output
+            image_embs = model.visual_projection(model.vision_model(**image_inputs).pooler_output)
             image_embs = image_embs / torch.norm(image_embs, dim=-1, keepdim=True)
-            text_embs = model.get_text_features(**text_inputs).pooler_output
+            text_embs = model.text_projection(model.text_model(**text_inputs).pooler_output)
             text_embs = text_embs / torch.norm(text_embs, dim=-1, keepdim=True)
             scores.append(model.logit_scale.exp() * (text_embs @ image_embs.T)[0, 0])
     return torch.stack(scores)
@@ -391,13 +457,38 @@ def test_pickscore_batched_equals_one_by_one(pickscore):
     torch.testing.assert_close(pickscore(images, PROMPTS), one_by_one, atol=1e-4, rtol=0)
 
 
-def test_pickscore_rejects_processors_it_cannot_reproduce():
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+@pytest.mark.parametrize("returns", ["tensor", "output object"])
+def test_pickscore_takes_either_return_type_of_the_feature_methods(pickscore_dirs, monkeypatch, returns):
+    """``CLIPModel.get_image_features``/``get_text_features`` return the projected embeddings as a tensor in
+    transformers 4.x and as the ``pooler_output`` of an output object in 5.x; whichever transformers is
+    installed, the reward must score the same with both."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+    reward = PickScoreReward(*map(str, pickscore_dirs))
+    model = reward.model(torch.device("cpu"))
+
+    def features_as(tower, projection):
+        def get_features(**inputs):
+            output = tower(**inputs)
+            embeddings = projection(output.pooler_output)
+            if returns == "tensor":
+                return embeddings
+            return BaseModelOutputWithPooling(last_hidden_state=output.last_hidden_state, pooler_output=embeddings)
+        return get_features
+
+    monkeypatch.setattr(model, "get_image_features", features_as(model.vision_model, model.visual_projection))
+    monkeypatch.setattr(model, "get_text_features", features_as(model.text_model, model.text_projection))
+    images = sample_images(224, 224, count=3, seed=9)
+    torch.testing.assert_close(reward(images, PROMPTS[:3]),
+                               official_pickscore_scores(*pickscore_dirs, images, PROMPTS[:3]), atol=1e-4, rtol=0)
+
+
+def test_pickscore_rejects_processors_it_cannot_reproduce():
+    processor_class = clip_image_processor_class("pil")
     with pytest.raises(ValueError, match="supports CLIP image processors"):
-        _clip_processor_preprocess(CLIPImageProcessorPil(do_center_crop=False), "pickscore")
+        _clip_processor_preprocess(processor_class(do_center_crop=False), "pickscore")
     with pytest.raises(ValueError, match="supports CLIP image processors"):
-        _clip_processor_preprocess(CLIPImageProcessorPil(resample=0), "pickscore")
+        _clip_processor_preprocess(processor_class(resample=0), "pickscore")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -485,18 +576,34 @@ def test_image_reward_key_mapping_covers_the_official_layout_exactly(image_rewar
         official_key_to_module_key("blip.itm_head.weight")
 
 
-@pytest.mark.parametrize("change", ["extra key", "missing key"])
-def test_image_reward_refuses_checkpoints_off_the_official_layout(image_reward_files, tmp_path, change):
+def test_image_reward_refuses_checkpoints_that_lack_a_weight(image_reward_files, tmp_path):
     state_dict = torch.load(image_reward_files["checkpoint"], weights_only=True)
-    if change == "extra key":
-        state_dict["blip.itm_head.weight"] = torch.zeros(2, 32)
-    else:
-        del state_dict["blip.visual_encoder.blocks.0.attn.qkv.bias"]
+    del state_dict["blip.visual_encoder.blocks.0.attn.qkv.bias"]
     torch.save(state_dict, tmp_path / "ImageReward.pt")
     reward = ImageRewardReward(**{**image_reward_files, "checkpoint": str(tmp_path / "ImageReward.pt")})
-    expected = "blip.itm_head.weight" if change == "extra key" else "vision.encoder.layers.0.self_attn.qkv.bias"
-    with pytest.raises(ValueError, match=f"official ImageReward layout.*{expected}"):
+    with pytest.raises(ValueError, match="official ImageReward layout.*no value to 1 model weights.*"
+                                         "vision.encoder.layers.0.self_attn.qkv.bias"):
         reward(sample_images(224, 224), PROMPTS[:1])
+
+
+def test_image_reward_ignores_and_logs_keys_it_does_not_use(image_reward, image_reward_files, tmp_path, caplog):
+    """Like the official loader (``strict=False``), keys the model does not use are skipped: one outside the
+    official layout (BLIP's image-text matching head) and one a mapping rule renames to no parameter (a
+    pooler of the text encoder). Both are named in a warning; the known unused keys are not."""
+    state_dict = torch.load(image_reward_files["checkpoint"], weights_only=True)
+    state_dict["blip.itm_head.weight"] = torch.zeros(2, 32)
+    state_dict["blip.text_encoder.pooler.dense.weight"] = torch.zeros(32, 32)
+    torch.save(state_dict, tmp_path / "ImageReward.pt")
+    reward = ImageRewardReward(**{**image_reward_files, "checkpoint": str(tmp_path / "ImageReward.pt")})
+    images = sample_images(224, 224, count=2, seed=10)
+    with caplog.at_level("WARNING", logger="trl_flow_egrpo.rewards.image_reward"):
+        scores = reward(images, PROMPTS[:2])
+    torch.testing.assert_close(scores, image_reward(images, PROMPTS[:2]), atol=0, rtol=0)
+    (record,) = [r for r in caplog.records if r.name == "trl_flow_egrpo.rewards.image_reward"]
+    assert record.levelname == "WARNING" and "ignoring 2 keys" in record.getMessage()
+    assert "blip.itm_head.weight" in record.getMessage()
+    assert "blip.text_encoder.pooler.dense.weight" in record.getMessage()
+    assert "vision_proj" not in record.getMessage()
 
 
 def test_image_reward_scores_like_the_official_model(image_reward, image_reward_files):

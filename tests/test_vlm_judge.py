@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import math
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,6 +42,10 @@ class FakeJudge(ThreadingHTTPServer):
         self.failures_before_success, self.omit_logprobs, self.max_logprobs, self.delay = 0, False, 20, 0.0
         self.requests, self.in_flight, self.max_in_flight = [], 0, 0
         self.lock = threading.Lock()
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that timed out hung up: expected
+            super().handle_error(request, client_address)
 
     @property
     def base_url(self) -> str:
@@ -180,6 +185,14 @@ def test_server_errors_are_retried_with_backoff(judge):
     assert time.monotonic() - start >= 0.05 + 0.1
     torch.testing.assert_close(scores, expected_red(images_with_red([0.3])), rtol=1e-6, atol=1e-6)
     assert len(judge.requests) == 3
+
+
+def test_a_judge_slower_than_the_timeout_fails_after_the_retries(judge):
+    judge.delay = 1.0
+    start = time.monotonic()
+    with pytest.raises(VLMJudgeError, match=r"failed after 2 attempt\(s\) \(TimeoutError: timed out\)"):
+        VLMJudgeReward(judge.base_url, MODEL, timeout=0.2, retries=1, backoff=0.01)(images_with_red([0.3]), ["a"])
+    assert time.monotonic() - start < 0.9  # two timeouts of 0.2 s, not two answers of 1 s
 
 
 def test_errors_name_the_endpoint_and_the_fix(judge):

@@ -72,13 +72,37 @@ TINY_PIPELINES = {"tiny": "build_tiny_flux_pipeline", "tiny-sd3": "build_tiny_sd
 """Pipeline names that build an embedded tiny pipeline (:mod:`trl_flow_egrpo.tiny`) instead of loading one."""
 
 
-def load_pipeline(name: str, dtype):
+def load_pipeline(name: str, dtype, main_process_weights_only: bool = False):
     """The diffusers pipeline ``name`` (Hub id or local path) in ``dtype``; ``"tiny"`` / ``"tiny-sd3"`` build
-    the embedded tiny FLUX / SD3 pipeline offline, so scripts run the same code path on a CPU."""
+    the embedded tiny FLUX / SD3 pipeline offline, so scripts run the same code path on a CPU.
+
+    Args:
+        name: the pipeline.
+        dtype: its torch dtype.
+        main_process_weights_only: for a pipeline handed to ``EGRPOTrainer``: when launched with FSDP and
+            ``fsdp_cpu_ram_efficient_loading: true``, only the main process loads the transformer's weights;
+            the others get a placeholder of the same shapes (:func:`~trl_flow_egrpo.backends.placeholder_model`),
+            which the trainer's ``accelerator.prepare`` fills with the main process's weights while sharding. A
+            machine then holds one copy of the transformer in RAM, not one per GPU. Anywhere else (a script that
+            samples with the pipeline itself) the placeholder would be used as it is: leave this False.
+    """
+    from . import backends
+
+    placeholder = main_process_weights_only and backends.placeholder_weights_requested()
     if name in TINY_PIPELINES:
         from . import tiny
 
-        return getattr(tiny, TINY_PIPELINES[name])(dtype=dtype)
-    from diffusers import DiffusionPipeline
+        pipeline = getattr(tiny, TINY_PIPELINES[name])(dtype=dtype)
+        if placeholder:
+            transformer = pipeline.transformer
+            pipeline.transformer = backends.placeholder_model(type(transformer), transformer.config, dtype)
+        return pipeline
+    import diffusers
 
-    return DiffusionPipeline.from_pretrained(name, torch_dtype=dtype)
+    if not placeholder:
+        return diffusers.DiffusionPipeline.from_pretrained(name, torch_dtype=dtype)
+    _, class_name = diffusers.DiffusionPipeline.load_config(name)["transformer"]
+    transformer_class = getattr(diffusers, class_name)
+    transformer = backends.placeholder_model(transformer_class,
+                                             transformer_class.load_config(name, subfolder="transformer"), dtype)
+    return diffusers.DiffusionPipeline.from_pretrained(name, torch_dtype=dtype, transformer=transformer)

@@ -25,11 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from . import checkpoints, tracking
+from . import backends, checkpoints, tracking
 from .adapters import get_adapter, select_rows
 from .algorithms import build_strategy
 from .advantages import group_advantages
@@ -37,6 +37,7 @@ from .checkpoints import TrainerState
 from .config import EGRPOConfig
 from .data import as_prompt_dataset, iteration_prompt_indices, padded_shard
 from .distributed import is_multiprocess_cpu_run
+from .failures import propagate_failures
 from .loss import ppo_clip_loss
 from .metrics import rollout_metrics, update_metrics
 from .prompts import PromptEncoder
@@ -107,6 +108,11 @@ class EGRPOTrainer:
             log_with=tracking.available_trackers(config.log_with),
             project_config=ProjectConfiguration(project_dir=config.output_dir,
                                                 logging_dir=os.path.join(config.output_dir, "logs")),
+            # The schedule counts optimizer steps, which all processes take together. By default accelerate
+            # steps a prepared scheduler num_processes times per call (it assumes per-process dataloader
+            # batches); split_batches makes it one step per optimizer step, still skipping steps the optimizer
+            # skipped (fp16 overflow). No dataloader is prepared, so it changes nothing else.
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
         # Fail before any model work when the result could not be pushed at the end.
         self.hub_repo_id = self._hub_preflight() if config.push_to_hub else None
@@ -123,9 +129,17 @@ class EGRPOTrainer:
                                            eps=config.adam_epsilon, weight_decay=config.weight_decay)
         self.lr_scheduler = get_scheduler(config.lr_scheduler_type, self.optimizer, num_warmup_steps=config.warmup_steps,
                                           num_training_steps=config.max_steps * self.optimizer_steps_per_iteration)
+        if backends.is_deepspeed(self.accelerator):
+            steps_per_update = self.strategy.trained_steps_per_phase(config.prompts_per_device) * (
+                1 if config.optimizer_step == "active_step" else self.strategy.num_phases)
+            backends.configure_deepspeed(self.accelerator, config.per_device_train_batch_size,
+                                         backends.micro_batches_per_optimizer_step(
+                                             steps_per_update, config.per_device_train_batch_size),
+                                         config.max_grad_norm)
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.model, self.optimizer,
                                                                                  self.lr_scheduler)
-        if config.use_peft:
+        # Under FSDP and DeepSpeed, save_state writes every process's shard of the model itself.
+        if config.use_peft and not (backends.is_fsdp(self.accelerator) or backends.is_deepspeed(self.accelerator)):
             checkpoints.register_trainable_params_hooks(self.accelerator)
 
         self.prompt_encoder = PromptEncoder(self.adapter, self.accelerator.device, config.offload_text_encoders,
@@ -138,27 +152,49 @@ class EGRPOTrainer:
     # ------------------------------------------------------------------ setup
 
     def _prepare_transformer(self):
-        config, adapter = self.config, self.adapter
-        device = self.accelerator.device
+        """Freeze what is not trained, add the LoRA, place the modules; returns (transformer, frozen copy or None).
+
+        Under FSDP the transformer stays where it was loaded (the CPU): ``prepare`` moves only each process's
+        shard to its GPU, so the whole model (in float32 when fully fine-tuning: 48 GB for FLUX.1-dev) is never
+        built on a GPU. With ``fsdp_cpu_ram_efficient_loading`` the non-main processes' weights are placeholders
+        that ``prepare`` replaces with the main process's (:func:`backends.weights_arrive_from_main_process`).
+        """
+        config, adapter, accelerator = self.config, self.adapter, self.accelerator
+        device = accelerator.device
+        shard_later = backends.is_fsdp(accelerator)
+        placeholder = backends.weights_arrive_from_main_process(accelerator)
         for module in adapter.frozen_modules:
             module.requires_grad_(False).eval()
-        self.pipeline.to(device)
+            module.to(device)
         transformer = adapter.transformer
+        if not shard_later:
+            transformer.to(device)
         reference = None
         if config.use_peft:
             from peft import LoraConfig
 
             transformer.requires_grad_(False)
-            transformer.add_adapter(LoraConfig(
-                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                init_lora_weights="gaussian",
-                target_modules=list(config.lora_target_modules or adapter.default_lora_target_modules)))
+            # Same random LoRA on every process, whatever their number: FSDP shards each process's own copy.
+            cuda = [transformer.device.index or 0] if transformer.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(config.seed)
+                transformer.add_adapter(LoraConfig(
+                    r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=list(config.lora_target_modules or adapter.default_lora_target_modules)))
         elif config.beta > 0:
-            reference = copy.deepcopy(transformer).requires_grad_(False).eval()
+            if placeholder:
+                raise ValueError("beta > 0 with full fine-tuning needs a frozen copy of the real weights on every "
+                                 "process, but with fsdp_cpu_ram_efficient_loading only the main process loads "
+                                 "them. Set fsdp_cpu_ram_efficient_loading: false (and fsdp_sync_module_states: "
+                                 "false) in the accelerate config, train a LoRA (use_peft=True), or set beta=0.")
+            reference = copy.deepcopy(transformer).requires_grad_(False).eval().to(device)
         # Trainable parameters live in float32 whatever the base dtype (mixed precision autocasts compute).
         for parameter in transformer.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.to(torch.float32)
+            if parameter.requires_grad and parameter.dtype != torch.float32:
+                # A placeholder's value is never read: allocate float32 without touching (and paging in) it.
+                parameter.data = (torch.empty_like(parameter.data, dtype=torch.float32) if placeholder
+                                  else parameter.data.to(torch.float32))
         if config.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         return transformer.eval(), reference
@@ -192,7 +228,17 @@ class EGRPOTrainer:
     # ------------------------------------------------------------------ training loop
 
     def train(self) -> TrainerState:
-        """Run E-GRPO for ``config.max_steps`` iterations (resuming first if configured)."""
+        """Run E-GRPO for ``config.max_steps`` iterations (resuming first if configured).
+
+        With several processes, an exception on one stops all of them within about a second (instead of the
+        others waiting in their next collective until its timeout): the failing process raises it, the others
+        exit with code 1 naming the failing rank and its error (:func:`~trl_flow_egrpo.failures.propagate_failures`).
+        """
+        with propagate_failures(self.accelerator):
+            return self._train()
+
+    def _train(self) -> TrainerState:
+        """The training loop of :meth:`train`."""
         config, accelerator = self.config, self.accelerator
         if config.resume_from_checkpoint not in (None, "", "false", "False"):
             self.load_checkpoint(config.resume_from_checkpoint)
@@ -309,6 +355,9 @@ class EGRPOTrainer:
         names = self.reward_names + self.eval_reward_names
         scores = score_images(self.reward_fns + self.eval_reward_fns, names, images, rows, config.prompt_column)
         scores = accelerator.gather(scores.to(accelerator.device))[:size]
+        for reward_fn in self.eval_reward_fns:  # off the GPU until the next evaluation (model rewards)
+            if callable(getattr(reward_fn, "offload", None)):
+                reward_fn.offload()
         metrics = {}
         for r, name in enumerate(names):
             metrics[f"eval/{name}/mean"] = scores[:, r].mean().item()
@@ -354,8 +403,8 @@ class EGRPOTrainer:
             for steps in phases:
                 micro_batches = steps.split(config.per_device_train_batch_size)
                 for i, micro_batch in enumerate(micro_batches):
-                    sync = i == len(micro_batches) - 1
-                    with contextlib.nullcontext() if sync else accelerator.no_sync(self.model):
+                    boundary = i == len(micro_batches) - 1
+                    with backends.accumulation_context(accelerator, self.model, boundary):
                         output, kl = self._policy_loss(rollouts, advantages, micro_batch)
                         loss = output.loss + config.beta * kl.mean() if config.beta > 0 else output.loss
                         accelerator.backward(loss * len(micro_batch) / len(steps))
@@ -368,9 +417,7 @@ class EGRPOTrainer:
                         on_policy_deviation.append((output.ratio - 1).abs().max().view(1))
                 max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
                 grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-                # DeepSpeed clips inside its engine and returns no norm.
-                grad_norm = math.nan if grad_norm is None else grad_norm
-                stats["grad_norm"].append(torch.as_tensor(grad_norm, dtype=torch.float32).view(1))
+                stats["grad_norm"].append(backends.grad_norm_value(grad_norm))
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)

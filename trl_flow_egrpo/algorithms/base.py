@@ -53,6 +53,10 @@ class RolloutStrategy(ABC):
         of :attr:`Rollouts.step_phase`)."""
 
     @abstractmethod
+    def trained_steps_per_phase(self, num_prompts: int) -> int:
+        """Trained steps (update forward rows) in one phase of an iteration over ``num_prompts`` prompts."""
+
+    @abstractmethod
     def evaluations_per_prompt(self, iteration: int = 0) -> int:
         """Transformer rows the rollouts of one prompt cost at ``iteration``."""
 

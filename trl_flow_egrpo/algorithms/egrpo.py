@@ -37,6 +37,10 @@ class EGRPO(RolloutStrategy):
     def num_phases(self) -> int:
         return len(self.merge_plan)
 
+    def trained_steps_per_phase(self, num_prompts: int) -> int:
+        """One group (one trained step of G samples) per prompt and merged step."""
+        return num_prompts
+
     def evaluations_per_prompt(self, iteration: int = 0) -> int:
         """``T`` for the anchor plus ``G * (T - k - l)`` per merged step (the branch step reuses the anchor's
         velocity)."""

@@ -34,6 +34,10 @@ class TrajectoryStrategy(RolloutStrategy):
     def num_phases(self) -> int:
         return int(self.trained_steps(0, torch.Generator().manual_seed(0))[0].sum())
 
+    def trained_steps_per_phase(self, num_prompts: int) -> int:
+        """One trained step of every trajectory."""
+        return num_prompts * self.config.num_generations
+
     def shared_prefix(self, iteration: int) -> int:
         """Leading steps that the ``G`` trajectories of a group share exactly (the same initial noise and no
         SDE step yet): they are sampled once per prompt."""

@@ -6,13 +6,17 @@ A reward is any callable ``fn(images, prompts, **columns)`` that returns one flo
 ``name`` attribute names the reward in the logs.
 
 Model-based rewards load their weights lazily, on first call; importing this package needs none of their
-optional dependencies (``pip install "trl-flow-egrpo[rewards]"`` for the open_clip ones).
+optional dependencies (``pip install "trl-flow-egrpo[rewards]"`` for the open_clip ones). Rewards served from
+another process, GPU or machine (:class:`RemoteReward`) and vision-language-model judges
+(:class:`VLMJudgeReward`) are described in ``docs/remote-rewards.md``.
 """
 
 from .clip_score import CLIPScoreReward
 from .hps import HPSv2Reward
 from .image_reward import ImageRewardReward
 from .pickscore import PickScoreReward
+from .remote import RemoteReward, RemoteRewardError
+from .vlm import VLMJudgeError, VLMJudgeReward
 from .weight_free import BrightnessReward, ColorReward, JpegCompressibilityReward, JpegIncompressibilityReward
 
 __all__ = [
@@ -24,4 +28,8 @@ __all__ = [
     "JpegCompressibilityReward",
     "JpegIncompressibilityReward",
     "PickScoreReward",
+    "RemoteReward",
+    "RemoteRewardError",
+    "VLMJudgeError",
+    "VLMJudgeReward",
 ]

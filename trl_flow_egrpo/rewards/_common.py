@@ -3,7 +3,9 @@
 Every model-based reward subclasses :class:`ModelReward`, which loads the model once on first call, moves it
 to the scoring device and dtype, scores in batches without gradients and checks the scores. Preprocessing
 runs in torch on the float images the trainer produces: the PIL round trip of the official scorers would
-quantize to uint8 and copy to the CPU on every step.
+quantize to uint8 and copy to the CPU on every step. Two transforms cover the official ones: resize the
+short side, center crop and normalize (open_clip, BLIP/ImageReward, transformers' CLIP processor), and
+resize the long side, zero-pad and normalize (HPSv2's validation transform).
 """
 
 from __future__ import annotations
@@ -42,8 +44,11 @@ def require(module: str, reward: str) -> ModuleType:
                           f"imported ({error}). Install the reward extras with: {EXTRA_HINT}") from error
 
 
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """``torch.float16`` or its name (``"float16"``, ``"bfloat16"``, ``"float32"``) -> a floating torch dtype."""
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | None:
+    """``torch.float16`` or its name (``"float16"``, ``"bfloat16"``, ``"float32"``) -> a floating torch dtype;
+    ``"auto"`` -> None (decided by the device: see :meth:`ModelReward.model_dtype`)."""
+    if dtype == "auto":
+        return None
     resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise ValueError(f"dtype must be a floating torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}.")
@@ -104,7 +109,60 @@ def resize_center_crop_normalize(images: torch.Tensor, size: int, mean: Sequence
         return int(round(margin / 2)) if crop_rounding == "round" else margin // 2
 
     top, left = offset(new_height - size), offset(new_width - size)
-    images = images[..., top:top + size, left:left + size]
+    return normalize(images[..., top:top + size, left:left + size], mean, std)
+
+
+def resize_longest_pad_normalize(images: torch.Tensor, size: int, mean: Sequence[float],
+                                 std: Sequence[float]) -> torch.Tensor:
+    """HPSv2's validation transform, in torch: resize the longest side to ``size``, zero-pad to a square, normalize.
+
+    The official ``hpsv2`` scorer builds its transform with ``light_augmentation=True``: ``ToTensor`` first,
+    then ``ResizeMaxSize(size)``, then ``Normalize``. So it resamples a float tensor, and this function does
+    the same operations on the same floats:
+
+    * Resize: ``s = size / max(H, W)``, new sides ``round(H * s)`` and ``round(W * s)`` (Python's round,
+      half to even), bicubic with antialiasing (torchvision's default for tensors since 0.17; PIL's kernel,
+      a = -0.5) in one ``interpolate`` call. The result is not clamped: bicubic overshoot below 0 and above
+      1 stays, as it does in the official float pipeline.
+    * Pad: with zeros (black, before normalization) to ``size`` x ``size``, ``pad // 2`` on the left and top
+      and the rest on the right and bottom, where ``pad = size - new side``.
+    * Normalize: ``(x - mean) / std`` per channel.
+
+    For a float image on the uint8 grid (``k / 255``) the result is the official transform of the PIL
+    image of it; for other floats it differs only by the official scorer's uint8 quantization of its input,
+    which this function skips. One deliberate difference: the official transform does nothing when the
+    longest side already equals ``size``, which leaves a non-square image unpadded (and the model then fails
+    on it); here such an image is padded like any other.
+
+    Args:
+        images: ``[B, 3, H, W]`` floats in [0, 1].
+        size: side of the square output.
+        mean: per-channel mean subtracted after padding.
+        std: per-channel standard deviation divided by after padding.
+
+    Returns:
+        ``[B, 3, size, size]`` float tensor on the images' device.
+
+    Raises:
+        ValueError: when the short side would shrink to 0 pixels (an aspect ratio above ``2 * size``).
+    """
+    height, width = images.shape[-2:]
+    scale = size / max(height, width)
+    new_height, new_width = round(height * scale), round(width * scale)
+    if min(new_height, new_width) < 1:
+        raise ValueError(f"An image of {height} x {width} pixels resized to fit {size} x {size} would be "
+                         f"{new_height} x {new_width}: its aspect ratio is too extreme for this model. Crop it first.")
+    if (new_height, new_width) != (height, width):
+        images = F.interpolate(images, size=(new_height, new_width), mode="bicubic", antialias=True,
+                               align_corners=False)
+    pad_height, pad_width = size - new_height, size - new_width
+    images = F.pad(images, (pad_width // 2, pad_width - pad_width // 2, pad_height // 2,
+                            pad_height - pad_height // 2), value=0.0)
+    return normalize(images, mean, std)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(images - mean) / std`` with per-channel ``mean`` and ``std``, for ``[B, C, H, W]`` images."""
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     return (images - mean_t) / std_t
@@ -120,14 +178,15 @@ class ModelReward(ABC):
     Args:
         batch_size: how many images go through the model at once; lower it if the device runs out of memory.
         device: where the model runs; ``None`` (default) means the device of the images of each call.
-        dtype: dtype of the model weights and inputs (``torch.float32`` default; ``torch.bfloat16`` or
-            ``torch.float16`` halve memory on GPU). Scores are returned as float32 either way.
+        dtype: dtype of the model weights and inputs. ``"auto"`` (default): float16 on a GPU (half the memory:
+            HPS' ViT-H takes 1.8 instead of 3.7 GiB; the official HPS scorer runs in fp16 autocast too), float32
+            on the CPU. Scores are returned as float32 either way.
     """
 
     name = "model_reward"
 
     def __init__(self, *, batch_size: int = 16, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str = torch.float32):
+                 dtype: torch.dtype | str = "auto"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.batch_size = batch_size
@@ -143,11 +202,23 @@ class ModelReward(ABC):
     def _score(self, model: torch.nn.Module, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Score one batch: ``images`` ``[b, 3, H, W]`` float32 in [0, 1] on the model's device -> ``[b]``."""
 
+    def model_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the model runs in on ``device``: ``dtype``, or with ``"auto"`` float16 on CUDA, else float32."""
+        if self.dtype is not None:
+            return self.dtype
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
     def model(self, device: torch.device) -> torch.nn.Module:
-        """The model, loaded on first use, in eval mode, without gradients, on ``device`` in ``self.dtype``."""
+        """The model, loaded on first use, in eval mode, without gradients, on ``device`` in its dtype."""
         if self._model is None:
-            self._model = self._load().eval().requires_grad_(False).to(dtype=self.dtype)
-        return self._model.to(device)
+            self._model = self._load().eval().requires_grad_(False)
+        return self._model.to(device=device, dtype=self.model_dtype(device))
+
+    def offload(self) -> None:
+        """Move the loaded model to the CPU (the trainer does this for evaluation-only rewards between
+        evaluations); the next call brings it back to the scoring device."""
+        if self._model is not None:
+            self._model.to("cpu")
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **columns) -> torch.Tensor:
         """Score ``images`` (``[B, 3, H, W]`` in [0, 1]) against ``prompts`` (B strings).

@@ -14,7 +14,9 @@ class OpenCLIPCosineReward(ModelReward):
 
     Subclasses build the model in :meth:`_create_model`. Tokenization uses ``open_clip.get_tokenizer
     (model_name)`` (its BPE vocabulary ships with open_clip, so it works offline), and preprocessing follows
-    the model's own open_clip preprocessing config (size, mean, std, interpolation, resize mode).
+    the model's own open_clip preprocessing config (size, mean, std, interpolation, resize mode); a
+    subclass whose official scorer transforms images differently overrides :meth:`preprocess` and
+    :meth:`_preprocess_arguments`.
 
     Args:
         model_name: open_clip architecture, e.g. ``"ViT-H-14"``, or a name registered with
@@ -23,7 +25,7 @@ class OpenCLIPCosineReward(ModelReward):
     """
 
     def __init__(self, model_name: str, *, batch_size: int = 16, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str = torch.float32):
+                 dtype: torch.dtype | str = "auto"):
         super().__init__(batch_size=batch_size, device=device, dtype=dtype)
         self.model_name = model_name
         # Fail at construction, not after the first batch of images has been generated.
@@ -36,21 +38,32 @@ class OpenCLIPCosineReward(ModelReward):
     def _load(self) -> torch.nn.Module:
         model = self._create_model()
         self._tokenizer = self._open_clip.get_tokenizer(self.model_name)
-        cfg = self._open_clip.get_model_preprocess_cfg(model)
+        self._preprocess = self._preprocess_arguments(self._open_clip.get_model_preprocess_cfg(model))
+        return model
+
+    def _preprocess_arguments(self, cfg: dict) -> dict:
+        """Keyword arguments of :meth:`preprocess` from the model's open_clip preprocessing config: those of
+        :func:`resize_center_crop_normalize`, open_clip's eval transform."""
+        return dict(size=self._square_size(cfg), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                    interpolation=cfg.get("interpolation", "bicubic"), resize_mode=cfg.get("resize_mode", "shortest"))
+
+    def _square_size(self, cfg: dict) -> int:
+        """The side of the model's square input, from its open_clip preprocessing config."""
         size = cfg["size"]
         if isinstance(size, (tuple, list)):
             if size[0] != size[1]:
                 raise ValueError(f"Reward '{self.name}' supports square input sizes only, got {tuple(size)}.")
             size = size[0]
-        self._preprocess = dict(size=int(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                                interpolation=cfg.get("interpolation", "bicubic"),
-                                resize_mode=cfg.get("resize_mode", "shortest"))
-        return model
+        return int(size)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's input pixels ``[b, 3, S, S]`` of images ``[b, 3, H, W]`` in [0, 1] (after the first call)."""
+        return resize_center_crop_normalize(images, **self._preprocess)
 
     def cosine(self, model: torch.nn.Module, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Cosine similarity ``[b]`` of each image (``[b, 3, H, W]`` in [0, 1]) with its own prompt."""
         dtype = next(model.parameters()).dtype
-        pixels = resize_center_crop_normalize(images, **self._preprocess).to(dtype)
+        pixels = self.preprocess(images).to(dtype)
         tokens = self._tokenizer(prompts).to(images.device)
         image_features = model.encode_image(pixels, normalize=True).float()
         text_features = model.encode_text(tokens, normalize=True).float()
@@ -86,7 +99,7 @@ class CLIPScoreReward(OpenCLIPCosineReward):
 
     def __init__(self, model_name: str = "ViT-H-14", pretrained: str = "laion2b_s32b_b79k", *,
                  scale: float | None = None, batch_size: int = 16, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str = torch.float32):
+                 dtype: torch.dtype | str = "auto"):
         super().__init__(model_name, batch_size=batch_size, device=device, dtype=dtype)
         if scale is not None and scale <= 0:
             raise ValueError(f"scale must be positive or None, got {scale}.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ._common import resize_longest_pad_normalize
 from .clip_score import OpenCLIPCosineReward
 
 HPS_REPO_ID = "xswu/HPSv2"
@@ -26,6 +27,12 @@ class HPSv2Reward(OpenCLIPCosineReward):
     ``open_clip.create_model(model_name, pretrained=None)`` and loaded strictly; the ``hpsv2`` package is not
     needed. The official scorer runs in fp16 autocast on GPU; ``dtype=torch.float16`` comes closest to it.
 
+    Preprocessing is the official scorer's validation transform (``light_augmentation=True``), not open_clip's
+    standard resize-and-crop: the longest side is resized to the model's input size (224 for ViT-H-14) with
+    antialiased bicubic, not clamped, the image is zero-padded to a square (``pad // 2`` left and top), then
+    normalized with the OpenAI CLIP mean/std; see :func:`~trl_flow_egrpo.rewards._common.
+    resize_longest_pad_normalize`. A non-square image is thus scored whole, with black bars.
+
     Args:
         version: ``"v2.1"`` (default) or ``"v2.0"``; picks the Hub file. Never switched silently.
         checkpoint: local path of the checkpoint file; ``None`` downloads ``version``'s file from the Hub.
@@ -36,7 +43,7 @@ class HPSv2Reward(OpenCLIPCosineReward):
 
     def __init__(self, version: str = "v2.1", *, checkpoint: str | None = None, model_name: str = "ViT-H-14",
                  batch_size: int = 16, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str = torch.float32):
+                 dtype: torch.dtype | str = "auto"):
         if version not in HPS_CHECKPOINTS:
             raise ValueError(f"HPS version must be one of {sorted(HPS_CHECKPOINTS)}, got {version!r}.")
         self.version = version
@@ -55,3 +62,11 @@ class HPSv2Reward(OpenCLIPCosineReward):
         model = self._open_clip.create_model(self.model_name, pretrained=None)
         model.load_state_dict(state_dict)
         return model
+
+    def _preprocess_arguments(self, cfg: dict) -> dict:
+        """Keyword arguments of :func:`resize_longest_pad_normalize`: the model's input size, mean and std."""
+        return dict(size=self._square_size(cfg), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """The official validation transform (longest side resized, zero-padded square, normalized)."""
+        return resize_longest_pad_normalize(images, **self._preprocess)

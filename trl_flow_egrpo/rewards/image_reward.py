@@ -18,12 +18,15 @@ constants below. Like the official ``ImageReward.score``/``inference_rank``, the
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import torch
 from torch import nn
 
 from ._common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ModelReward, resize_center_crop_normalize
+
+logger = logging.getLogger(__name__)
 
 IMAGE_REWARD_REPO_ID = "THUDM/ImageReward"
 # Mean and std of the raw head output over the ImageReward training data (official ImageReward.py).
@@ -128,27 +131,40 @@ def text_config_from_med_config(med_config: dict, encoder_width: int):
                           is_decoder=True, bos_token_id=None, eos_token_id=None, sep_token_id=None)
 
 
-def load_official_state_dict(model: ImageRewardModel, state_dict: dict[str, torch.Tensor]) -> None:
+def load_official_state_dict(model: ImageRewardModel, state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Load an official ``ImageReward.pt`` state dict into ``model`` through the explicit key mapping.
 
+    Every weight of ``model`` must come from the file. Keys of the file that the model does not use are
+    skipped, as the official loader (``load_state_dict(strict=False)``) skips them: the known unused ones
+    (``blip.vision_proj.*``, ``blip.text_proj.*``, ``position_ids``) silently, any other one with a warning
+    that lists it, since it may mean the file is a variant the mapping does not know.
+
+    Returns:
+        the file's keys that were neither loaded nor known to be unused (the ones the warning lists).
+
     Raises:
-        ValueError: listing the official keys that map to nothing and the model keys left without a value.
+        ValueError: listing the model keys the file gives no value.
     """
-    mapped, unmapped = {}, []
+    mapped, unknown = {}, []
     for key, value in state_dict.items():
         try:
             module_key = official_key_to_module_key(key)
         except KeyError:
-            unmapped.append(key)
+            unknown.append(key)
             continue
         if module_key is not None:
-            mapped[module_key] = value
-    result = model.load_state_dict(mapped, strict=False)
-    unexpected = unmapped + list(result.unexpected_keys)
-    if unexpected or result.missing_keys:
-        raise ValueError("The checkpoint does not have the official ImageReward layout: "
-                         f"unexpected keys {unexpected[:10]} ({len(unexpected)} in all), missing model keys "
-                         f"{result.missing_keys[:10]} ({len(result.missing_keys)} in all).")
+            mapped[module_key] = (key, value)
+    result = model.load_state_dict({module_key: value for module_key, (_, value) in mapped.items()}, strict=False)
+    if result.missing_keys:
+        raise ValueError("The checkpoint does not have the official ImageReward layout: it gives no value to "
+                         f"{len(result.missing_keys)} model weights, e.g. {result.missing_keys[:10]}. Pass the "
+                         "official ImageReward.pt of THUDM/ImageReward (and its med_config.json).")
+    # Keys that a mapping rule renamed but the model has no parameter for are unused too.
+    unknown += [mapped[module_key][0] for module_key in result.unexpected_keys]
+    if unknown:
+        logger.warning("ImageReward checkpoint: ignoring %d keys the model does not use (the official loader "
+                       "ignores them too): %s", len(unknown), ", ".join(unknown))
+    return unknown
 
 
 class ImageRewardReward(ModelReward):
@@ -163,7 +179,9 @@ class ImageRewardReward(ModelReward):
     on first call, unless ``checkpoint`` and ``med_config`` name local copies. The checkpoint is the flat
     state dict of the official ``ImageReward`` module (``blip.visual_encoder.*``, ``blip.text_encoder.*``,
     ``blip.vision_proj.*``, ``blip.text_proj.*``, ``mlp.layers.*``); it is loaded through an explicit key
-    mapping that fails on any unexpected or missing key (the official loader uses ``strict=False``).
+    mapping. A model weight missing from the file is an error; a key of the file that the model does not
+    use is skipped, as the official loader (``strict=False``) skips it, and logged with a warning when it is
+    not one of the known unused keys.
 
     Preprocessing is the official one in torch: resize the short side to 224 (bicubic), center crop 224,
     OpenAI CLIP mean/std. Prompts are tokenized with ``bert-base-uncased`` plus the ``[DEC]`` and ``[ENC]``
@@ -182,7 +200,7 @@ class ImageRewardReward(ModelReward):
 
     def __init__(self, checkpoint: str | None = None, med_config: str | None = None, *,
                  tokenizer: str = "bert-base-uncased", vision_config: dict | None = None, batch_size: int = 16,
-                 device: torch.device | str | None = None, dtype: torch.dtype | str = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype | str = "auto"):
         super().__init__(batch_size=batch_size, device=device, dtype=dtype)
         self.checkpoint = checkpoint
         self.med_config = med_config

@@ -36,7 +36,7 @@ class PickScoreReward(ModelReward):
 
     def __init__(self, model: str = "yuvalkirstain/PickScore_v1",
                  processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", *, batch_size: int = 16,
-                 device: torch.device | str | None = None, dtype: torch.dtype | str = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype | str = "auto"):
         super().__init__(batch_size=batch_size, device=device, dtype=dtype)
         self.model_id = model
         self.processor_id = processor
@@ -53,12 +53,21 @@ class PickScoreReward(ModelReward):
         pixels = resize_center_crop_normalize(images, **self._preprocess).to(model.dtype)
         text = self._tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
         text = text.to(images.device)
-        image_embeds = model.get_image_features(pixel_values=pixels).pooler_output.float()
-        text_embeds = model.get_text_features(input_ids=text.input_ids,
-                                              attention_mask=text.attention_mask).pooler_output.float()
+        image_embeds = projected_embeddings(model.get_image_features(pixel_values=pixels)).float()
+        text_embeds = projected_embeddings(model.get_text_features(input_ids=text.input_ids,
+                                                                   attention_mask=text.attention_mask)).float()
         image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
         text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
         return model.logit_scale.exp().float() * (image_embeds * text_embeds).sum(dim=-1)
+
+
+def projected_embeddings(features) -> torch.Tensor:
+    """The projected embeddings ``[B, D]`` returned by ``CLIPModel.get_image_features``/``get_text_features``.
+
+    transformers 4.x returns them as a tensor; transformers 5 returns a ``BaseModelOutputWithPooling`` whose
+    ``pooler_output`` holds them (and whose ``last_hidden_state`` is the tower's, unprojected).
+    """
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
 
 
 def _clip_processor_preprocess(image_processor, reward: str) -> dict:

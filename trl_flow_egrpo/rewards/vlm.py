@@ -52,7 +52,7 @@ def image_data_url(image: torch.Tensor, image_format: str) -> str:
     from PIL import Image
 
     buffer = io.BytesIO()
-    pil = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
+    pil = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())  # [H, W, 3] uint8: RGB
     if image_format == "png":
         pil.save(buffer, format="PNG", compress_level=1)
     else:

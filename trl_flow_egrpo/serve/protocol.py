@@ -121,8 +121,7 @@ def _png_bytes(image: np.ndarray) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)), mode="RGB").save(buffer, format="PNG",
-                                                                                       compress_level=1)
+    Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 

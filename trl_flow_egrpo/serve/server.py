@@ -130,7 +130,7 @@ class BatchScorer:
         self._thread.join()
 
     def score(self, batch: ScoreBatch) -> list[float]:
-        """Score one batch in the calling thread (warm-up), in chunks of ``batch_size``."""
+        """Score one batch in the calling thread, in chunks of ``batch_size`` (the worker and the warm-up use it)."""
         images, prompts, columns = batch.images, batch.prompts, batch.columns
         scores = []
         for start in range(0, len(prompts), self.batch_size):
