@@ -82,10 +82,13 @@ class EGRPOConfig:
     height: int = _doc("Image height in pixels. Authors' code: 720.", default=720)
     width: int = _doc("Image width in pixels. Authors' code: 720.", default=720)
     guidance_scale: float | None = _doc(
-        "The model family's guidance: FLUX.1-dev's guidance embedding (3.5 by default) or SD3's "
-        "classifier-free guidance scale. None uses the family's default.", default=None)
-    negative_prompt: str = _doc("Negative prompt for families with classifier-free guidance (SD3).", default="")
-    max_sequence_length: int = _doc("T5 token length of the prompt encoding (at most 512).", default=512)
+        "The model family's guidance: FLUX.1-dev's / FLUX.2 [dev]'s guidance embedding (3.5 / 4.0 by default) or "
+        "the classifier-free guidance scale of SD3 (4.5), FLUX.2 [klein] base (4.0) and Qwen-Image (its "
+        "true_cfg_scale, 4.0). None uses the family's default.", default=None)
+    negative_prompt: str = _doc(
+        "Negative prompt for families with classifier-free guidance (SD3, FLUX.2 [klein] base, Qwen-Image); "
+        "refused where the pipeline has no negative pass.", default="")
+    max_sequence_length: int = _doc("Text-encoder token length of the prompt encoding (at most 512).", default=512)
     rollout_batch_size: int = _doc(
         "Transformer rows per forward call while sampling (anchors and branches of all prompts and steps "
         "share calls, with per-sample timesteps).", default=16)
@@ -217,7 +220,7 @@ class EGRPOConfig:
             if getattr(self, name) < 1:
                 refuse(name, ">= 1")
         if self.max_sequence_length > 512:
-            refuse("max_sequence_length", "<= 512 (T5's limit in the pipelines)")
+            refuse("max_sequence_length", "<= 512 (the text encoders' limit in the pipelines)")
         if self.algorithm not in ("e-grpo", "flow-grpo", "dance-grpo", "mix-grpo"):
             refuse("algorithm", "one of 'e-grpo', 'flow-grpo', 'dance-grpo', 'mix-grpo'")
         if self.timestep_fraction is not None and not 0 < self.timestep_fraction <= 1:
