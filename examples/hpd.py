@@ -48,8 +48,9 @@ class ScriptArguments:
 
     model_name_or_path: str = field(
         default="black-forest-labs/FLUX.1-dev",
-        metadata={"help": "Hub id or local path of a diffusers pipeline; 'tiny' / 'tiny-sd3' build the embedded tiny "
-                          "FLUX / SD3 pipeline (random weights, offline)."})
+        metadata={"help": "Hub id or local path of a diffusers pipeline; 'tiny', 'tiny-sd3', 'tiny-flux2', "
+                          "'tiny-flux2-klein' and 'tiny-qwenimage' build an embedded tiny pipeline of that family "
+                          "(random weights, offline)."})
     torch_dtype: str = field(default="bfloat16", metadata={"help": "dtype the pipeline is loaded in."})
     reward_funcs: list[str] = field(
         default_factory=lambda: ["hps"],
