@@ -96,8 +96,8 @@ class EvalArguments:
 
     model_name_or_path: str = field(
         default="black-forest-labs/FLUX.1-dev",
-        metadata={"help": "The base pipeline (Hub id or path); 'tiny' / 'tiny-sd3' build the embedded tiny FLUX / "
-                          "SD3 pipeline."})
+        metadata={"help": "The base pipeline (Hub id or path); 'tiny', 'tiny-sd3', 'tiny-flux2', 'tiny-flux2-klein' "
+                          "and 'tiny-qwenimage' build an embedded tiny pipeline of that family."})
     torch_dtype: str = field(default="bfloat16", metadata={"help": "dtype the pipeline is loaded in."})
     trained_model: str | None = field(
         default=None,

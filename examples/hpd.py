@@ -48,8 +48,9 @@ class ScriptArguments:
 
     model_name_or_path: str = field(
         default="black-forest-labs/FLUX.1-dev",
-        metadata={"help": "Hub id or local path of a diffusers pipeline; 'tiny' / 'tiny-sd3' build the embedded tiny "
-                          "FLUX / SD3 pipeline (random weights, offline)."})
+        metadata={"help": "Hub id or local path of a diffusers pipeline; 'tiny', 'tiny-sd3', 'tiny-flux2', "
+                          "'tiny-flux2-klein' and 'tiny-qwenimage' build an embedded tiny pipeline of that family "
+                          "(random weights, offline)."})
     torch_dtype: str = field(default="bfloat16", metadata={"help": "dtype the pipeline is loaded in."})
     reward_funcs: list[str] = field(
         default_factory=lambda: ["hps"],
@@ -96,7 +97,9 @@ def main(args: ScriptArguments, config: EGRPOConfig):
     # Rewards first: a misspelled name fails before the pipeline (24 GB for FLUX.1-dev) is loaded.
     rewards = [build_reward(name) for name in args.reward_funcs]
     eval_rewards = [build_reward(name) for name in args.eval_reward_funcs]
-    pipeline = load_pipeline(args.model_name_or_path, getattr(torch, args.torch_dtype))
+    # Under FSDP with fsdp_cpu_ram_efficient_loading only the main process reads the weights; the others get a
+    # placeholder that accelerate fills with their shards (no full copy per process).
+    pipeline = load_pipeline(args.model_name_or_path, getattr(torch, args.torch_dtype), main_process_weights_only=True)
     logger.info("Model: %s (%s). Rewards: %s (weights %s, aggregation '%s'); eval-only rewards: %s.",
                 args.model_name_or_path, args.torch_dtype, ", ".join(args.reward_funcs),
                 config.reward_weights or "all 1", config.reward_aggregation,

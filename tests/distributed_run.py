@@ -87,7 +87,8 @@ def full_trainable_weights(trainer) -> dict[str, torch.Tensor]:
     weights = {}
     for name, parameter in trainer.unwrapped_model.named_parameters():
         if parameter.requires_grad:
-            weights[name] = (parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter).detach().clone()
+            full = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+            weights[name] = full.detach().clone()
     return weights
 
 

@@ -12,7 +12,8 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataP
 
 from trl_flow_egrpo import backends, failures, registry
 
-ACCELERATE_CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate", "*.yaml")))
+ACCELERATE_CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate",
+                                                   "*.yaml")))
 
 
 def launch_environment(config_file: str) -> dict[str, str]:

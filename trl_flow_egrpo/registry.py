@@ -68,13 +68,16 @@ def describe_reward(name: str) -> str:
     return REWARD_SOURCES.get(base, f"`{name}` (custom reward)")
 
 
-TINY_PIPELINES = {"tiny": "build_tiny_flux_pipeline", "tiny-sd3": "build_tiny_sd3_pipeline"}
+TINY_PIPELINES = {"tiny": "build_tiny_flux_pipeline", "tiny-sd3": "build_tiny_sd3_pipeline",
+                  "tiny-flux2": "build_tiny_flux2_pipeline", "tiny-flux2-klein": "build_tiny_flux2_klein_pipeline",
+                  "tiny-qwenimage": "build_tiny_qwenimage_pipeline"}
 """Pipeline names that build an embedded tiny pipeline (:mod:`trl_flow_egrpo.tiny`) instead of loading one."""
 
 
 def load_pipeline(name: str, dtype, main_process_weights_only: bool = False):
-    """The diffusers pipeline ``name`` (Hub id or local path) in ``dtype``; ``"tiny"`` / ``"tiny-sd3"`` build
-    the embedded tiny FLUX / SD3 pipeline offline, so scripts run the same code path on a CPU.
+    """The diffusers pipeline ``name`` (Hub id or local path) in ``dtype``; the names of :data:`TINY_PIPELINES`
+    (``"tiny"``, ``"tiny-sd3"``, ``"tiny-flux2"``, ``"tiny-flux2-klein"``, ``"tiny-qwenimage"``) build the embedded
+    tiny pipeline of that family offline, so scripts run the same code path on a CPU.
 
     Args:
         name: the pipeline.
