@@ -497,7 +497,7 @@ class EGRPOTrainer:
 
     def _log_start(self):
         if self.accelerator.is_main_process:
-            logger.info("%s (T=%d)", self.strategy.describe(), self.config.num_inference_steps)
+            logger.info(self.strategy.describe())
             logger.info("Per prompt: %d rollouts, %d transformer evaluations; %d trainable parameters; %d process(es).",
                         self.config.num_generations * max(1, len(self.strategy.group_labels)),
                         self.evaluations_per_prompt(), self.num_trainable_parameters, self.accelerator.num_processes)

@@ -65,6 +65,6 @@ class RolloutStrategy(ABC):
         """Names of the values of :attr:`Rollouts.group_step` (reward metrics per label); empty if one label."""
         return []
 
+    @abstractmethod
     def describe(self) -> str:
-        """A few lines for the log: what is stochastic and what is trained."""
-        return f"{self.name}: {self.evaluations_per_prompt()} transformer evaluations per prompt"
+        """A few lines for the log and the model card: what is stochastic and what is trained."""

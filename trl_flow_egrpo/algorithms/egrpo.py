@@ -52,5 +52,7 @@ class EGRPO(RolloutStrategy):
         return [f"step_{step.start}" for step in self.merge_plan]
 
     def describe(self) -> str:
-        return (f"E-GRPO merge plan (a={self.config.noise_level:.3g}, tau={self.config.entropy_threshold:.3g}):\n"
-                + format_merge_plan(self.merge_plan, self.schedule.sigmas))
+        config = self.config
+        return (f"E-GRPO merge plan (T={self.schedule.num_steps}, a={config.noise_level:.3g}, "
+                f"tau={config.entropy_threshold:.3g}, {config.num_active_steps} active steps from step "
+                f"{config.first_active_step}):\n" + format_merge_plan(self.merge_plan, self.schedule.sigmas))

@@ -34,5 +34,6 @@ class MixGRPO(TrajectoryStrategy):
         return self.stochastic_steps(iteration).expand(self.config.num_generations, -1).clone()
 
     def describe(self) -> str:
-        return (f"MixGRPO: SDE window of {self.config.mix_window_size} steps from step {self.window_start(0)}, "
+        return (f"MixGRPO (T={self.schedule.num_steps}): SDE window of {self.config.mix_window_size} steps from step "
+                f"{self.window_start(0)}, "
                 f"moving {self.config.mix_window_stride} every {self.config.mix_shift_interval} iterations")

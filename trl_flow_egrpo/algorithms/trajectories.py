@@ -34,6 +34,11 @@ class TrajectoryStrategy(RolloutStrategy):
     def num_phases(self) -> int:
         return int(self.trained_steps(0, torch.Generator().manual_seed(0))[0].sum())
 
+    def describe(self) -> str:
+        noise = "one initial noise per group" if self.same_noise_in_group else "one initial noise per trajectory"
+        return (f"{self.name} (T={self.schedule.num_steps}): {self.config.num_generations} trajectories per prompt, "
+                f"{noise}, {self.num_phases} trained steps each")
+
     def trained_steps_per_phase(self, num_prompts: int) -> int:
         """One trained step of every trajectory."""
         return num_prompts * self.config.num_generations
