@@ -1,5 +1,7 @@
 """Shared builders for the tests: a tiny E-GRPO setup that trains on a CPU in seconds."""
 
+import math
+
 import torch
 from datasets import Dataset
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -85,3 +87,15 @@ def plain_pipeline_images(pipeline, trainer, prompts: list[str], seed: int) -> t
                       generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]).images
     torch.testing.assert_close(pipeline.scheduler.sigmas.float().cpu(), trainer.schedule.sigmas, rtol=0, atol=0)
     return images
+
+
+def assert_training_raises_the_reward(trainer, prompts, min_gain: float = 0.004, seed: int = 123) -> list[dict]:
+    """Train ``trainer`` and require the colour reward of deterministic samples of ``prompts`` (the same noise
+    before and after) to rise (:func:`assert_reward_rose`) with a finite loss every iteration; returns the history."""
+    reward = ColorReward()
+    before = reward(trainer.sample_images(prompts, seed=seed), prompts)
+    history = trainer.train().log_history
+    after = reward(trainer.sample_images(prompts, seed=seed), prompts)
+    assert_reward_rose(before, after, min_gain=min_gain)
+    assert len(history) == trainer.config.max_steps and all(math.isfinite(m["loss"]) for m in history)
+    return history

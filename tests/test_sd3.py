@@ -18,7 +18,7 @@ from trl_flow_egrpo.rewards import ColorReward  # noqa: E402
 from trl_flow_egrpo.rollout import sample_rollouts  # noqa: E402
 from trl_flow_egrpo.tiny import build_tiny_sd3_pipeline  # noqa: E402
 
-from helpers import assert_reward_rose  # noqa: E402
+from helpers import assert_training_raises_the_reward  # noqa: E402
 
 PROMPTS = ["a red apple", "a fire truck", "a cat on a mat", "sunset over the sea", "a rose", "a bowl of cherries"]
 EVAL_PROMPTS = ["a red apple", "a rose", "a car", "the sea", "a cat", "a bowl of cherries", "fire", "a house"]
@@ -112,14 +112,8 @@ def test_on_policy_ratios_are_one(tmp_path, guidance_scale):
 
 
 def test_training_raises_the_reward(tmp_path):
-    reward = ColorReward()
     # 4 prompts per iteration: with 2, the gain after 20 iterations depends on the seed (some seeds lose).
-    trainer = sd3_trainer(tmp_path, max_steps=20, prompts_per_device=4)
-    before = reward(trainer.sample_images(EVAL_PROMPTS, seed=123), EVAL_PROMPTS)
-    history = trainer.train().log_history
-    after = reward(trainer.sample_images(EVAL_PROMPTS, seed=123), EVAL_PROMPTS)
-    assert_reward_rose(before, after, min_gain=0.004)
-    assert len(history) == 20 and all(np.isfinite(m["loss"]) for m in history)
+    assert_training_raises_the_reward(sd3_trainer(tmp_path, max_steps=20, prompts_per_device=4), EVAL_PROMPTS)
 
 
 def test_saved_lora_loads_into_a_fresh_pipeline(tmp_path):
