@@ -93,6 +93,9 @@ def test_dance_sde_is_flow_grpo_sde_with_a_constant_coefficient():
     torch.testing.assert_close(std, 0.3 * torch.sqrt(s - sigmas[index + 1]))
 
 
+# End to end (slow): on the random-weight tiny model the baselines' gains are small enough that the tiny text
+# encoders' initialization, which changed in transformers 5.13, decides them; the minimum-versions CI run skips it.
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", BASELINES)
 def test_baselines_raise_the_reward(tmp_path, algorithm):
     reward = ColorReward()
