@@ -104,10 +104,10 @@ class CompositionReward:
 
     Per object, the score is ``min(1, n / (min_pixels_fraction * H * W))`` with ``n`` the pixels of the
     object's colour in the window of its position (:func:`region_mask`): 1 once at least ``min_pixels_fraction``
-    of the image shows the colour there (10 pixels at 32x32; a ground-truth object has at least 14), partial
-    credit below, so that rollouts that get closer are ranked higher. The reward is the mean over the prompt's
-    objects, in [0, 1]. Shape is not checked, and colour elsewhere is not penalized: pair it with
-    :class:`CountReward` (as a training or an evaluation reward) to see extra objects.
+    of the image shows the colour there (10 pixels at 32x32; in one render of every prompt, the smallest
+    ground-truth object shows 16), partial credit below, so that rollouts that get closer are ranked higher. The
+    reward is the mean over the prompt's objects, in [0, 1]. Shape is not checked, and colour elsewhere is not
+    penalized: pair it with :class:`CountReward` (as a training or an evaluation reward) to see extra objects.
 
     Args:
         min_pixels_fraction: pixels of the colour (as a fraction of the image) that count as present.
@@ -144,8 +144,8 @@ class CountReward:
     right count, 0 for an empty image; for a two-object prompt, 0.5 for one or three objects.
 
     Args:
-        min_pixels_fraction: the smallest component that counts as an object (6 pixels at 32x32; a
-            ground-truth object has at least 14).
+        min_pixels_fraction: the smallest component that counts as an object (6 pixels at 32x32; in one render
+            of every prompt, the smallest ground-truth object is 16).
         max_distance: colour classification threshold (:func:`classify_pixels`).
     """
 
