@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from learning_efficiency import SHARED, Mode, mean_curve, parse_args, run_jobs  # noqa: E402
+from learning_efficiency import SHARED, Mode, backend_arguments, mean_curve, parse_args, run_jobs  # noqa: E402
 
 NO_LIMIT = 10**12
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
     mode = MODES[mode_name]
     start = time.perf_counter()
-    backend_args = (args.model, os.path.abspath(args.testbed_root), mode.num_eval_prompts)
+    backend_args = backend_arguments(args, mode)
     settings = unique_settings()
     configs = [dict(algorithm="e-grpo", seed=seed, **fields) for fields in settings for seed in mode.seeds]
     runs = run_jobs(backend_args, configs, mode, args.workers, budget_by_iterations=True)

@@ -101,15 +101,18 @@ class Backend:
     config_fields: dict = field(default_factory=dict)
 
 
-def testbed_backend(testbed_root: str, num_eval_prompts: int) -> Backend:
-    """The testbed: its pretrained pipeline, CompositionReward, its training and held-out prompts."""
+def testbed_backend(testbed_root: str, num_eval_prompts: int, checkpoint: str | None = None) -> Backend:
+    """The testbed: its pretrained pipeline (the committed one, or the one saved in ``checkpoint``),
+    CompositionReward, its training and held-out prompts."""
     testbed = import_testbed(testbed_root)
     from benchmarks.testbed.rewards import CompositionReward
 
+    directory = checkpoint or testbed.CHECKPOINT_DIR
     heldout = testbed.heldout_prompts()
     stride = max(1, len(heldout) // num_eval_prompts)  # spread over the held-out compositions
-    return Backend("testbed", lambda: testbed.load_testbed_pipeline(build_if_missing=False), CompositionReward(),
-                   testbed.train_prompts(), heldout[::stride][:num_eval_prompts], dict(testbed.SAMPLING))
+    return Backend("testbed", lambda: testbed.load_testbed_pipeline(directory, build_if_missing=False),
+                   CompositionReward(), testbed.train_prompts(), heldout[::stride][:num_eval_prompts],
+                   dict(testbed.SAMPLING))
 
 
 TINY_PROMPTS = ["a red apple", "a fire truck", "a blue sky", "a green field", "a yellow sun", "a purple flower"]
@@ -125,9 +128,11 @@ def tiny_backend(num_eval_prompts: int) -> Backend:
                    dict(height=64, width=64, max_sequence_length=32))
 
 
-def make_backend(model: str, testbed_root: str, num_eval_prompts: int) -> Backend:
-    """``model``: 'testbed' or 'tiny'."""
-    return testbed_backend(testbed_root, num_eval_prompts) if model == "testbed" else tiny_backend(num_eval_prompts)
+def make_backend(model: str, testbed_root: str, checkpoint: str | None, num_eval_prompts: int) -> Backend:
+    """``model``: 'testbed' or 'tiny' (which ignores ``testbed_root`` and ``checkpoint``)."""
+    if model == "testbed":
+        return testbed_backend(testbed_root, num_eval_prompts, checkpoint)
+    return tiny_backend(num_eval_prompts)
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -164,6 +169,7 @@ def run_curve(backend: Backend, config_fields: dict, mode: Mode, budget_by_itera
     from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer
 
     torch.set_num_threads(1)
+    quiet_libraries()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as output_dir:
         config = EGRPOConfig(output_dir=output_dir, **{**SHARED, **dict(mode.overrides), **backend.config_fields,
@@ -213,14 +219,19 @@ def run_jobs(backend_args: tuple, configs: list[dict], mode: Mode, workers: int,
     jobs = [(backend_args, config, mode, budget_by_iterations) for config in configs]
     if workers <= 1:
         return [_run_job(job) for job in jobs]
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_quiet_worker) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
         return pool.map(_run_job, jobs, chunksize=1)
 
 
-def _quiet_worker():
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def quiet_libraries() -> None:
+    """No loading progress bars or per-run info logs: the runs' output is the tables."""
     import logging
 
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     logging.getLogger("trl_flow_egrpo").setLevel(logging.WARNING)
 
 
@@ -349,9 +360,17 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__):
                         help="The pretrained testbed (default) or the random-weight tiny FLUX pipeline.")
     parser.add_argument("--testbed_root", default=REPO,
                         help="Repository holding benchmarks/testbed (default: this one).")
+    parser.add_argument("--checkpoint", default=None,
+                        help="A testbed pipeline saved elsewhere (default: the testbed's committed checkpoint).")
     parser.add_argument("--workers", type=int, default=2, help="Runs in parallel (one thread each).")
     parser.add_argument("--out", default=RESULTS_DIR, help="Where the table, plot and JSON are written.")
     return parser.parse_args(argv)
+
+
+def backend_arguments(args, mode: Mode) -> tuple:
+    """The arguments of :func:`make_backend` (a tuple: each worker process builds the backend from them)."""
+    checkpoint = os.path.abspath(args.checkpoint) if args.checkpoint else None
+    return args.model, os.path.abspath(args.testbed_root), checkpoint, mode.num_eval_prompts
 
 
 def mode_of(args) -> tuple[str, Mode]:
@@ -363,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     mode_name, mode = mode_of(args)
     start = time.perf_counter()
-    backend_args = (args.model, os.path.abspath(args.testbed_root), mode.num_eval_prompts)
+    backend_args = backend_arguments(args, mode)
     configs = [dict(algorithm=algorithm, seed=seed) for algorithm in ALGORITHMS for seed in mode.seeds]
     runs = run_jobs(backend_args, configs, mode, args.workers)
     results = {algorithm: [run for run in runs if run["config"]["algorithm"] == algorithm] for algorithm in ALGORITHMS}
