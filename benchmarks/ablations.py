@@ -27,13 +27,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from learning_efficiency import SHARED, Mode, backend_arguments, mean_curve, parse_args, run_jobs  # noqa: E402
+from learning_efficiency import SHARED, Mode, backend_arguments, mean_curve, parse_args, run_jobs, shared_settings  # noqa: E402
 
 NO_LIMIT = 10**12
 
 MODES: dict[str, Mode] = {
     "full": Mode(budget=NO_LIMIT, eval_points=6, seeds=(0, 1, 2), num_eval_prompts=64, max_iterations=30),
-    "quick": Mode(budget=NO_LIMIT, eval_points=4, seeds=(0,), num_eval_prompts=24, max_iterations=8),
+    "quick": Mode(budget=NO_LIMIT, eval_points=3, seeds=(0,), num_eval_prompts=24, max_iterations=6),
     "smoke": Mode(budget=NO_LIMIT, eval_points=1, seeds=(0,), num_eval_prompts=1, max_iterations=2,
                   overrides=(("num_generations", 2), ("prompts_per_device", 1))),
 }
@@ -88,14 +88,13 @@ def setting_summary(runs: list[dict]) -> dict:
 
 
 def markdown_report(summaries: dict[str, dict], mode_name: str, mode: Mode, backend: str, command: str,
-                    seconds: float) -> str:
+                    seconds: float, learning_rate: float) -> str:
     """One table per ablation, with the settings that produced them."""
     lines = [f"# E-GRPO ablations ({mode_name} mode, {backend})", "",
              f"Command: `{command}`  ",
              f"Wall time: {seconds:.0f} s. Seeds: {list(mode.seeds)}. {mode.max_iterations} iterations per setting. "
              f"Evaluation: {mode.num_eval_prompts} held-out prompts, deterministic ODE samples from fixed seeds.  ",
-             "Shared hyperparameters: " + ", ".join(f"{k}={v}" for k, v in SHARED.items()
-                                                   if k not in ("mixed_precision", "save_steps", "disable_tqdm")) + "."]
+             shared_settings(learning_rate)]
     for title, rows in ABLATIONS.items():
         lines += ["", f"## {title}", "",
                   "| setting | merge plan (k, l) | sampling rows / iteration | update rows / iteration "
@@ -142,14 +141,15 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     backend_args = backend_arguments(args, mode)
     settings = unique_settings()
-    configs = [dict(algorithm="e-grpo", seed=seed, **fields) for fields in settings for seed in mode.seeds]
+    configs = [dict(algorithm="e-grpo", seed=seed, learning_rate=args.learning_rate, **fields) for fields in settings
+               for seed in mode.seeds]
     runs = run_jobs(backend_args, configs, mode, args.workers, budget_by_iterations=True)
     by_setting = {label: [runs[settings.index(fields) * len(mode.seeds) + i] for i in range(len(mode.seeds))]
                   for rows in ABLATIONS.values() for label, fields in rows}
     summaries = {label: setting_summary(setting_runs) for label, setting_runs in by_setting.items()}
     seconds = time.perf_counter() - start
     command = "python benchmarks/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = markdown_report(summaries, mode_name, mode, args.model, command.strip(), seconds)
+    report = markdown_report(summaries, mode_name, mode, args.model, command.strip(), seconds, args.learning_rate)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"ablations_{mode_name}")
     with open(stem + ".md", "w") as file:

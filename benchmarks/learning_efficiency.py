@@ -177,7 +177,7 @@ def run_curve(backend: Backend, config_fields: dict, mode: Mode, budget_by_itera
         trainer = EGRPOTrainer(config, backend.build_pipeline(), [backend.reward], backend.train_prompts)
         update_rows = count_update_rows(trainer)
         sampling, updates, iteration = 0, 0, 0
-        points = [dict(iteration=0, sampling_rows=0, update_rows=0, total=0,
+        points = [dict(iteration=0, sampling_rows=0, update_rows=0, total=0, train_reward=None,
                        reward=evaluation_reward(trainer, backend.reward, backend.eval_prompts))]
         next_point = 1
         while True:
@@ -193,7 +193,8 @@ def run_curve(backend: Backend, config_fields: dict, mode: Mode, budget_by_itera
                 while progress >= next_point * scale / mode.eval_points:
                     next_point += 1
                 points.append(dict(iteration=iteration, sampling_rows=sampling, update_rows=updates, total=total,
-                                   reward=evaluation_reward(trainer, backend.reward, backend.eval_prompts)))
+                                   reward=evaluation_reward(trainer, backend.reward, backend.eval_prompts),
+                                   train_reward=metrics["reward/weighted_mean"]))
             if done:
                 break
     return dict(config=config_fields, points=points, seconds=time.perf_counter() - start,
@@ -283,16 +284,25 @@ def summarize(results: dict[str, list[dict]]) -> dict:
             update_rows_per_iteration=runs[0]["update_rows_per_iteration"],
             seconds=sum(run["seconds"] for run in runs) / len(runs))
     ratio = None
-    if best and "e-grpo" in rows and rows["e-grpo"]["total_to_reach"] is not None and rows[best]["total_to_reach"]:
+    degenerate = best is not None and target <= rows[best]["initial_reward"]
+    if best and not degenerate and "e-grpo" in rows and rows["e-grpo"]["total_to_reach"] is not None:
         ratio = rows["e-grpo"]["total_to_reach"] / rows[best]["total_to_reach"]
-    return dict(best_baseline=best, target=target, rows=rows, egrpo_ratio=ratio)
+    return dict(best_baseline=best, target=target, rows=rows, egrpo_ratio=ratio, target_not_above_start=degenerate)
 
 
 def _number(value: float | None, digits: int = 0) -> str:
     return "not reached" if value is None else f"{value:,.{digits}f}"
 
 
-def markdown_report(summary: dict, mode_name: str, mode: Mode, backend: str, command: str, seconds: float) -> str:
+def shared_settings(learning_rate: float) -> str:
+    """The shared hyperparameters of a report, with the learning rate the runs used."""
+    values = {**SHARED, "learning_rate": learning_rate}
+    return "Shared hyperparameters: " + ", ".join(f"{k}={v}" for k, v in values.items()
+                                                 if k not in ("mixed_precision", "save_steps", "disable_tqdm")) + "."
+
+
+def markdown_report(summary: dict, mode_name: str, mode: Mode, backend: str, command: str, seconds: float,
+                    learning_rate: float) -> str:
     """The table of results, with the settings that produced it."""
     best, target, rows = summary["best_baseline"], summary["target"], summary["rows"]
     lines = [
@@ -300,9 +310,7 @@ def markdown_report(summary: dict, mode_name: str, mode: Mode, backend: str, com
         f"Command: `{command}`  ", f"Wall time: {seconds:.0f} s. Seeds: {list(mode.seeds)}. "
         f"Budget: {mode.budget:,} total rows (total = sampling rows + {UPDATE_ROW_COST} x update rows). "
         f"Evaluation: {mode.num_eval_prompts} held-out prompts, deterministic ODE samples from fixed seeds.  ",
-        "Shared hyperparameters: " + ", ".join(f"{k}={v}" for k, v in SHARED.items()
-                                               if k not in ("mixed_precision", "save_steps", "disable_tqdm")) + ".",
-        "",
+        shared_settings(learning_rate), "",
         "| algorithm | sampling rows / iteration | update rows / iteration | iterations | eval reward at 0 "
         "| final eval reward (± s.e.) | total rows to reach target |",
         "|---|---|---|---|---|---|---|",
@@ -310,9 +318,14 @@ def markdown_report(summary: dict, mode_name: str, mode: Mode, backend: str, com
     for name, row in rows.items():
         lines.append(f"| {name} | {row['sampling_rows_per_iteration']:,.0f} | {row['update_rows_per_iteration']:,.0f} "
                      f"| {row['iterations']} | {row['initial_reward']:.4f} "
-                     f"| {row['final_reward']:.4f} ± {row['final_se']:.4f} | {_number(row['total_to_reach'])} |")
+                     f"| {row['final_reward']:.4f} ± {row['final_se']:.4f} "
+                     f"| {'n/a' if summary['target_not_above_start'] else _number(row['total_to_reach'])} |")
     lines.append("")
-    if best is not None:
+    if summary["target_not_above_start"]:
+        lines.append(f"Target: the best baseline's final evaluation reward, {best} {target:.4f}, is not above the "
+                     f"reward before training ({rows[best]['initial_reward']:.4f}): no baseline improved on the "
+                     "held-out prompts, so rows-to-reach and E-GRPO's ratio are not defined for this run.")
+    elif best is not None:
         ratio = summary["egrpo_ratio"]
         lines.append(f"Target: the best baseline's final evaluation reward, {best} {target:.4f}. "
                      f"E-GRPO / {best} rows to reach it: "
@@ -362,8 +375,12 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__):
                         help="Repository holding benchmarks/testbed (default: this one).")
     parser.add_argument("--checkpoint", default=None,
                         help="A testbed pipeline saved elsewhere (default: the testbed's committed checkpoint).")
+    parser.add_argument("--learning_rate", type=float, default=SHARED["learning_rate"],
+                        help="The learning rate of every run (default: the shared one).")
     parser.add_argument("--workers", type=int, default=2, help="Runs in parallel (one thread each).")
     parser.add_argument("--out", default=RESULTS_DIR, help="Where the table, plot and JSON are written.")
+    parser.add_argument("--from_json", default=None,
+                        help="Re-render the table and plot of a run saved as JSON by this script, without training.")
     return parser.parse_args(argv)
 
 
@@ -380,25 +397,34 @@ def mode_of(args) -> tuple[str, Mode]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    mode_name, mode = mode_of(args)
-    start = time.perf_counter()
-    backend_args = backend_arguments(args, mode)
-    configs = [dict(algorithm=algorithm, seed=seed) for algorithm in ALGORITHMS for seed in mode.seeds]
-    runs = run_jobs(backend_args, configs, mode, args.workers)
+    command = ("python benchmarks/learning_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    if args.from_json:
+        with open(args.from_json) as file:
+            saved = json.load(file)
+        mode_name, runs, seconds, model = saved["mode"], saved["runs"], saved["seconds"], saved["model"]
+        command = saved.get("command", f"python benchmarks/learning_efficiency.py --{mode_name}")  # older files
+        learning_rate = runs[0]["config"].get("learning_rate", SHARED["learning_rate"])
+    else:
+        mode_name, mode = mode_of(args)
+        start = time.perf_counter()
+        learning_rate, model = args.learning_rate, args.model
+        configs = [dict(algorithm=algorithm, seed=seed, learning_rate=learning_rate) for algorithm in ALGORITHMS
+                   for seed in mode.seeds]
+        runs = run_jobs(backend_arguments(args, mode), configs, mode, args.workers)
+        seconds = time.perf_counter() - start
+    mode = MODES[mode_name]
     results = {algorithm: [run for run in runs if run["config"]["algorithm"] == algorithm] for algorithm in ALGORITHMS}
     summary = summarize(results)
-    seconds = time.perf_counter() - start
-    command = "python benchmarks/learning_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = markdown_report(summary, mode_name, mode, args.model, command.strip(), seconds)
+    report = markdown_report(summary, mode_name, mode, model, command, seconds, learning_rate)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"learning_efficiency_{mode_name}")
     with open(stem + ".md", "w") as file:
         file.write(report)
     with open(stem + ".json", "w") as file:
-        json.dump(dict(mode=mode_name, model=args.model, seconds=seconds, shared=SHARED, summary=summary,
-                       runs=runs), file, indent=1)
+        json.dump(dict(mode=mode_name, model=model, command=command, seconds=seconds, shared=SHARED,
+                       summary=summary, runs=runs), file, indent=1)
     plot(results, summary["target"], stem + ".png",
-         f"Learning efficiency on the {args.model} ({mode_name}, seeds {list(mode.seeds)})")
+         f"Learning efficiency on the {model} ({mode_name}, seeds {list(mode.seeds)})")
     print(report)
     print(f"wall time: {seconds:.1f} s; wrote {stem}.md, .png, .json")
     return summary
