@@ -301,6 +301,11 @@ def shared_settings(learning_rate: float) -> str:
                                                  if k not in ("mixed_precision", "save_steps", "disable_tqdm")) + "."
 
 
+def result_suffix(learning_rate: float) -> str:
+    """Result files of a run at another learning rate than the shared one get it in their name."""
+    return "" if learning_rate == SHARED["learning_rate"] else f"_lr{learning_rate:g}"
+
+
 def markdown_report(summary: dict, mode_name: str, mode: Mode, backend: str, command: str, seconds: float,
                     learning_rate: float) -> str:
     """The table of results, with the settings that produced it."""
@@ -417,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(results)
     report = markdown_report(summary, mode_name, mode, model, command, seconds, learning_rate)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"learning_efficiency_{mode_name}")
+    stem = os.path.join(args.out, f"learning_efficiency_{mode_name}" + result_suffix(learning_rate))
     with open(stem + ".md", "w") as file:
         file.write(report)
     with open(stem + ".json", "w") as file:
