@@ -278,8 +278,8 @@ def summarize(results: dict[str, list[dict]]) -> dict:
         update_xs = mean_curve(runs, "update_rows")[0]
         rows[name] = dict(
             final_reward=means[-1], final_se=errors[-1], initial_reward=means[0], final_total=xs[-1],
-            final_sampling_rows=sampling_xs[-1], final_update_rows=update_xs[-1], iterations=runs[0]["points"][-1]["iteration"],
-            total_to_reach=reach,
+            final_sampling_rows=sampling_xs[-1], final_update_rows=update_xs[-1],
+            iterations=runs[0]["points"][-1]["iteration"], total_to_reach=reach,
             sampling_rows_per_iteration=runs[0]["sampling_rows_per_iteration"],
             update_rows_per_iteration=runs[0]["update_rows_per_iteration"],
             seconds=sum(run["seconds"] for run in runs) / len(runs))
