@@ -27,13 +27,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from learning_efficiency import SHARED, Mode, mean_curve, parse_args, run_jobs  # noqa: E402
+from learning_efficiency import (SHARED, Mode, backend_arguments, mean_curve, parse_args, result_suffix,  # noqa: E402
+                                 run_jobs, shared_settings)
 
 NO_LIMIT = 10**12
 
 MODES: dict[str, Mode] = {
     "full": Mode(budget=NO_LIMIT, eval_points=6, seeds=(0, 1, 2), num_eval_prompts=64, max_iterations=30),
-    "quick": Mode(budget=NO_LIMIT, eval_points=4, seeds=(0,), num_eval_prompts=24, max_iterations=8),
+    "quick": Mode(budget=NO_LIMIT, eval_points=3, seeds=(0,), num_eval_prompts=24, max_iterations=6),
     "smoke": Mode(budget=NO_LIMIT, eval_points=1, seeds=(0,), num_eval_prompts=1, max_iterations=2,
                   overrides=(("num_generations", 2), ("prompts_per_device", 1))),
 }
@@ -88,24 +89,24 @@ def setting_summary(runs: list[dict]) -> dict:
 
 
 def markdown_report(summaries: dict[str, dict], mode_name: str, mode: Mode, backend: str, command: str,
-                    seconds: float) -> str:
+                    seconds: float, learning_rate: float) -> str:
     """One table per ablation, with the settings that produced them."""
     lines = [f"# E-GRPO ablations ({mode_name} mode, {backend})", "",
              f"Command: `{command}`  ",
              f"Wall time: {seconds:.0f} s. Seeds: {list(mode.seeds)}. {mode.max_iterations} iterations per setting. "
              f"Evaluation: {mode.num_eval_prompts} held-out prompts, deterministic ODE samples from fixed seeds.  ",
-             "Shared hyperparameters: " + ", ".join(f"{k}={v}" for k, v in SHARED.items()
-                                                   if k not in ("mixed_precision", "save_steps", "disable_tqdm")) + "."]
+             shared_settings(learning_rate)]
     for title, rows in ABLATIONS.items():
         lines += ["", f"## {title}", "",
                   "| setting | merge plan (k, l) | sampling rows / iteration | update rows / iteration "
-                  "| eval reward at 0 | final eval reward (± s.e.) | gain |",
+                  "| eval reward at 0 | final eval reward (± s.e. over seeds) | gain |",
                   "|---|---|---|---|---|---|---|"]
         for label, _ in rows:
             row = summaries[label]
+            error = f" ± {row['final_se']:.4f}" if len(mode.seeds) > 1 else ""  # no spread from one seed
             lines.append(f"| {label} | {format_plan(row['merge_plan'])} | {row['sampling_rows_per_iteration']:,.0f} "
                          f"| {row['update_rows_per_iteration']:,.0f} | {row['initial_reward']:.4f} "
-                         f"| {row['final_reward']:.4f} ± {row['final_se']:.4f} "
+                         f"| {row['final_reward']:.4f}{error} "
                          f"| {row['final_reward'] - row['initial_reward']:+.4f} |")
     return "\n".join(lines) + "\n"
 
@@ -121,7 +122,8 @@ def plot(results: dict[str, list[dict]], path: str, title: str) -> None:
     for axis, (table, rows) in zip(axes, ABLATIONS.items()):
         for label, _ in rows:
             xs, means, errors = mean_curve(results[label], "iteration")
-            axis.plot(xs, means, marker="o", markersize=3, label=label, linewidth=2.5 if label == PAPER else 1.2)
+            style = dict(color="black", linewidth=2.5) if label == PAPER else dict(linewidth=1.2)
+            axis.plot(xs, means, marker="o", markersize=3, label=label, **style)
             axis.fill_between(xs, [m - e for m, e in zip(means, errors)], [m + e for m, e in zip(means, errors)],
                               alpha=0.15)
         axis.set_title(table.split(" (")[0], fontsize=10)
@@ -137,27 +139,36 @@ def plot(results: dict[str, list[dict]], path: str, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv, __doc__)
-    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
-    mode = MODES[mode_name]
-    start = time.perf_counter()
-    backend_args = (args.model, os.path.abspath(args.testbed_root), mode.num_eval_prompts)
+    command = ("python benchmarks/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     settings = unique_settings()
-    configs = [dict(algorithm="e-grpo", seed=seed, **fields) for fields in settings for seed in mode.seeds]
-    runs = run_jobs(backend_args, configs, mode, args.workers, budget_by_iterations=True)
+    if args.from_json:
+        with open(args.from_json) as file:
+            saved = json.load(file)
+        mode_name, runs, seconds, model = saved["mode"], saved["runs"], saved["seconds"], saved["model"]
+        command = saved.get("command", f"python benchmarks/ablations.py --{mode_name}")  # older files
+        learning_rate = runs[0]["config"]["learning_rate"]
+    else:
+        mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+        start = time.perf_counter()
+        learning_rate, model = args.learning_rate, args.model
+        configs = [dict(algorithm="e-grpo", seed=seed, learning_rate=learning_rate, **fields) for fields in settings
+                   for seed in MODES[mode_name].seeds]
+        runs = run_jobs(backend_arguments(args, MODES[mode_name]), configs, MODES[mode_name], args.workers,
+                        budget_by_iterations=True)
+        seconds = time.perf_counter() - start
+    mode = MODES[mode_name]
     by_setting = {label: [runs[settings.index(fields) * len(mode.seeds) + i] for i in range(len(mode.seeds))]
                   for rows in ABLATIONS.values() for label, fields in rows}
     summaries = {label: setting_summary(setting_runs) for label, setting_runs in by_setting.items()}
-    seconds = time.perf_counter() - start
-    command = "python benchmarks/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = markdown_report(summaries, mode_name, mode, args.model, command.strip(), seconds)
+    report = markdown_report(summaries, mode_name, mode, model, command, seconds, learning_rate)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"ablations_{mode_name}")
+    stem = os.path.join(args.out, f"ablations_{mode_name}" + result_suffix(learning_rate))
     with open(stem + ".md", "w") as file:
         file.write(report)
     with open(stem + ".json", "w") as file:
-        json.dump(dict(mode=mode_name, model=args.model, seconds=seconds, shared=SHARED, summaries=summaries,
-                       runs=runs), file, indent=1)
-    plot(by_setting, stem + ".png", f"E-GRPO ablations on the {args.model} ({mode_name}, seeds {list(mode.seeds)})")
+        json.dump(dict(mode=mode_name, model=model, command=command, seconds=seconds, shared=SHARED,
+                       summaries=summaries, runs=runs), file, indent=1)
+    plot(by_setting, stem + ".png", f"E-GRPO ablations on the {model} ({mode_name}, seeds {list(mode.seeds)})")
     print(report)
     print(f"wall time: {seconds:.1f} s; wrote {stem}.md, .png, .json")
     return summaries

@@ -101,15 +101,18 @@ class Backend:
     config_fields: dict = field(default_factory=dict)
 
 
-def testbed_backend(testbed_root: str, num_eval_prompts: int) -> Backend:
-    """The testbed: its pretrained pipeline, CompositionReward, its training and held-out prompts."""
+def testbed_backend(testbed_root: str, num_eval_prompts: int, checkpoint: str | None = None) -> Backend:
+    """The testbed: its pretrained pipeline (the committed one, or the one saved in ``checkpoint``),
+    CompositionReward, its training and held-out prompts."""
     testbed = import_testbed(testbed_root)
     from benchmarks.testbed.rewards import CompositionReward
 
+    directory = checkpoint or testbed.CHECKPOINT_DIR
     heldout = testbed.heldout_prompts()
     stride = max(1, len(heldout) // num_eval_prompts)  # spread over the held-out compositions
-    return Backend("testbed", lambda: testbed.load_testbed_pipeline(build_if_missing=False), CompositionReward(),
-                   testbed.train_prompts(), heldout[::stride][:num_eval_prompts], dict(testbed.SAMPLING))
+    return Backend("testbed", lambda: testbed.load_testbed_pipeline(directory, build_if_missing=False),
+                   CompositionReward(), testbed.train_prompts(), heldout[::stride][:num_eval_prompts],
+                   dict(testbed.SAMPLING))
 
 
 TINY_PROMPTS = ["a red apple", "a fire truck", "a blue sky", "a green field", "a yellow sun", "a purple flower"]
@@ -125,9 +128,11 @@ def tiny_backend(num_eval_prompts: int) -> Backend:
                    dict(height=64, width=64, max_sequence_length=32))
 
 
-def make_backend(model: str, testbed_root: str, num_eval_prompts: int) -> Backend:
-    """``model``: 'testbed' or 'tiny'."""
-    return testbed_backend(testbed_root, num_eval_prompts) if model == "testbed" else tiny_backend(num_eval_prompts)
+def make_backend(model: str, testbed_root: str, checkpoint: str | None, num_eval_prompts: int) -> Backend:
+    """``model``: 'testbed' or 'tiny' (which ignores ``testbed_root`` and ``checkpoint``)."""
+    if model == "testbed":
+        return testbed_backend(testbed_root, num_eval_prompts, checkpoint)
+    return tiny_backend(num_eval_prompts)
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -164,6 +169,7 @@ def run_curve(backend: Backend, config_fields: dict, mode: Mode, budget_by_itera
     from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer
 
     torch.set_num_threads(1)
+    quiet_libraries()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as output_dir:
         config = EGRPOConfig(output_dir=output_dir, **{**SHARED, **dict(mode.overrides), **backend.config_fields,
@@ -171,7 +177,7 @@ def run_curve(backend: Backend, config_fields: dict, mode: Mode, budget_by_itera
         trainer = EGRPOTrainer(config, backend.build_pipeline(), [backend.reward], backend.train_prompts)
         update_rows = count_update_rows(trainer)
         sampling, updates, iteration = 0, 0, 0
-        points = [dict(iteration=0, sampling_rows=0, update_rows=0, total=0,
+        points = [dict(iteration=0, sampling_rows=0, update_rows=0, total=0, train_reward=None,
                        reward=evaluation_reward(trainer, backend.reward, backend.eval_prompts))]
         next_point = 1
         while True:
@@ -187,7 +193,8 @@ def run_curve(backend: Backend, config_fields: dict, mode: Mode, budget_by_itera
                 while progress >= next_point * scale / mode.eval_points:
                     next_point += 1
                 points.append(dict(iteration=iteration, sampling_rows=sampling, update_rows=updates, total=total,
-                                   reward=evaluation_reward(trainer, backend.reward, backend.eval_prompts)))
+                                   reward=evaluation_reward(trainer, backend.reward, backend.eval_prompts),
+                                   train_reward=metrics["reward/weighted_mean"]))
             if done:
                 break
     return dict(config=config_fields, points=points, seconds=time.perf_counter() - start,
@@ -213,14 +220,19 @@ def run_jobs(backend_args: tuple, configs: list[dict], mode: Mode, workers: int,
     jobs = [(backend_args, config, mode, budget_by_iterations) for config in configs]
     if workers <= 1:
         return [_run_job(job) for job in jobs]
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_quiet_worker) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
         return pool.map(_run_job, jobs, chunksize=1)
 
 
-def _quiet_worker():
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def quiet_libraries() -> None:
+    """No loading progress bars or per-run info logs: the runs' output is the tables."""
     import logging
 
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     logging.getLogger("trl_flow_egrpo").setLevel(logging.WARNING)
 
 
@@ -266,22 +278,36 @@ def summarize(results: dict[str, list[dict]]) -> dict:
         update_xs = mean_curve(runs, "update_rows")[0]
         rows[name] = dict(
             final_reward=means[-1], final_se=errors[-1], initial_reward=means[0], final_total=xs[-1],
-            final_sampling_rows=sampling_xs[-1], final_update_rows=update_xs[-1], iterations=runs[0]["points"][-1]["iteration"],
-            total_to_reach=reach,
+            final_sampling_rows=sampling_xs[-1], final_update_rows=update_xs[-1],
+            iterations=runs[0]["points"][-1]["iteration"], total_to_reach=reach,
             sampling_rows_per_iteration=runs[0]["sampling_rows_per_iteration"],
             update_rows_per_iteration=runs[0]["update_rows_per_iteration"],
             seconds=sum(run["seconds"] for run in runs) / len(runs))
     ratio = None
-    if best and "e-grpo" in rows and rows["e-grpo"]["total_to_reach"] is not None and rows[best]["total_to_reach"]:
+    degenerate = best is not None and target <= rows[best]["initial_reward"]
+    if best and not degenerate and "e-grpo" in rows and rows["e-grpo"]["total_to_reach"] is not None:
         ratio = rows["e-grpo"]["total_to_reach"] / rows[best]["total_to_reach"]
-    return dict(best_baseline=best, target=target, rows=rows, egrpo_ratio=ratio)
+    return dict(best_baseline=best, target=target, rows=rows, egrpo_ratio=ratio, target_not_above_start=degenerate)
 
 
 def _number(value: float | None, digits: int = 0) -> str:
     return "not reached" if value is None else f"{value:,.{digits}f}"
 
 
-def markdown_report(summary: dict, mode_name: str, mode: Mode, backend: str, command: str, seconds: float) -> str:
+def shared_settings(learning_rate: float) -> str:
+    """The shared hyperparameters of a report, with the learning rate the runs used."""
+    values = {**SHARED, "learning_rate": learning_rate}
+    return "Shared hyperparameters: " + ", ".join(f"{k}={v}" for k, v in values.items()
+                                                 if k not in ("mixed_precision", "save_steps", "disable_tqdm")) + "."
+
+
+def result_suffix(learning_rate: float) -> str:
+    """Result files of a run at another learning rate than the shared one get it in their name."""
+    return "" if learning_rate == SHARED["learning_rate"] else f"_lr{learning_rate:g}"
+
+
+def markdown_report(summary: dict, mode_name: str, mode: Mode, backend: str, command: str, seconds: float,
+                    learning_rate: float) -> str:
     """The table of results, with the settings that produced it."""
     best, target, rows = summary["best_baseline"], summary["target"], summary["rows"]
     lines = [
@@ -289,9 +315,7 @@ def markdown_report(summary: dict, mode_name: str, mode: Mode, backend: str, com
         f"Command: `{command}`  ", f"Wall time: {seconds:.0f} s. Seeds: {list(mode.seeds)}. "
         f"Budget: {mode.budget:,} total rows (total = sampling rows + {UPDATE_ROW_COST} x update rows). "
         f"Evaluation: {mode.num_eval_prompts} held-out prompts, deterministic ODE samples from fixed seeds.  ",
-        "Shared hyperparameters: " + ", ".join(f"{k}={v}" for k, v in SHARED.items()
-                                               if k not in ("mixed_precision", "save_steps", "disable_tqdm")) + ".",
-        "",
+        shared_settings(learning_rate), "",
         "| algorithm | sampling rows / iteration | update rows / iteration | iterations | eval reward at 0 "
         "| final eval reward (± s.e.) | total rows to reach target |",
         "|---|---|---|---|---|---|---|",
@@ -299,9 +323,14 @@ def markdown_report(summary: dict, mode_name: str, mode: Mode, backend: str, com
     for name, row in rows.items():
         lines.append(f"| {name} | {row['sampling_rows_per_iteration']:,.0f} | {row['update_rows_per_iteration']:,.0f} "
                      f"| {row['iterations']} | {row['initial_reward']:.4f} "
-                     f"| {row['final_reward']:.4f} ± {row['final_se']:.4f} | {_number(row['total_to_reach'])} |")
+                     f"| {row['final_reward']:.4f} ± {row['final_se']:.4f} "
+                     f"| {'n/a' if summary['target_not_above_start'] else _number(row['total_to_reach'])} |")
     lines.append("")
-    if best is not None:
+    if summary["target_not_above_start"]:
+        lines.append(f"Target: the best baseline's final evaluation reward, {best} {target:.4f}, is not above the "
+                     f"reward before training ({rows[best]['initial_reward']:.4f}): no baseline improved on the "
+                     "held-out prompts, so rows-to-reach and E-GRPO's ratio are not defined for this run.")
+    elif best is not None:
         ratio = summary["egrpo_ratio"]
         lines.append(f"Target: the best baseline's final evaluation reward, {best} {target:.4f}. "
                      f"E-GRPO / {best} rows to reach it: "
@@ -349,9 +378,21 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__):
                         help="The pretrained testbed (default) or the random-weight tiny FLUX pipeline.")
     parser.add_argument("--testbed_root", default=REPO,
                         help="Repository holding benchmarks/testbed (default: this one).")
+    parser.add_argument("--checkpoint", default=None,
+                        help="A testbed pipeline saved elsewhere (default: the testbed's committed checkpoint).")
+    parser.add_argument("--learning_rate", type=float, default=SHARED["learning_rate"],
+                        help="The learning rate of every run (default: the shared one).")
     parser.add_argument("--workers", type=int, default=2, help="Runs in parallel (one thread each).")
     parser.add_argument("--out", default=RESULTS_DIR, help="Where the table, plot and JSON are written.")
+    parser.add_argument("--from_json", default=None,
+                        help="Re-render the table and plot of a run saved as JSON by this script, without training.")
     return parser.parse_args(argv)
+
+
+def backend_arguments(args, mode: Mode) -> tuple:
+    """The arguments of :func:`make_backend` (a tuple: each worker process builds the backend from them)."""
+    checkpoint = os.path.abspath(args.checkpoint) if args.checkpoint else None
+    return args.model, os.path.abspath(args.testbed_root), checkpoint, mode.num_eval_prompts
 
 
 def mode_of(args) -> tuple[str, Mode]:
@@ -361,25 +402,34 @@ def mode_of(args) -> tuple[str, Mode]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    mode_name, mode = mode_of(args)
-    start = time.perf_counter()
-    backend_args = (args.model, os.path.abspath(args.testbed_root), mode.num_eval_prompts)
-    configs = [dict(algorithm=algorithm, seed=seed) for algorithm in ALGORITHMS for seed in mode.seeds]
-    runs = run_jobs(backend_args, configs, mode, args.workers)
+    command = ("python benchmarks/learning_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    if args.from_json:
+        with open(args.from_json) as file:
+            saved = json.load(file)
+        mode_name, runs, seconds, model = saved["mode"], saved["runs"], saved["seconds"], saved["model"]
+        command = saved.get("command", f"python benchmarks/learning_efficiency.py --{mode_name}")  # older files
+        learning_rate = runs[0]["config"].get("learning_rate", SHARED["learning_rate"])
+    else:
+        mode_name, mode = mode_of(args)
+        start = time.perf_counter()
+        learning_rate, model = args.learning_rate, args.model
+        configs = [dict(algorithm=algorithm, seed=seed, learning_rate=learning_rate) for algorithm in ALGORITHMS
+                   for seed in mode.seeds]
+        runs = run_jobs(backend_arguments(args, mode), configs, mode, args.workers)
+        seconds = time.perf_counter() - start
+    mode = MODES[mode_name]
     results = {algorithm: [run for run in runs if run["config"]["algorithm"] == algorithm] for algorithm in ALGORITHMS}
     summary = summarize(results)
-    seconds = time.perf_counter() - start
-    command = "python benchmarks/learning_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = markdown_report(summary, mode_name, mode, args.model, command.strip(), seconds)
+    report = markdown_report(summary, mode_name, mode, model, command, seconds, learning_rate)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"learning_efficiency_{mode_name}")
+    stem = os.path.join(args.out, f"learning_efficiency_{mode_name}" + result_suffix(learning_rate))
     with open(stem + ".md", "w") as file:
         file.write(report)
     with open(stem + ".json", "w") as file:
-        json.dump(dict(mode=mode_name, model=args.model, seconds=seconds, shared=SHARED, summary=summary,
-                       runs=runs), file, indent=1)
+        json.dump(dict(mode=mode_name, model=model, command=command, seconds=seconds, shared=SHARED,
+                       summary=summary, runs=runs), file, indent=1)
     plot(results, summary["target"], stem + ".png",
-         f"Learning efficiency on the {args.model} ({mode_name}, seeds {list(mode.seeds)})")
+         f"Learning efficiency on the {model} ({mode_name}, seeds {list(mode.seeds)})")
     print(report)
     print(f"wall time: {seconds:.1f} s; wrote {stem}.md, .png, .json")
     return summary

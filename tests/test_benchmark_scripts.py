@@ -109,3 +109,10 @@ def test_summary_targets_the_best_baseline_and_gives_egrpo_ratio():
     assert summary["rows"]["dance-grpo"]["total_to_reach"] is None
     assert summary["egrpo_ratio"] == pytest.approx(150 / 400)
     assert summary["rows"]["e-grpo"]["final_se"] == pytest.approx(0.0)
+
+
+def test_summary_gives_no_ratio_when_no_baseline_improved():
+    totals = [0, 100, 200]
+    results = {"e-grpo": _runs(totals, [[0.8, 0.7, 0.6]] * 2), "flow-grpo": _runs(totals, [[0.8, 0.75, 0.7]] * 2)}
+    summary = learning_efficiency.summarize(results)
+    assert summary["target_not_above_start"] and summary["egrpo_ratio"] is None
