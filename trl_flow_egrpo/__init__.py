@@ -15,7 +15,7 @@ from .schedule import Schedule, shifted_sigmas
 from .sde import SDEStepOutput, euler_step, sde_step
 from .trainer import EGRPOTrainer
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 __all__ = [
     "EGRPOConfig",
