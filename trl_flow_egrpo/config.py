@@ -81,6 +81,9 @@ class EGRPOConfig:
     prompts_per_device: int = _doc("Prompts per process per iteration. Paper: 1 per GPU on 8 GPUs.", default=1)
     height: int = _doc("Image height in pixels. Authors' code: 720.", default=720)
     width: int = _doc("Image width in pixels. Authors' code: 720.", default=720)
+    num_frames: int | None = _doc(
+        "Video pipelines (Wan): frames per video, 4k + 1 (Wan's VAE compresses 4 frames into one latent frame). "
+        "None uses the family's default (Wan: 81); must stay None for image pipelines.", default=None)
     guidance_scale: float | None = _doc(
         "The model family's guidance: FLUX.1-dev's / FLUX.2 [dev]'s guidance embedding (3.5 / 4.0 by default) or "
         "the classifier-free guidance scale of SD3 (4.5), FLUX.2 [klein] base (4.0) and Qwen-Image (its "

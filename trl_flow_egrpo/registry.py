@@ -12,11 +12,13 @@ from .rewards import (
     BrightnessReward,
     CLIPScoreReward,
     ColorReward,
+    FrameAverageReward,
     HPSv2Reward,
     ImageRewardReward,
     JpegCompressibilityReward,
     JpegIncompressibilityReward,
     PickScoreReward,
+    TemporalConsistencyReward,
 )
 
 REWARDS: dict[str, Callable[..., Callable]] = {
@@ -28,8 +30,12 @@ REWARDS: dict[str, Callable[..., Callable]] = {
     "jpeg_incompressibility": JpegIncompressibilityReward,
     "color": ColorReward,
     "brightness": BrightnessReward,
+    "temporal_consistency": TemporalConsistencyReward,
 }
 """Command-line name -> reward class (built with its defaults: the checkpoints of :data:`REWARD_SOURCES`)."""
+
+VIDEO_FRAMES_PREFIX = "frames_"
+"""``frames_<name>``: the image reward ``<name>`` averaged over a video's frames (``--reward_funcs frames_hps``)."""
 
 REWARD_SOURCES: dict[str, str] = {
     "hps_v2.1": "HPSv2.1: open_clip ViT-H-14, checkpoint `HPS_v2.1_compressed.pt` of the Hub repo `xswu/HPSv2`",
@@ -42,6 +48,8 @@ REWARD_SOURCES: dict[str, str] = {
     "jpeg_incompressibility": "JPEG incompressibility (weight-free): the JPEG size in kB at quality 95",
     "color": "Colour (weight-free): minus the distance of the mean RGB colour to a target (default red)",
     "brightness": "Brightness (weight-free): the mean pixel value",
+    "temporal_consistency": "Temporal consistency of videos (weight-free): minus the mean absolute difference of "
+                            "consecutive frames",
 }
 """A reward's logged name (its ``name`` attribute) -> what it is and which weights it uses by default."""
 
@@ -50,11 +58,15 @@ def build_reward(name: str, **kwargs) -> Callable:
     """The reward registered as ``name`` in :data:`REWARDS`, built with ``kwargs`` (e.g. ``dtype``,
     ``checkpoint``: see the reward's class).
 
-    Model-based rewards load their weights on first call, so building one is instant and offline.
+    Model-based rewards load their weights on first call, so building one is instant and offline. For videos,
+    ``frames_<name>`` is the image reward ``<name>`` averaged over frames (:class:`FrameAverageReward`), built with
+    ``kwargs``.
 
     Raises:
         ValueError: unknown name; the message lists the known ones.
     """
+    if name.startswith(VIDEO_FRAMES_PREFIX) and name.removeprefix(VIDEO_FRAMES_PREFIX) in REWARDS:
+        return FrameAverageReward(build_reward(name.removeprefix(VIDEO_FRAMES_PREFIX), **kwargs))
     if name not in REWARDS:
         raise ValueError(f"Unknown reward {name!r}. Known rewards: {', '.join(REWARDS)}. Custom rewards are any "
                          "callable fn(images, prompts, **columns) passed to EGRPOTrainer directly.")
@@ -65,6 +77,8 @@ def describe_reward(name: str) -> str:
     """What the reward logged as ``name`` is (with its default checkpoint), for model cards and reports.
     Rewards not in :data:`REWARD_SOURCES` (custom ones) are described by their name alone."""
     base = name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1].isdigit() else name  # "clip_score_1" repeats
+    if base.startswith(VIDEO_FRAMES_PREFIX):
+        return "Frame average (video) of " + describe_reward(base.removeprefix(VIDEO_FRAMES_PREFIX))
     return REWARD_SOURCES.get(base, f"`{name}` (custom reward)")
 
 

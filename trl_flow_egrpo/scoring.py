@@ -1,4 +1,8 @@
-"""Calling reward functions: names, validation, weights."""
+"""Calling reward functions: names, validation, weights.
+
+Rewards score what the pipeline generates: images ``[B, 3, H, W]`` or, for video pipelines (Wan), videos
+``[B, F, 3, H, W]``, in [0, 1]; either way one float per sample.
+"""
 
 from __future__ import annotations
 
@@ -43,12 +47,21 @@ def validate_reward_fns(reward_fns) -> list[Callable]:
 
 def call_reward(name: str, reward_fn: Callable, images: torch.Tensor, prompts: list[str],
                 columns: dict[str, list]) -> torch.Tensor:
-    """Call one reward and check its output: one finite float per image, returned as float32 ``[B]`` (CPU).
+    """Call one reward and check its output: one finite float per image (or video), returned as float32 ``[B]``
+    (CPU).
 
     Raises:
-        ValueError: naming the reward, when it returns the wrong number of values, non-numbers, NaN or inf.
+        ValueError: naming the reward, when it returns the wrong number of values, non-numbers, NaN or inf, or
+            fails on videos (an image reward handed videos: the message points to FrameAverageReward).
     """
-    values = reward_fn(images, prompts, **columns)
+    try:
+        values = reward_fn(images, prompts, **columns)
+    except (RuntimeError, ValueError, IndexError) as error:
+        if images.dim() != 5:
+            raise
+        raise ValueError(f"Reward '{name}' failed on videos {tuple(images.shape)} ([B, F, 3, H, W]): {error} If it "
+                         "is an image reward, score videos with FrameAverageReward(<the reward>) (registry name "
+                         f"'frames_{name}'), which scores each frame as an image.") from error
     not_numbers = ValueError(f"Reward '{name}' returned {type(values).__name__} that is not a sequence of numbers "
                              f"(e.g. {_first_non_number(values)!r}): it must return one float per image (a list, numpy "
                              "array or 1-D tensor).")
@@ -96,8 +109,9 @@ def check_scores(scores: torch.Tensor, expected: int, reward: str, prompts: Sequ
 
 def score_images(reward_fns: Sequence[Callable], names: Sequence[str], images: torch.Tensor, rows: Sequence[dict],
                  prompt_column: str) -> torch.Tensor:
-    """Scores ``[B, R]`` of ``B`` images by ``R`` rewards, each called once on all of them; image ``i`` was
-    generated for the dataset row ``rows[i]``, whose prompt and other columns the rewards receive."""
+    """Scores ``[B, R]`` of ``B`` images (or videos ``[B, F, 3, H, W]``) by ``R`` rewards, each called once on all
+    of them; image ``i`` was generated for the dataset row ``rows[i]``, whose prompt and other columns the rewards
+    receive."""
     prompts = [row[prompt_column] for row in rows]
     columns = {name: [row[name] for row in rows] for name in rows[0] if name != prompt_column}
     return torch.stack([call_reward(name, fn, images, prompts, columns) for name, fn in zip(names, reward_fns)],

@@ -1,4 +1,5 @@
-"""What the trainer shows a person: tracker set-up, the per-iteration summary line, image grids."""
+"""What the trainer shows a person: tracker set-up, the per-iteration summary line, image grids (frame strips for
+videos)."""
 
 from __future__ import annotations
 
@@ -57,12 +58,26 @@ def grid_columns(count: int) -> int:
     return columns if columns <= max(4, 3 * (count // columns)) else math.ceil(math.sqrt(count))
 
 
-def image_grid(images: torch.Tensor, columns: int | None = None, background: float = 1.0) -> np.ndarray:
+def frame_strips(videos: torch.Tensor, max_frames: int = 8) -> torch.Tensor:
+    """Videos ``[N, F, 3, H, W]`` -> ``[N, K, 3, H, W]``: ``K = min(F, max_frames)`` frames per video, evenly spaced
+    from the first to the last (frame ``round(j (F - 1) / (K - 1))`` for ``j = 0..K-1``), in order."""
+    count = videos.shape[1]
+    shown = min(count, max_frames)
+    return videos[:, torch.linspace(0, count - 1, shown).round().long()]
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None, background: float = 1.0,
+               max_frames: int = 8) -> np.ndarray:
     """``[N, 3, H, W]`` images in [0, 1] tiled into one ``[rows*H, columns*W, 3]`` uint8 array.
 
     Cells left over in the last row are filled with ``background`` (white), so they do not read as a black
-    image.
+    image. Videos ``[N, F, 3, H, W]`` become one row per video: a strip of :func:`frame_strips`' ``max_frames``
+    frames, left to right in time.
     """
+    if images.dim() == 5:
+        images = frame_strips(images, max_frames)
+        columns = images.shape[1]
+        images = images.flatten(0, 1)
     count, _, height, width = images.shape
     columns = columns or grid_columns(count)
     rows = math.ceil(count / columns)
@@ -74,7 +89,8 @@ def image_grid(images: torch.Tensor, columns: int | None = None, background: flo
 
 
 def log_image_grid(accelerator, images: torch.Tensor, path: str, step: int, tag: str = "eval/images") -> None:
-    """Save the grid of ``images`` to ``path`` (PNG) and send it to every tracker that takes images."""
+    """Save the grid of ``images`` (or the frame strips of videos ``[N, F, 3, H, W]``) to ``path`` (PNG) and send
+    it to every tracker that takes images."""
     from PIL import Image
 
     grid = image_grid(images)

@@ -99,7 +99,7 @@ class EGRPOTrainer:
         self.adapter = get_adapter(pipeline, height=config.height, width=config.width,
                                    guidance_scale=config.guidance_scale,
                                    max_sequence_length=config.max_sequence_length,
-                                   negative_prompt=config.negative_prompt)
+                                   negative_prompt=config.negative_prompt, num_frames=config.num_frames)
         self.pipeline = pipeline
 
         self.accelerator = Accelerator(

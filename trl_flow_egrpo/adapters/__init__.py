@@ -7,19 +7,27 @@ from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
+from .wan import WanAdapter
 
-ADAPTERS: list[type[ModelAdapter]] = [FluxAdapter, SD3Adapter, Flux2Adapter, QwenImageAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [FluxAdapter, SD3Adapter, Flux2Adapter, QwenImageAdapter, WanAdapter]
 """Adapter classes tried in order by :func:`get_adapter`."""
 
 
-def get_adapter(pipeline, **kwargs) -> ModelAdapter:
-    """The adapter for ``pipeline``, built with ``kwargs`` (see :class:`ModelAdapter`).
+def get_adapter(pipeline, num_frames: int | None = None, **kwargs) -> ModelAdapter:
+    """The adapter for ``pipeline``, built with ``kwargs`` (see :class:`ModelAdapter`); ``num_frames`` goes to
+    video adapters (None: the family's default) and must be None for image pipelines.
 
     Raises:
-        ValueError: no adapter supports this pipeline class; the message lists the supported ones.
+        ValueError: no adapter supports this pipeline class (the message lists the supported ones), or
+            ``num_frames`` was given for an image pipeline.
     """
     for adapter_class in ADAPTERS:
         if adapter_class.supports(pipeline):
+            if adapter_class.is_video:
+                return adapter_class(pipeline, num_frames=num_frames, **kwargs)
+            if num_frames is not None:
+                raise ValueError(f"num_frames={num_frames}: {type(pipeline).__name__} generates images, not videos. "
+                                 "Leave EGRPOConfig.num_frames unset (None); it is for video pipelines (WanPipeline).")
             return adapter_class(pipeline, **kwargs)
     supported = ", ".join(name for cls in ADAPTERS for name in cls.pipeline_class_names)
     raise ValueError(f"E-GRPO does not support {type(pipeline).__name__}. Supported pipelines: {supported}. "
@@ -28,4 +36,4 @@ def get_adapter(pipeline, **kwargs) -> ModelAdapter:
 
 
 __all__ = ["ADAPTERS", "Conditioning", "Flux2Adapter", "FluxAdapter", "ModelAdapter", "QwenImageAdapter", "SD3Adapter",
-           "get_adapter", "select_rows"]
+           "WanAdapter", "get_adapter", "select_rows"]

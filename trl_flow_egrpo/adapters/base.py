@@ -54,6 +54,8 @@ class ModelAdapter(ABC):
     """The guidance used when ``guidance_scale`` is None."""
     default_max_shift: ClassVar[float] = 1.15
     """``max_shift`` of a dynamically shifting scheduler whose config omits it (as the family's pipeline)."""
+    is_video: ClassVar[bool] = False
+    """Whether the family generates videos: its adapter then takes ``num_frames`` and decodes ``[B, F, 3, H, W]``."""
 
     def __init__(self, pipeline, height: int, width: int, guidance_scale: float | None = None,
                  max_sequence_length: int = 512, negative_prompt: str = ""):
@@ -69,8 +71,8 @@ class ModelAdapter(ABC):
         self.height = height
         self.width = width
         # The VAE's latent grid, before any patching or packing.
-        self.latent_height = height // pipeline.vae_scale_factor
-        self.latent_width = width // pipeline.vae_scale_factor
+        self.latent_height = height // self.vae_scale_factor
+        self.latent_width = width // self.vae_scale_factor
         self.guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         self.max_sequence_length = max_sequence_length
         self.negative_prompt = negative_prompt
@@ -81,9 +83,14 @@ class ModelAdapter(ABC):
         """Side of the latent patch that becomes one transformer token."""
 
     @property
+    def vae_scale_factor(self) -> int:
+        """The VAE's spatial downsampling (the pipeline's ``vae_scale_factor``; video pipelines name it otherwise)."""
+        return self.pipeline.vae_scale_factor
+
+    @property
     def size_multiple(self) -> int:
         """Image height and width must be multiples of this: the VAE's downsampling times the patch size."""
-        return self.pipeline.vae_scale_factor * self.patch_size
+        return self.vae_scale_factor * self.patch_size
 
     @property
     def num_image_tokens(self) -> int:

@@ -3,7 +3,8 @@
 A reward is any callable ``fn(images, prompts, **columns)`` that returns one float per image:
 ``images`` is a float tensor ``[B, 3, H, W]`` with values in [0, 1], ``prompts`` the ``B`` prompts, and
 ``columns`` the dataset's other columns for those prompts (lists of length ``B``). An optional
-``name`` attribute names the reward in the logs.
+``name`` attribute names the reward in the logs. For video pipelines (Wan) ``images`` are videos
+``[B, F, 3, H, W]``: :class:`FrameAverageReward` scores them with any image reward, frame by frame.
 
 Model-based rewards load their weights lazily, on first call; importing this package needs none of their
 optional dependencies (``pip install "trl-flow-egrpo[rewards]"`` for the open_clip ones). Rewards served from
@@ -16,6 +17,7 @@ from .hps import HPSv2Reward
 from .image_reward import ImageRewardReward
 from .pickscore import PickScoreReward
 from .remote import RemoteReward, RemoteRewardError
+from .video import FrameAverageReward, TemporalConsistencyReward
 from .vlm import VLMJudgeError, VLMJudgeReward
 from .weight_free import BrightnessReward, ColorReward, JpegCompressibilityReward, JpegIncompressibilityReward
 
@@ -23,6 +25,7 @@ __all__ = [
     "BrightnessReward",
     "CLIPScoreReward",
     "ColorReward",
+    "FrameAverageReward",
     "HPSv2Reward",
     "ImageRewardReward",
     "JpegCompressibilityReward",
@@ -30,6 +33,7 @@ __all__ = [
     "PickScoreReward",
     "RemoteReward",
     "RemoteRewardError",
+    "TemporalConsistencyReward",
     "VLMJudgeError",
     "VLMJudgeReward",
 ]
