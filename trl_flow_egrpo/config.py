@@ -15,6 +15,12 @@ def _doc(text: str, **kwargs):
     return field(metadata={"help": text}, **kwargs)
 
 
+QUANTIZATION_METHODS = (None, "int8-weight-only", "float8-weight-only", "nf4")
+"""Values of ``EGRPOConfig.quantization`` (None: no quantization)."""
+OPTIMIZERS = ("adamw", "adamw_8bit")
+"""Values of ``EGRPOConfig.optimizer``."""
+
+
 @dataclass
 class EGRPOConfig:
     r"""Configuration of :class:`~trl_flow_egrpo.EGRPOTrainer`.
@@ -150,6 +156,15 @@ class EGRPOConfig:
     gradient_checkpointing: bool = _doc("Recompute activations in the backward pass to save memory.",
                                         default=False)
     allow_tf32: bool = _doc("Allow TF32 matmuls on Ampere+ GPUs.", default=True)
+    quantization: str | None = _doc(
+        "Store the frozen base transformer's linear weights quantized, LoRA on top in float32 (needs "
+        "use_peft; docs/memory-24gb.md). 'int8-weight-only' or 'float8-weight-only' (torchao, applied by the "
+        "trainer to the loaded transformer, layer by layer on its way to the GPU), 'nf4' (bitsandbytes: load the "
+        "transformer with trl_flow_egrpo.quantization.nf4_pipeline_quantization_config(); the trainer checks "
+        "it). None: bf16/fp32 weights as loaded.", default=None)
+    optimizer: str = _doc(
+        "'adamw' (torch AdamW, float32 state: 8 B per trained parameter) or 'adamw_8bit' (bitsandbytes' "
+        "8-bit AdamW, 2 B per trained parameter; the quantization extra).", default="adamw")
 
     # --- rewards and data -------------------------------------------------------------------------
     reward_weights: list[float] | None = _doc("One weight per reward function (default: all 1).", default=None)
@@ -253,6 +268,13 @@ class EGRPOConfig:
                                     "gradient's sign)")
         if self.reward_weights is not None and not all(math.isfinite(w) for w in self.reward_weights):
             refuse("reward_weights", "finite numbers")
+        if self.quantization not in QUANTIZATION_METHODS:
+            refuse("quantization", f"one of {QUANTIZATION_METHODS}")
+        if self.quantization is not None and not self.use_peft:
+            refuse("quantization", "None when fully fine-tuning (use_peft=False): quantized weights cannot be "
+                                   "trained; set use_peft=True to train a LoRA on the quantized base")
+        if self.optimizer not in OPTIMIZERS:
+            refuse("optimizer", f"one of {OPTIMIZERS}")
 
     @property
     def merge_length(self) -> str | int | None:

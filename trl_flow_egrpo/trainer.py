@@ -29,7 +29,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from . import backends, checkpoints, tracking
+from . import backends, checkpoints, quantization, tracking
 from .adapters import get_adapter, select_rows
 from .algorithms import build_strategy
 from .advantages import group_advantages
@@ -127,6 +127,8 @@ class EGRPOTrainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                            eps=config.adam_epsilon, weight_decay=config.weight_decay)
+        if config.optimizer == "adamw_8bit":  # 2 B of optimizer state per trained parameter instead of 8 B
+            self.optimizer = quantization.adamw_8bit(trainable, like=self.optimizer)
         self.lr_scheduler = get_scheduler(config.lr_scheduler_type, self.optimizer, num_warmup_steps=config.warmup_steps,
                                           num_training_steps=config.max_steps * self.optimizer_steps_per_iteration)
         if backends.is_deepspeed(self.accelerator):
@@ -167,7 +169,8 @@ class EGRPOTrainer:
             module.requires_grad_(False).eval()
             module.to(device)
         transformer = adapter.transformer
-        if not shard_later:
+        # A quantized base reaches the device layer by layer, quantized: its bf16 weights need not fit there.
+        if not shard_later and config.quantization is None:
             transformer.to(device)
         reference = None
         if config.use_peft:
@@ -182,6 +185,10 @@ class EGRPOTrainer:
                     r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                     init_lora_weights="gaussian",
                     target_modules=list(config.lora_target_modules or adapter.default_lora_target_modules)))
+            if config.quantization is not None:  # after the LoRA: peft then wraps plain linear layers
+                quantization.quantize_base_weights(
+                    transformer, config.quantization, device,
+                    "fsdp" if shard_later else "deepspeed" if backends.is_deepspeed(accelerator) else None)
         elif config.beta > 0:
             if placeholder:
                 raise ValueError("beta > 0 with full fine-tuning needs a frozen copy of the real weights on every "
