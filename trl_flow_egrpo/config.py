@@ -92,11 +92,12 @@ class EGRPOConfig:
         "None uses the family's default (Wan: 81); must stay None for image pipelines.", default=None)
     guidance_scale: float | None = _doc(
         "The model family's guidance: FLUX.1-dev's / FLUX.2 [dev]'s guidance embedding (3.5 / 4.0 by default) or "
-        "the classifier-free guidance scale of SD3 (4.5), FLUX.2 [klein] base (4.0) and Qwen-Image (its "
-        "true_cfg_scale, 4.0). None uses the family's default.", default=None)
+        "the classifier-free guidance scale of SD3 (4.5), FLUX.2 [klein] base (4.0), Qwen-Image (its "
+        "true_cfg_scale, 4.0) and Z-Image (ZImagePipeline's guidance_scale, 5.0; 0 turns guidance off, as "
+        "Z-Image-Turbo samples). None uses the family's default.", default=None)
     negative_prompt: str = _doc(
-        "Negative prompt for families with classifier-free guidance (SD3, FLUX.2 [klein] base, Qwen-Image); "
-        "refused where the pipeline has no negative pass.", default="")
+        "Negative prompt for families with classifier-free guidance (SD3, FLUX.2 [klein] base, Qwen-Image, "
+        "Z-Image); refused where the pipeline has no negative pass.", default="")
     max_sequence_length: int = _doc("Text-encoder token length of the prompt encoding (at most 512).", default=512)
     rollout_batch_size: int = _doc(
         "Transformer rows per forward call while sampling (anchors and branches of all prompts and steps "

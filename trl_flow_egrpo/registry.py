@@ -85,7 +85,8 @@ def describe_reward(name: str) -> str:
 TINY_PIPELINES = {"tiny": "build_tiny_flux_pipeline", "tiny-sd3": "build_tiny_sd3_pipeline",
                   "tiny-flux2": "build_tiny_flux2_pipeline", "tiny-flux2-klein": "build_tiny_flux2_klein_pipeline",
                   "tiny-qwenimage": "build_tiny_qwenimage_pipeline",
-                  "tiny-wan": "build_tiny_wan_pipeline"}
+                  "tiny-wan": "build_tiny_wan_pipeline",
+                  "tiny-zimage": "build_tiny_zimage_pipeline"}
 """Pipeline names that build an embedded tiny pipeline (:mod:`trl_flow_egrpo.tiny`) instead of loading one."""
 
 

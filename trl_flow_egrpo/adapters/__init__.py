@@ -8,8 +8,10 @@ from .flux2 import Flux2Adapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .wan import WanAdapter
+from .zimage import ZImageAdapter
 
-ADAPTERS: list[type[ModelAdapter]] = [FluxAdapter, SD3Adapter, Flux2Adapter, QwenImageAdapter, WanAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [FluxAdapter, SD3Adapter, Flux2Adapter, QwenImageAdapter, WanAdapter,
+                                      ZImageAdapter]
 """Adapter classes tried in order by :func:`get_adapter`."""
 
 
@@ -36,4 +38,4 @@ def get_adapter(pipeline, num_frames: int | None = None, **kwargs) -> ModelAdapt
 
 
 __all__ = ["ADAPTERS", "Conditioning", "Flux2Adapter", "FluxAdapter", "ModelAdapter", "QwenImageAdapter", "SD3Adapter",
-           "WanAdapter", "get_adapter", "select_rows"]
+           "WanAdapter", "ZImageAdapter", "get_adapter", "select_rows"]
