@@ -22,7 +22,7 @@ from trl_flow_egrpo.merging import step_entropy  # noqa: E402
 from trl_flow_egrpo.registry import build_reward, describe_reward  # noqa: E402
 from trl_flow_egrpo.rewards import (BrightnessReward, ColorReward, FrameAverageReward,  # noqa: E402
                                     TemporalConsistencyReward)
-from trl_flow_egrpo.rollout import sample_rollouts  # noqa: E402
+from trl_flow_egrpo.rollout import sample_ode, sample_rollouts  # noqa: E402
 from trl_flow_egrpo.scoring import score_images  # noqa: E402
 from trl_flow_egrpo.sde import gaussian_log_prob, sde_step  # noqa: E402
 from trl_flow_egrpo.tiny import build_tiny_flux_pipeline, build_tiny_wan_pipeline  # noqa: E402
@@ -138,6 +138,28 @@ def test_anchor_trajectory_is_the_pipelines_sample(guidance_scale, negative_prom
     assert (rollouts.images - rollouts.anchor_images[rollouts.group_prompt][:, None]).abs().max() > 1e-3
     other = wan_adapter(pipe, guidance_scale=guidance_scale + 2, negative_prompt=negative_prompt)
     assert (pipeline_videos(pipe, other, prompts, noise, num_steps, "pt") - videos).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_wan2_2_per_token_timesteps_follow_the_pipeline():
+    # Wan 2.2 TI2V 5B (expand_timesteps=True): its pipeline conditions every video token on the timestep.
+    pipe = build_tiny_wan_pipeline()
+    pipe.register_to_config(expand_timesteps=True)
+    adapter = wan_adapter(pipe, guidance_scale=5.0, negative_prompt=NEGATIVE)
+    prompts = ["a red apple", "a fire truck"]
+    noise = adapter.initial_noise(len(prompts), torch.Generator().manual_seed(0))
+    conditioning, schedule = adapter.encode_prompts(prompts), adapter.schedule(6, None)
+    timesteps = []
+
+    def recording_transformer(**kwargs):
+        timesteps.append(kwargs["timestep"])
+        return pipe.transformer(**kwargs)
+
+    adapter.velocity(recording_transformer, noise, schedule.timesteps[[0, 3]], conditioning)
+    expected = schedule.timesteps[[0, 3, 0, 3]][:, None].expand(4, adapter.num_video_tokens)  # [cond, negative]
+    torch.testing.assert_close(timesteps[0], expected, rtol=0, atol=0)
+    latents = sample_ode(adapter, pipe.transformer, schedule, conditioning, noise, batch_size=len(prompts))
+    torch.testing.assert_close(latents, pipeline_videos(pipe, adapter, prompts, noise, 6, "latent"), rtol=0, atol=1e-5)
 
 
 def test_schedule_is_the_euler_pipelines_and_takes_a_static_shift():
