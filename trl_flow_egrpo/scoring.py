@@ -37,16 +37,19 @@ def validate_reward_fns(reward_fns) -> list[Callable]:
         reward_fns = [reward_fns]
     reward_fns = list(reward_fns or [])
     if not reward_fns:
-        raise ValueError("Pass at least one reward function: a callable fn(images, prompts, **columns) that "
-                         "returns one float per image (see trl_flow_egrpo.rewards).")
+        raise ValueError(
+            "Pass at least one reward function: a callable fn(images, prompts, **columns) that "
+            "returns one float per image (see trl_flow_egrpo.rewards)."
+        )
     for fn in reward_fns:
         if not callable(fn):
             raise ValueError(f"Reward functions must be callables fn(images, prompts, **columns); got {fn!r}.")
     return reward_fns
 
 
-def call_reward(name: str, reward_fn: Callable, images: torch.Tensor, prompts: list[str],
-                columns: dict[str, list]) -> torch.Tensor:
+def call_reward(
+    name: str, reward_fn: Callable, images: torch.Tensor, prompts: list[str], columns: dict[str, list]
+) -> torch.Tensor:
     """Call one reward and check its output: one finite float per image (or video), returned as float32 ``[B]``
     (CPU).
 
@@ -59,12 +62,16 @@ def call_reward(name: str, reward_fn: Callable, images: torch.Tensor, prompts: l
     except (RuntimeError, ValueError, IndexError) as error:
         if images.dim() != 5:
             raise
-        raise ValueError(f"Reward '{name}' failed on videos {tuple(images.shape)} ([B, F, 3, H, W]): {error} If it "
-                         "is an image reward, score videos with FrameAverageReward(<the reward>) (registry name "
-                         f"'frames_{name}'), which scores each frame as an image.") from error
-    not_numbers = ValueError(f"Reward '{name}' returned {type(values).__name__} that is not a sequence of numbers "
-                             f"(e.g. {_first_non_number(values)!r}): it must return one float per image (a list, numpy "
-                             "array or 1-D tensor).")
+        raise ValueError(
+            f"Reward '{name}' failed on videos {tuple(images.shape)} ([B, F, 3, H, W]): {error} If it "
+            "is an image reward, score videos with FrameAverageReward(<the reward>) (registry name "
+            f"'frames_{name}'), which scores each frame as an image."
+        ) from error
+    not_numbers = ValueError(
+        f"Reward '{name}' returned {type(values).__name__} that is not a sequence of numbers "
+        f"(e.g. {_first_non_number(values)!r}): it must return one float per image (a list, numpy "
+        "array or 1-D tensor)."
+    )
     if isinstance(values, torch.Tensor):
         if values.is_complex():
             raise not_numbers
@@ -90,29 +97,38 @@ def _first_non_number(values):
         return values
 
 
-def check_scores(scores: torch.Tensor, expected: int, reward: str, prompts: Sequence[str] | None = None,
-                 hint: str = "Make the reward return finite values for every image, e.g. by handling blank or "
-                             "degenerate images.") -> torch.Tensor:
+def check_scores(
+    scores: torch.Tensor,
+    expected: int,
+    reward: str,
+    prompts: Sequence[str] | None = None,
+    hint: str = "Make the reward return finite values for every image, e.g. by handling blank or degenerate images.",
+) -> torch.Tensor:
     """Check a reward's output: a 1-D tensor of ``expected`` finite values, else a ValueError naming ``reward``
     (and, given ``prompts``, a few prompts of the offending images) and ending with ``hint``."""
     if scores.dim() != 1 or scores.shape[0] != expected:
-        raise ValueError(f"Reward '{reward}' returned {tuple(scores.shape)} values for {expected} images: it must "
-                         "return exactly one float per image, in the order of the images.")
+        raise ValueError(
+            f"Reward '{reward}' returned {tuple(scores.shape)} values for {expected} images: it must "
+            "return exactly one float per image, in the order of the images."
+        )
     bad = ~torch.isfinite(scores)
     if bool(bad.any()):
         where = bad.nonzero().flatten().tolist()
         examples = f"prompts e.g. {[prompts[i] for i in where[:3]]}" if prompts is not None else f"indices {where[:8]}"
-        raise ValueError(f"Reward '{reward}' returned NaN or inf for {len(where)} of {expected} images ({examples}). "
-                         f"{hint}")
+        raise ValueError(
+            f"Reward '{reward}' returned NaN or inf for {len(where)} of {expected} images ({examples}). {hint}"
+        )
     return scores
 
 
-def score_images(reward_fns: Sequence[Callable], names: Sequence[str], images: torch.Tensor, rows: Sequence[dict],
-                 prompt_column: str) -> torch.Tensor:
+def score_images(
+    reward_fns: Sequence[Callable], names: Sequence[str], images: torch.Tensor, rows: Sequence[dict], prompt_column: str
+) -> torch.Tensor:
     """Scores ``[B, R]`` of ``B`` images (or videos ``[B, F, 3, H, W]``) by ``R`` rewards, each called once on all
     of them; image ``i`` was generated for the dataset row ``rows[i]``, whose prompt and other columns the rewards
     receive."""
     prompts = [row[prompt_column] for row in rows]
     columns = {name: [row[name] for row in rows] for name in rows[0] if name != prompt_column}
-    return torch.stack([call_reward(name, fn, images, prompts, columns) for name, fn in zip(names, reward_fns)],
-                       dim=-1)
+    return torch.stack(
+        [call_reward(name, fn, images, prompts, columns) for name, fn in zip(names, reward_fns, strict=True)], dim=-1
+    )

@@ -10,8 +10,17 @@ import os
 import numpy as np
 import torch
 
-_TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "comet_ml": "comet_ml",
-                     "mlflow": "mlflow", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
+_TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "trackio": "trackio",
+    "comet_ml": "comet_ml",
+    "mlflow": "mlflow",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+}
 
 
 def available_trackers(log_with: str | None) -> list[str] | None:
@@ -24,8 +33,10 @@ def available_trackers(log_with: str | None) -> list[str] | None:
         package = _TRACKER_PACKAGES.get(name)
         if package is not None and importlib.util.find_spec(package) is None:
             extra = f' (or pip install "trl-flow-egrpo[{name}]")' if name in ("wandb", "tensorboard") else ""
-            raise ValueError(f"log_with names '{name}' but the {package} package is not installed: pip install "
-                             f"{package}{extra}, or drop it from log_with.")
+            raise ValueError(
+                f"log_with names '{name}' but the {package} package is not installed: pip install "
+                f"{package}{extra}, or drop it from log_with."
+            )
     return names
 
 
@@ -37,17 +48,21 @@ def tracker_init_kwargs(run_name: str | None, output_dir: str) -> dict:
 
 def flat_config(config: dict) -> dict:
     """The config with lists and None turned into strings, as tensorboard's hparams accept only scalars."""
-    return {key: (str(value) if isinstance(value, (list, tuple)) or value is None else value)
-            for key, value in config.items()}
+    return {
+        key: (str(value) if isinstance(value, (list, tuple)) or value is None else value)
+        for key, value in config.items()
+    }
 
 
 def summary_line(metrics: dict[str, float], max_steps: int) -> str:
     """One line per iteration for the console: reward, loss, on-policy check, cost and time."""
     seconds = metrics["time/sampling"] + metrics["time/rewards"] + metrics["time/update"]
-    return (f"iteration {metrics['iteration']}/{max_steps} | reward {metrics['reward/weighted_mean']:.4f} "
-            f"(std {metrics['reward/weighted_std']:.4f}) | loss {metrics['loss']:+.2e} | "
-            f"on-policy max|r-1| {metrics['ratio/on_policy_max_abs_dev']:.1e} | "
-            f"{metrics['transformer_evaluations']} evals | {seconds:.2f}s")
+    return (
+        f"iteration {metrics['iteration']}/{max_steps} | reward {metrics['reward/weighted_mean']:.4f} "
+        f"(std {metrics['reward/weighted_std']:.4f}) | loss {metrics['loss']:+.2e} | "
+        f"on-policy max|r-1| {metrics['ratio/on_policy_max_abs_dev']:.1e} | "
+        f"{metrics['transformer_evaluations']} evals | {seconds:.2f}s"
+    )
 
 
 def grid_columns(count: int) -> int:
@@ -66,8 +81,9 @@ def frame_strips(videos: torch.Tensor, max_frames: int = 8) -> torch.Tensor:
     return videos[:, torch.linspace(0, count - 1, shown).round().long()]
 
 
-def image_grid(images: torch.Tensor, columns: int | None = None, background: float = 1.0,
-               max_frames: int = 8) -> np.ndarray:
+def image_grid(
+    images: torch.Tensor, columns: int | None = None, background: float = 1.0, max_frames: int = 8
+) -> np.ndarray:
     """``[N, 3, H, W]`` images in [0, 1] tiled into one ``[rows*H, columns*W, 3]`` uint8 array.
 
     Cells left over in the last row are filled with ``background`` (white), so they do not read as a black
@@ -84,7 +100,7 @@ def image_grid(images: torch.Tensor, columns: int | None = None, background: flo
     grid = torch.full((3, rows * height, columns * width), float(background))
     for i, image in enumerate(images.float().cpu()):
         row, column = divmod(i, columns)
-        grid[:, row * height:(row + 1) * height, column * width:(column + 1) * width] = image
+        grid[:, row * height : (row + 1) * height, column * width : (column + 1) * width] = image
     return grid.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 

@@ -42,9 +42,11 @@ def check_num_frames(num_frames: int, temporal_factor: int) -> int:
     if num_frames < 1 or (num_frames - 1) % temporal_factor:
         below = max(1, (num_frames - 1) // temporal_factor * temporal_factor + 1)
         options = f"{below} or {below + temporal_factor}" if below < num_frames else str(below)
-        raise ValueError(f"num_frames={num_frames!r}: Wan needs {temporal_factor}k + 1 frames (1, "
-                         f"{temporal_factor + 1}, {2 * temporal_factor + 1}, ..., 81), the VAE's temporal "
-                         f"compression being {temporal_factor}x. Set EGRPOConfig.num_frames to e.g. {options}.")
+        raise ValueError(
+            f"num_frames={num_frames!r}: Wan needs {temporal_factor}k + 1 frames (1, "
+            f"{temporal_factor + 1}, {2 * temporal_factor + 1}, ..., 81), the VAE's temporal "
+            f"compression being {temporal_factor}x. Set EGRPOConfig.num_frames to e.g. {options}."
+        )
     return num_frames
 
 
@@ -79,22 +81,35 @@ class WanAdapter(ModelAdapter):
     """Frames per video when ``num_frames`` is None: the pipeline's default (5 s at 16 fps)."""
     is_video = True
 
-    def __init__(self, pipeline, height: int, width: int, guidance_scale: float | None = None,
-                 max_sequence_length: int = 512, negative_prompt: str = "", num_frames: int | None = None):
+    def __init__(
+        self,
+        pipeline,
+        height: int,
+        width: int,
+        guidance_scale: float | None = None,
+        max_sequence_length: int = 512,
+        negative_prompt: str = "",
+        num_frames: int | None = None,
+    ):
         if getattr(pipeline, "transformer_2", None) is not None or pipeline.config.get("boundary_ratio") is not None:
-            raise ValueError("This WanPipeline has two transformers (transformer_2 with boundary_ratio="
-                             f"{pipeline.config.get('boundary_ratio')}, Wan 2.2 A14B's high- and low-noise experts). "
-                             "E-GRPO supports single-transformer Wan pipelines (Wan 2.1 T2V 1.3B / 14B, Wan 2.2 "
-                             "TI2V 5B); load one of them, or drop transformer_2 and boundary_ratio to train the "
-                             "high-noise expert alone.")
+            raise ValueError(
+                "This WanPipeline has two transformers (transformer_2 with boundary_ratio="
+                f"{pipeline.config.get('boundary_ratio')}, Wan 2.2 A14B's high- and low-noise experts). "
+                "E-GRPO supports single-transformer Wan pipelines (Wan 2.1 T2V 1.3B / 14B, Wan 2.2 "
+                "TI2V 5B); load one of them, or drop transformer_2 and boundary_ratio to train the "
+                "high-noise expert alone."
+            )
         super().__init__(pipeline, height, width, guidance_scale, max_sequence_length, negative_prompt)
         if negative_prompt and not self.do_classifier_free_guidance:
-            raise ValueError(f"negative_prompt={negative_prompt!r}: classifier-free guidance is off "
-                             f"(guidance_scale={self.guidance_scale} <= 1), so a negative prompt would never be used. "
-                             "Set guidance_scale > 1 to use it, or negative_prompt to ''.")
+            raise ValueError(
+                f"negative_prompt={negative_prompt!r}: classifier-free guidance is off "
+                f"(guidance_scale={self.guidance_scale} <= 1), so a negative prompt would never be used. "
+                "Set guidance_scale > 1 to use it, or negative_prompt to ''."
+            )
         temporal_factor = pipeline.vae_scale_factor_temporal
-        self.num_frames = check_num_frames(self.default_num_frames if num_frames is None else num_frames,
-                                           temporal_factor)
+        self.num_frames = check_num_frames(
+            self.default_num_frames if num_frames is None else num_frames, temporal_factor
+        )
         self.latent_frames = (self.num_frames - 1) // temporal_factor + 1
         """Latent frames ``k + 1`` of ``4k + 1`` video frames."""
 
@@ -134,17 +149,22 @@ class WanAdapter(ModelAdapter):
         scheduler = self.pipeline.scheduler
         if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
             if shift is None and scheduler.config.get("use_dynamic_shifting", False):
-                raise ValueError("This WanPipeline's scheduler shifts dynamically, but WanPipeline passes no mu, so "
-                                 "it cannot sample with it. Set EGRPOConfig.shift (Wan 2.1: 3.0 at 480p, 5.0 at "
-                                 "720p).")
+                raise ValueError(
+                    "This WanPipeline's scheduler shifts dynamically, but WanPipeline passes no mu, so "
+                    "it cannot sample with it. Set EGRPOConfig.shift (Wan 2.1: 3.0 at 480p, 5.0 at "
+                    "720p)."
+                )
             overrides = {} if shift is None else {"shift": float(shift), "use_dynamic_shifting": False}
             return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, **overrides)
         flow_shift = scheduler.config.get("flow_shift") if shift is None else shift
         if flow_shift is None:
-            raise ValueError(f"The pipeline's {type(scheduler).__name__} has no flow_shift: set EGRPOConfig.shift "
-                             "(Wan 2.1: 3.0 at 480p, 5.0 at 720p).")
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=scheduler.config.num_train_timesteps,
-                                               shift=float(flow_shift))
+            raise ValueError(
+                f"The pipeline's {type(scheduler).__name__} has no flow_shift: set EGRPOConfig.shift "
+                "(Wan 2.1: 3.0 at 480p, 5.0 at 720p)."
+            )
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=scheduler.config.num_train_timesteps, shift=float(flow_shift)
+        )
 
     def schedule(self, num_steps: int, shift: float | None) -> Schedule:
         """``WanPipeline``'s Euler schedule: :meth:`euler_scheduler`'s ``set_timesteps(num_steps)``, computed by the
@@ -153,17 +173,22 @@ class WanAdapter(ModelAdapter):
         appended."""
         scheduler = self.euler_scheduler(shift)
         scheduler.set_timesteps(num_steps, device="cpu")
-        return Schedule(sigmas=scheduler.sigmas.detach().to(torch.float32).cpu(),
-                        timesteps=scheduler.timesteps.detach().to(torch.float32).cpu())
+        return Schedule(
+            sigmas=scheduler.sigmas.detach().to(torch.float32).cpu(),
+            timesteps=scheduler.timesteps.detach().to(torch.float32).cpu(),
+        )
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """UMT5 embeddings ``[P, max_sequence_length, D]`` of the prompts and, with guidance, of the negative
         prompt (one row per prompt, so that :func:`select_rows` indexes both alike)."""
         prompt_embeds, negative_embeds = self.pipeline.encode_prompt(
-            prompt=prompts, negative_prompt=[self.negative_prompt] * len(prompts),
+            prompt=prompts,
+            negative_prompt=[self.negative_prompt] * len(prompts),
             do_classifier_free_guidance=self.do_classifier_free_guidance,
-            max_sequence_length=self.max_sequence_length, device=self.device)
+            max_sequence_length=self.max_sequence_length,
+            device=self.device,
+        )
         conditioning = {"prompt_embeds": prompt_embeds}
         if self.do_classifier_free_guidance:
             conditioning["negative_prompt_embeds"] = negative_embeds
@@ -174,8 +199,13 @@ class WanAdapter(ModelAdapter):
         (always in float32, as the pipeline)."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        shape = (batch_size, self.transformer.config.in_channels, self.latent_frames, self.latent_height,
-                 self.latent_width)
+        shape = (
+            batch_size,
+            self.transformer.config.in_channels,
+            self.latent_frames,
+            self.latent_height,
+            self.latent_width,
+        )
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
     def velocity(self, model, latents, timesteps, conditioning):
@@ -190,8 +220,9 @@ class WanAdapter(ModelAdapter):
             embeds = torch.cat([embeds, conditioning["negative_prompt_embeds"]])
         if self.pipeline.config.get("expand_timesteps", False):
             timestep = timestep[:, None].expand(-1, self.num_video_tokens)  # Wan 2.2 TI2V: one per token
-        velocity = model(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=embeds,
-                         return_dict=False)[0].to(torch.float32)
+        velocity = model(
+            hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=embeds, return_dict=False
+        )[0].to(torch.float32)
         if self.do_classifier_free_guidance:
             cond, negative = velocity.chunk(2)
             velocity = negative + self.guidance_scale * (cond - negative)

@@ -18,8 +18,10 @@ def check_videos(videos: torch.Tensor, reward: str) -> None:
     """A ValueError naming ``reward`` unless ``videos`` is ``[B, F, 3, H, W]``."""
     if not isinstance(videos, torch.Tensor) or videos.dim() != 5 or videos.shape[2] != 3:
         shape = tuple(videos.shape) if isinstance(videos, torch.Tensor) else type(videos).__name__
-        raise ValueError(f"Reward '{reward}' scores videos [B, F, 3, H, W] (a video pipeline's samples), got "
-                         f"{shape}. Give image rewards images directly.")
+        raise ValueError(
+            f"Reward '{reward}' scores videos [B, F, 3, H, W] (a video pipeline's samples), got "
+            f"{shape}. Give image rewards images directly."
+        )
 
 
 class FrameAverageReward:
@@ -40,11 +42,14 @@ class FrameAverageReward:
 
     def __init__(self, image_reward: Callable, frame_stride: int = 1, frames_per_call: int | None = None):
         if not callable(image_reward):
-            raise ValueError(f"FrameAverageReward wraps an image reward fn(images, prompts, **columns); got "
-                             f"{image_reward!r}.")
+            raise ValueError(
+                f"FrameAverageReward wraps an image reward fn(images, prompts, **columns); got {image_reward!r}."
+            )
         if frame_stride < 1 or (frames_per_call is not None and frames_per_call < 1):
-            raise ValueError(f"FrameAverageReward needs frame_stride >= 1 and frames_per_call >= 1 (or None); got "
-                             f"frame_stride={frame_stride}, frames_per_call={frames_per_call}.")
+            raise ValueError(
+                f"FrameAverageReward needs frame_stride >= 1 and frames_per_call >= 1 (or None); got "
+                f"frame_stride={frame_stride}, frames_per_call={frames_per_call}."
+            )
         self.image_reward = image_reward
         self.frame_stride = frame_stride
         self.frames_per_call = frames_per_call
@@ -54,7 +59,7 @@ class FrameAverageReward:
     def __call__(self, videos: torch.Tensor, prompts: Sequence[str], **columns) -> torch.Tensor:
         """Mean per-frame scores, float32 ``[B]`` on the CPU."""
         check_videos(videos, self.name)
-        frames = videos[:, ::self.frame_stride]
+        frames = videos[:, :: self.frame_stride]
         num_videos, num_frames = frames.shape[:2]
         frames = frames.flatten(0, 1)
 
@@ -63,10 +68,16 @@ class FrameAverageReward:
 
         frame_prompts, frame_columns = per_frame(prompts), {name: per_frame(values) for name, values in columns.items()}
         step = self.frames_per_call or len(frames)
-        scores = [call_reward(self.image_reward_name, self.image_reward, frames[begin:begin + step],
-                              frame_prompts[begin:begin + step],
-                              {name: values[begin:begin + step] for name, values in frame_columns.items()})
-                  for begin in range(0, len(frames), step)]
+        scores = [
+            call_reward(
+                self.image_reward_name,
+                self.image_reward,
+                frames[begin : begin + step],
+                frame_prompts[begin : begin + step],
+                {name: values[begin : begin + step] for name, values in frame_columns.items()},
+            )
+            for begin in range(0, len(frames), step)
+        ]
         return torch.cat(scores).view(num_videos, num_frames).mean(dim=1)
 
 
