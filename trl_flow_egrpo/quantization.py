@@ -37,9 +37,10 @@ def require(module: str, purpose: str):
         return importlib.import_module(module)
     except ImportError as error:
         package = module.split(".")[0]
-        raise ImportError(f"{purpose} needs the '{package}' package, which is not installed. Install the "
-                          f"optional extra: pip install \"trl-flow-egrpo[{EXTRA}]\" (or pip install {package}).") \
-            from error
+        raise ImportError(
+            f"{purpose} needs the '{package}' package, which is not installed. Install the "
+            f'optional extra: pip install "trl-flow-egrpo[{EXTRA}]" (or pip install {package}).'
+        ) from error
 
 
 def is_lora_module(name: str) -> bool:
@@ -62,8 +63,12 @@ def is_nf4_quantized(module: torch.nn.Module) -> bool:
     return any(type(child).__name__ == "Linear4bit" for child in module.modules())
 
 
-def quantize_base_weights(transformer: torch.nn.Module, method: str, device: torch.device | str | None = None,
-                          distributed_backend: str | None = None) -> torch.nn.Module:
+def quantize_base_weights(
+    transformer: torch.nn.Module,
+    method: str,
+    device: torch.device | str | None = None,
+    distributed_backend: str | None = None,
+) -> torch.nn.Module:
     """Quantize the frozen base weights of ``transformer`` in place, then move it to ``device``.
 
     torchao methods quantize every ``nn.Linear`` except the LoRA matrices, moving each layer to ``device`` just
@@ -84,21 +89,28 @@ def quantize_base_weights(transformer: torch.nn.Module, method: str, device: tor
         ImportError: the library of ``method`` is missing (names the extra to install).
     """
     if distributed_backend is not None:
-        raise ValueError(f"quantization={method!r} cannot be combined with {distributed_backend}: the quantized "
-                         "base is meant for one GPU per model copy. Launch without FSDP/DeepSpeed (plain DDP or one "
-                         "process), or set quantization=None and shard the bf16 model.")
+        raise ValueError(
+            f"quantization={method!r} cannot be combined with {distributed_backend}: the quantized "
+            "base is meant for one GPU per model copy. Launch without FSDP/DeepSpeed (plain DDP or one "
+            "process), or set quantization=None and shard the bf16 model."
+        )
     if method == "nf4":
         require("bitsandbytes", "quantization='nf4'")
         if not is_nf4_quantized(transformer):
-            raise ValueError("quantization='nf4' but the transformer was not loaded in NF4: load the pipeline with "
-                             "quantization_config=trl_flow_egrpo.quantization.nf4_pipeline_quantization_config() "
-                             "(needs a CUDA GPU), or use quantization='int8-weight-only', which the trainer applies "
-                             "to an already-loaded transformer.")
+            raise ValueError(
+                "quantization='nf4' but the transformer was not loaded in NF4: load the pipeline with "
+                "quantization_config=trl_flow_egrpo.quantization.nf4_pipeline_quantization_config() "
+                "(needs a CUDA GPU), or use quantization='int8-weight-only', which the trainer applies "
+                "to an already-loaded transformer."
+            )
     else:
         torchao_quantization = require("torchao.quantization", f"quantization={method!r}")
         torchao_quantization.quantize_(
-            transformer, torchao_config(method), device=device,
-            filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) and not is_lora_module(name))
+            transformer,
+            torchao_config(method),
+            device=device,
+            filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) and not is_lora_module(name),
+        )
     if device is not None and not is_nf4_quantized(transformer):
         transformer.to(device)  # what quantize_ did not move: norms, embeddings, the LoRA
     return transformer
@@ -117,9 +129,14 @@ def nf4_pipeline_quantization_config(compute_dtype: torch.dtype = torch.bfloat16
     require("bitsandbytes", "quantization='nf4'")
     return PipelineQuantizationConfig(
         quant_backend="bitsandbytes_4bit",
-        quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-                      "bnb_4bit_compute_dtype": compute_dtype},
-        components_to_quantize=list(components))
+        quant_kwargs={
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": compute_dtype,
+        },
+        components_to_quantize=list(components),
+    )
 
 
 def adamw_8bit(parameters: Iterable[torch.nn.Parameter], like: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -130,8 +147,13 @@ def adamw_8bit(parameters: Iterable[torch.nn.Parameter], like: torch.optim.Optim
     """
     optim = require("bitsandbytes.optim", "optimizer='adamw_8bit'")
     defaults = like.defaults
-    return optim.AdamW8bit(list(parameters), lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"],
-                           weight_decay=defaults["weight_decay"])
+    return optim.AdamW8bit(
+        list(parameters),
+        lr=defaults["lr"],
+        betas=defaults["betas"],
+        eps=defaults["eps"],
+        weight_decay=defaults["weight_decay"],
+    )
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -147,3 +169,27 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 def module_weight_bytes(module: torch.nn.Module) -> int:
     """Bytes of all parameters and buffers of ``module``, as stored (quantized weights at their real size)."""
     return sum(tensor_bytes(t) for t in list(module.parameters()) + list(module.buffers()))
+
+
+def precompute_run_prompts(trainer) -> int:
+    """Encode into the prompt cache every prompt ``trainer`` will still visit; returns how many were encoded.
+
+    Those are the training prompts of the iterations from the current one to ``max_steps`` (the order is fixed
+    by the seed) and the evaluation prompts. Called after ``EGRPOTrainer(...)`` and before ``train()``, the text
+    encoders visit the GPU while it holds only the quantized transformer, the LoRA and the VAE; training then
+    never brings them back (FLUX.1-dev's T5-XXL takes 9 GiB, more than a 24 GB GPU has left mid-iteration).
+
+    Raises:
+        ValueError: ``prompt_cache_dir`` is not set (there is nowhere to keep the embeddings).
+    """
+    config = trainer.config
+    if config.prompt_cache_dir is None:
+        raise ValueError("precompute_run_prompts needs a cache for the embeddings: set prompt_cache_dir.")
+    prompts = [
+        row[config.prompt_column]
+        for iteration in range(trainer.state.iteration, config.max_steps)
+        for row in trainer.iteration_rows(iteration)
+    ]
+    if trainer.eval_dataset is not None:
+        prompts += [trainer.eval_dataset[i][config.prompt_column] for i in range(len(trainer.eval_dataset))]
+    return trainer.prompt_encoder.warm(prompts)
