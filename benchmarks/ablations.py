@@ -1,6 +1,6 @@
 """The E-GRPO paper's ablations on the testbed, as one command.
 
-    python benchmarks/ablations.py --quick            # 1 seed, about 10 minutes on 2 CPU cores
+    python benchmarks/ablations.py --quick            # 3 seeds, 2 prompts per iteration (30-60 min, 2 cores)
     python benchmarks/ablations.py                    # 3 seeds, more iterations (longer)
     python benchmarks/ablations.py --smoke --model tiny   # seconds: checks the script works
 
@@ -34,7 +34,8 @@ NO_LIMIT = 10**12
 
 MODES: dict[str, Mode] = {
     "full": Mode(budget=NO_LIMIT, eval_points=6, seeds=(0, 1, 2), num_eval_prompts=64, max_iterations=30),
-    "quick": Mode(budget=NO_LIMIT, eval_points=3, seeds=(0,), num_eval_prompts=24, max_iterations=6),
+    "quick": Mode(budget=NO_LIMIT, eval_points=3, seeds=(0, 1, 2), num_eval_prompts=48, max_iterations=6,
+                  overrides=(("prompts_per_device", 2),)),
     "smoke": Mode(budget=NO_LIMIT, eval_points=1, seeds=(0,), num_eval_prompts=1, max_iterations=2,
                   overrides=(("num_generations", 2), ("prompts_per_device", 1))),
 }

@@ -1,11 +1,11 @@
 """Learning efficiency: every algorithm of the GRPO family at an equal budget of transformer evaluations.
 
-    python benchmarks/learning_efficiency.py --quick            # 3 seeds, about 10 minutes on 2 CPU cores
+    python benchmarks/learning_efficiency.py --quick            # 3 seeds, 30-60 minutes on 2 shared CPU cores
     python benchmarks/learning_efficiency.py                    # the full budget (longer)
     python benchmarks/learning_efficiency.py --smoke --model tiny   # seconds: checks the script works
 
 Each algorithm (``EGRPOConfig.algorithm``) trains a LoRA on the testbed (benchmarks/testbed: a small pretrained
-FLUX-shaped pipeline of coloured shapes, CompositionReward) with the same hyperparameters (:data:`SHARED`),
+FLUX-shaped pipeline of coloured shapes, ColourPurityReward) with the same hyperparameters (:data:`SHARED`),
 for seeds 0, 1, 2, until its cumulative cost passes the budget. The cost of an iteration is counted in
 transformer rows (one latent through the transformer once):
 
@@ -43,11 +43,13 @@ BASELINES = ALGORITHMS[1:]
 UPDATE_ROW_COST = 3
 """Forward-row equivalents of one update row (a forward and a backward, the backward about twice the FLOPs)."""
 
-SHARED: dict = dict(num_inference_steps=16, num_generations=4, prompts_per_device=4, learning_rate=1e-3,
-                    clip_range=1e-2, noise_level=0.7, lora_r=8, lora_alpha=8, rollout_batch_size=128,
-                    per_device_train_batch_size=64, mixed_precision="no", save_steps=0, disable_tqdm=True)
-"""Hyperparameters every algorithm shares (the testbed's own defaults, with larger update micro-batches for
-speed: micro-batching does not change the gradient). Each algorithm keeps its own paper defaults otherwise."""
+SHARED: dict = dict(num_inference_steps=16, num_generations=8, prompts_per_device=4, learning_rate=1e-3,
+                    optimizer_step="iteration", advantage_eps=0.05, clip_range=1e-2, noise_level=0.7, lora_r=8,
+                    lora_alpha=8, rollout_batch_size=128, per_device_train_batch_size=64, mixed_precision="no",
+                    save_steps=0, disable_tqdm=True)
+"""Hyperparameters every algorithm shares (the testbed's recipe, ``benchmarks.testbed.egrpo_config``, with larger
+update micro-batches for speed: micro-batching does not change the gradient). Each algorithm keeps its own paper
+defaults otherwise."""
 
 EVAL_SEED = 1000
 """Held-out prompt ``i`` is always sampled from the noise of seed ``EVAL_SEED + i``."""
@@ -68,7 +70,7 @@ class Mode:
 
 MODES: dict[str, Mode] = {
     "full": Mode(budget=60_000, eval_points=12, seeds=(0, 1, 2), num_eval_prompts=64),
-    "quick": Mode(budget=12_000, eval_points=6, seeds=(0, 1, 2), num_eval_prompts=24),
+    "quick": Mode(budget=30_000, eval_points=5, seeds=(0, 1, 2), num_eval_prompts=48),
     "smoke": Mode(budget=10**9, eval_points=1, seeds=(0,), num_eval_prompts=1, max_iterations=2,
                   overrides=(("num_generations", 2), ("prompts_per_device", 1))),
 }
@@ -103,15 +105,16 @@ class Backend:
 
 def testbed_backend(testbed_root: str, num_eval_prompts: int, checkpoint: str | None = None) -> Backend:
     """The testbed: its pretrained pipeline (the committed one, or the one saved in ``checkpoint``),
-    CompositionReward, its training and held-out prompts."""
+    ColourPurityReward (dense and graded, with headroom: see docs/testbed.md), its training and held-out
+    prompts."""
     testbed = import_testbed(testbed_root)
-    from benchmarks.testbed.rewards import CompositionReward
+    from benchmarks.testbed.rewards import ColourPurityReward
 
     directory = checkpoint or testbed.CHECKPOINT_DIR
     heldout = testbed.heldout_prompts()
     stride = max(1, len(heldout) // num_eval_prompts)  # spread over the held-out compositions
     return Backend("testbed", lambda: testbed.load_testbed_pipeline(directory, build_if_missing=False),
-                   CompositionReward(), testbed.train_prompts(), heldout[::stride][:num_eval_prompts],
+                   ColourPurityReward(), testbed.train_prompts(), heldout[::stride][:num_eval_prompts],
                    dict(testbed.SAMPLING))
 
 
@@ -372,7 +375,7 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__):
     parser = argparse.ArgumentParser(description=description.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="The quick mode (about 10 minutes on 2 CPU cores).")
+    group.add_argument("--quick", action="store_true", help="The quick mode (3 seeds, a 30,000-row budget).")
     group.add_argument("--smoke", action="store_true", help="1 seed, 2 iterations: checks that the script works.")
     parser.add_argument("--model", choices=["testbed", "tiny"], default="testbed",
                         help="The pretrained testbed (default) or the random-weight tiny FLUX pipeline.")
