@@ -85,14 +85,27 @@ def reset_peaks(device: str) -> None:
 
 
 def measure_recipe_24gb(
-    pipeline, device: str, ballast_bytes: int, output_dir: str, tiny: bool = False, target_gib: float = 22.0
+    pipeline,
+    device: str,
+    ballast_bytes: int,
+    output_dir: str,
+    tiny: bool = False,
+    target_gib: float = 22.0,
+    cap_gib: float | None = None,
 ) -> dict:
     """Build the 24 GB recipe's trainer on ``pipeline``, precompute the run's prompts, run one step; returns the
-    measurements (see the module docstring). ``pipeline`` is quantized in place."""
+    measurements (see the module docstring). ``pipeline`` is quantized in place.
+
+    ``cap_gib`` (CUDA): once the trainer is built (the bf16 transformer replaced by its int8 weights and the text
+    encoders moved to the CPU), refuse GPU memory above this many GiB, as a smaller card would.
+    """
     from trl_flow_egrpo.quantization import module_weight_bytes, precompute_run_prompts
 
     trainer = build_trainer(pipeline, recipe_config(output_dir, device, tiny))
     reset_peaks(device)
+    if cap_gib is not None and str(device).startswith("cuda"):
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), device)
     encoded_before = precompute_run_prompts(trainer)
     precompute = peak_gib(device)
 
@@ -172,7 +185,7 @@ def parse_args(argv=None):
         "--cap_gib",
         type=float,
         default=None,
-        help="refuse GPU memory above this many GiB (torch.cuda.set_per_process_memory_fraction), as on a smaller card",
+        help="once the trainer is built, refuse GPU memory above this many GiB (as on a smaller card)",
     )
     parser.add_argument("--target_gib", type=float, default=22.0, help="the recipe's peak reserved target")
     parser.add_argument(
@@ -194,16 +207,15 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--device {args.device} but torch sees no CUDA GPU; use --device cpu (with --tiny).")
     if not cuda and not args.tiny:
         raise SystemExit("The FLUX.1-dev-sized recipe needs a GPU; on a CPU pass --tiny.")
-    if args.cap_gib is not None and cuda:
-        total = torch.cuda.get_device_properties(args.device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total), args.device)
     if args.ballast_gib is not None:
         ballast_bytes = int(args.ballast_gib * GIB)
     else:
         ballast_bytes = 0 if args.tiny else 2 * parameter_count(build_on_meta("clip_vit_h_14"))
     pipeline = flux_dev_shaped_pipeline(args.device, torch.bfloat16 if cuda else torch.float32, tiny=args.tiny)
     with tempfile.TemporaryDirectory(prefix="gpu-recipe-24gb-") as scratch:
-        result = measure_recipe_24gb(pipeline, args.device, ballast_bytes, scratch, args.tiny, args.target_gib)
+        result = measure_recipe_24gb(
+            pipeline, args.device, ballast_bytes, scratch, args.tiny, args.target_gib, args.cap_gib
+        )
     result |= dict(
         device=torch.cuda.get_device_name(args.device) if cuda else "cpu",
         tiny=args.tiny,
