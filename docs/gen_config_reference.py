@@ -68,7 +68,9 @@ def render() -> str:
     for title, fields in sections().items():
         parts.append(f"\n## {title[0].upper() + title[1:]}\n\n| field | type | default | description |\n|---|---|---|---|")
         for field in fields:
-            parts.append(f"| `{field.name}` | `{field.type}` | {default_of(field)} | "
+            # The annotation as written: HfArgumentParser replaces `field.type` with the resolved type in place.
+            annotation = EGRPOConfig.__annotations__[field.name]
+            parts.append(f"| `{field.name}` | `{annotation}` | {default_of(field)} | "
                          f"{cell(field.metadata.get('help', ''))} |")
     return "\n".join(parts) + "\n"
 

@@ -39,6 +39,16 @@ def test_configuration_reference_lists_every_field_and_is_current():
     assert committed == load_docs_script("gen_config_reference").render(), f"docs/configuration.md is stale; {fix}"
 
 
+
+def test_configuration_reference_does_not_depend_on_argument_parsing():
+    """HfArgumentParser resolves the dataclass fields' string annotations in place (the example scripts build one);
+    the page must read the same afterwards, whatever ran first in the process."""
+    from transformers import HfArgumentParser
+
+    before = load_docs_script("gen_config_reference").render()
+    HfArgumentParser(EGRPOConfig)
+    assert load_docs_script("gen_config_reference").render() == before
+
 def test_merge_plan_figure_draws(tmp_path):
     pytest.importorskip("matplotlib")
     load_docs_script("make_figures").draw(str(tmp_path / "merge_plan.png"))
