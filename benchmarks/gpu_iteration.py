@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_iteration.py                   # on a GPU: the recipe as it is (720x720, G=12, bf16)
     python benchmarks/gpu_iteration.py --tiny --device cpu   # a smoke test of the script on a CPU
+    python benchmarks/gpu_iteration.py --compile_transformer --attention_backend _native_cudnn  # speed switches
 
 The pipeline has FLUX.1-dev's exact architecture, component by component (the configurations of
 ``benchmarks/memory.py``): the 12B transformer, T5-XXL and CLIP-L text encoders, the 16-channel VAE, with
@@ -13,8 +14,10 @@ is the weight-free colour reward (``gpu_probe.py`` adds ballast for the real rew
 ``--tiny`` narrows the transformer (one block of each kind, two heads) and uses one-layer text encoders of
 the right widths and the tiny VAE: the same code path at a size a CPU runs in seconds.
 
-Prints, per iteration, the seconds (the first includes warm-up) and their split into sampling / rewards /
-update, the transformer evaluations, the on-policy max |r - 1| and the peak GPU memory.
+Prints, per iteration, the seconds (the first includes warm-up, and compilation with
+``--compile_transformer``) and their split into sampling / rewards / update, the transformer evaluations,
+rows per second of sampling and update, the sampling MFU (on GPUs of known peak), the on-policy max |r - 1|
+and the peak GPU memory.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import yaml  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from memory import CLIP_L_TEXT, FLUX_DEV_TRANSFORMER, FLUX_DEV_VAE, REPO, T5_XXL_ENCODER  # noqa: E402
+from trl_flow_egrpo.acceleration import PhasePeakMemory  # noqa: E402
 
 LORA_RECIPE = os.path.join(REPO, "examples", "recipes", "flux_dev_lora_single_gpu.yaml")
 TINY_TRANSFORMER = dict(num_layers=1, num_single_layers=1, num_attention_heads=2)
@@ -118,7 +122,9 @@ def build_trainer(pipeline, config):
 def timed_step(trainer, device: str) -> dict:
     """One ``trainer.step()``: its metrics plus ``seconds`` and, on CUDA, peak allocated / reserved GiB.
 
-    The peaks are reset first (after emptying the allocator's cache), so they are this iteration's own.
+    The peaks are reset first (after emptying the allocator's cache), so they are this iteration's own. The
+    trainer resets them again at each phase and logs each phase's peaks, so the iteration's are the largest of
+    those and of what was reached after the last phase.
     """
     cuda = str(device).startswith("cuda")
     if cuda:
@@ -131,8 +137,10 @@ def timed_step(trainer, device: str) -> dict:
         torch.cuda.synchronize()
     result = dict(metrics, seconds=time.perf_counter() - start)
     if cuda:
-        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        for kind, since_last_phase in (("allocated", torch.cuda.max_memory_allocated()),
+                                       ("reserved", torch.cuda.max_memory_reserved())):
+            phases = PhasePeakMemory.overall(metrics, kind)
+            result[f"peak_{kind}_gib"] = max(since_last_phase / 2**30, phases or 0.0)
     return result
 
 
@@ -142,6 +150,8 @@ def main():
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--gradient_checkpointing", choices=["recipe", "on", "off"], default="recipe")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile_transformer", action="store_true", help="the config's compile_transformer")
+    parser.add_argument("--attention_backend", default=None, help="the config's attention_backend")
     args = parser.parse_args()
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
 
@@ -153,6 +163,7 @@ def main():
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
     overrides = {} if args.gradient_checkpointing == "recipe" else dict(
         gradient_checkpointing=args.gradient_checkpointing == "on")
+    overrides.update(compile_transformer=args.compile_transformer, attention_backend=args.attention_backend)
     with tempfile.TemporaryDirectory() as output_dir:
         config = lora_recipe_config(output_dir, args.device, args.tiny, max_steps=args.iterations, **overrides)
         trainer = build_trainer(pipeline, config)
@@ -162,7 +173,13 @@ def main():
                     f"{result['peak_reserved_gib']:.1f} GiB reserved" if "peak_reserved_gib" in result else "")
             print(f"iteration {iteration + 1}: {result['seconds']:.1f} s (sampling {result['time/sampling']:.1f} s, "
                   f"rewards {result['time/rewards']:.2f} s, update {result['time/update']:.1f} s), "
-                  f"{result['transformer_evaluations']} transformer evaluations, on-policy max|r-1| "
+                  f"{result['transformer_evaluations']} transformer evaluations, "
+                  f"{result['time/sampling_rows_per_s']:.2f} rows/s sampling, "
+                  f"{result['time/update_rows_per_s']:.2f} rows/s update"
+                  + (f" (log-prob recompute {result['time/recompute_log_probs']:.1f} s)"
+                     if "time/recompute_log_probs" in result else "")
+                  + ", sampling MFU "
+                  f"{result.get('time/sampling_mfu', float('nan')):.3f}, on-policy max|r-1| "
                   f"{result['ratio/on_policy_max_abs_dev']:.1e}{peak}", flush=True)
 
 

@@ -16,6 +16,10 @@ measurement prints one JSON line as it completes:
   split, peak allocated / reserved GiB, on-policy max |r - 1|, sampling MFU;
 * ``lora_forward``: the same forward with the trainer's LoRA (float32 under autocast), with and without
   peft's input dtype cast, against the adapters disabled;
+* ``forward_compiled``: the LoRA forward at the sampling rows, eager and with the repeated blocks compiled
+  (the trainer's ``compile_transformer``; runs last, as compiling changes the model in place): compile
+  seconds, s per call, MFU of each, and the largest difference of their outputs. On a CPU it compiles with
+  the ``eager`` backend (dynamo's tracing, no code generation), to stay a smoke test;
 * ``update``: one row's forward + backward (one group of the update) with and without gradient checkpointing;
 * ``sdpa``: the attention backends at the sampling shape;
 * ``vae_decode``: VAE decode at 1, 4 and 16 images: time and peak.
@@ -49,10 +53,13 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_iteration import build_trainer, flux_dev_shaped_pipeline, lora_recipe_config, timed_step  # noqa: E402
 from memory import REPO, build_on_meta, forward_flops, parameter_count, transformer_inputs  # noqa: E402
+from trl_flow_egrpo.acceleration import (  # noqa: E402
+    compile_repeated_blocks,
+    peak_tflops,
+    repeated_blocks,
+    set_lora_input_cast,
+)
 
-BF16_DENSE_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0))
-"""bf16 dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets (H100 = the SXM part), by
-device-name substring, first match first. Unknown devices get no MFU."""
 LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "trl")
 RESULTS_HEADER = """# GPU probe results
 
@@ -69,11 +76,6 @@ allocator statistics over that step.
 
 
 # --- small helpers ------------------------------------------------------------------------------------------
-
-def peak_tflops(device_name: str) -> float | None:
-    """The bf16 dense peak of a GPU by name (:data:`BF16_DENSE_TFLOPS`), or None if unknown."""
-    return next((tflops for key, tflops in BF16_DENSE_TFLOPS if key in device_name), None)
-
 
 def is_cuda(device: str) -> bool:
     """Whether ``device`` names a CUDA device."""
@@ -190,7 +192,7 @@ class Probe:
             self.path = os.path.join(out_dir, f"{stem}-{copy}.json")
         self.results = dict(device=device_name, commit=git_commit(),
                             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                            rollout_mfu=None, iteration_seconds=None, peak_reserved_gib=None,
+                            rollout_mfu=None, rollout_mfu_compiled=None, iteration_seconds=None, peak_reserved_gib=None,
                             peak_allocated_gib=None, on_policy_max_abs_dev=None, details={})
 
     def elapsed(self) -> float:
@@ -275,6 +277,8 @@ def trainer_step_section(probe: Probe, trainer, device, ballast_bytes, flops_per
         peak_reserved_gib=_round(result.get("peak_reserved_gib"), 2), ballast_gib=round(ballast_bytes / 2**30, 2),
         sampling_tflops=round(sampling_tflops, 3), sampling_mfu=round(sampling_tflops / peak, 3) if peak else None,
         text_encoder_device_after=str(trainer.pipeline.text_encoder_2.device),
+        logged={key: round(value, 4) for key, value in result.items()  # the trainer's own efficiency metrics
+                if key.startswith(("time/sampling_", "time/update_rows", "memory/", "time/recompute"))},
         config={key: getattr(trainer.config, key) for key in (
             "height", "num_generations", "num_inference_steps", "num_active_steps", "rollout_batch_size",
             "decode_batch_size", "gradient_checkpointing", "lora_r", "mixed_precision")})
@@ -303,6 +307,39 @@ def lora_forward_section(probe: Probe, model, rows, size, text_tokens, device, d
     except (ImportError, TypeError, ValueError) as error:  # older peft: no such helper
         values["lora_without_input_cast_error"] = str(error)[:200]
     probe.log("lora_forward", **values)
+
+
+def compiled_forward_section(probe: Probe, model, rows, size, text_tokens, flops_per_row, peak, device, dtype):
+    """The LoRA forward as the trainer samples (input cast off), eager, then with the repeated blocks compiled."""
+    inputs = transformer_inputs(rows, size, text_tokens, dict(model.config), device, dtype)
+    set_lora_input_cast(model, False)
+
+    def forward():
+        with torch.no_grad(), autocast(device):
+            return model(**inputs)[0]
+
+    def timed():
+        seconds = seconds_per_call(forward, device)
+        tflops = flops_per_row * rows / seconds / 1e12
+        return round(seconds, 4), round(tflops / peak, 3) if peak else None
+    eager_s, eager_mfu = timed()
+    eager_output = forward().float()
+    start = time.perf_counter()
+    if is_cuda(device):
+        compile_repeated_blocks(model)
+    else:  # a smoke test: dynamo's tracing without inductor's C++ compilation (minutes on a CPU)
+        for block in repeated_blocks(model):
+            block.compile(backend="eager")
+    compiled_output = forward().float()
+    synchronize(device)
+    compile_s = time.perf_counter() - start
+    compiled_s, compiled_mfu = timed()
+    probe.log("forward_compiled", rows=rows, compile_s=round(compile_s, 1), eager_s=eager_s, compiled_s=compiled_s,
+              speedup=round(eager_s / compiled_s, 3), eager_mfu=eager_mfu, compiled_mfu=compiled_mfu,
+              max_abs_output_difference=(compiled_output - eager_output).abs().max().item(),
+              backend="inductor" if is_cuda(device) else "eager")
+    if compiled_mfu is not None:
+        probe.results["rollout_mfu_compiled"] = compiled_mfu
 
 
 def update_section(probe: Probe, model, size, text_tokens, device, dtype):
@@ -395,7 +432,7 @@ def main(argv=None):
                          "on a CPU pass --tiny.")
     dtype = torch.bfloat16 if is_cuda(device) else torch.float32
     device_name = torch.cuda.get_device_name(device) if is_cuda(device) else "cpu"
-    peak = peak_tflops(device_name) if is_cuda(device) else None
+    peak = peak_tflops(torch.device(device))  # the table trl_flow_egrpo.acceleration.BF16_DENSE_TFLOPS; None on CPU
     out_dir = args.out or os.path.join(REPO, "benchmarks", "results")
     results_md = os.path.join(args.out, "RESULTS.md") if args.out else os.path.join(REPO, "benchmarks", "RESULTS.md")
     probe = Probe(args.budget, out_dir, device_name)
@@ -444,6 +481,9 @@ def main(argv=None):
                      model.config.attention_head_dim, device, dtype)
     if probe.has_time("vae_decode", 40):
         vae_decode_section(probe, pipeline.vae, (1,) if args.tiny else (1, 4, 16), size, device, dtype)
+    # Last: compiling changes the model in place. About 2 minutes of compilation for FLUX.1-dev's two block types.
+    if probe.has_time("forward_compiled", 120 + 10 * row_seconds * sampling_rows):
+        compiled_forward_section(probe, model, sampling_rows, size, text_tokens, flops_per_row, peak, device, dtype)
     scratch.cleanup()
     probe.save()
     probe.append_row(results_md)

@@ -11,9 +11,16 @@ per-sample timesteps, and reuses the anchor's velocity for the branch step. Befo
 compared, the anchors (deterministic) are checked to be identical in both, and the number of rollouts to
 match; the branches draw their noise in a different order, so they are the same distribution, not the same
 samples.
+
+Then the speed switches (docs/performance.md), side by side on the batched engine with the trainer's LoRA
+(rank 8) under bf16 autocast, the trainer's sampling numerics: peft's LoRA input cast on and off, and the
+transformer eager and regionally compiled (``torch.compile`` of its repeated blocks). Each variant samples
+the same noise; the largest difference of its final latents from the eager, cast-on variant is printed
+with its time. ``--json PATH`` also writes every number to a file.
 """
 
 import argparse
+import json
 import os
 import time
 
@@ -22,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from trl_flow_egrpo import plan_merges  # noqa: E402
+from trl_flow_egrpo.acceleration import compile_repeated_blocks, set_lora_input_cast  # noqa: E402
 from trl_flow_egrpo.adapters import get_adapter, select_rows  # noqa: E402
 from trl_flow_egrpo.rollout import sample_rollouts  # noqa: E402
 from trl_flow_egrpo.sde import euler_step, sde_step  # noqa: E402
@@ -55,6 +63,18 @@ def one_at_a_time(adapter, model, schedule, plan, conditioning, noise, num_gener
     return images, calls
 
 
+def best_times(functions, repeats: int) -> list[float]:
+    """The best wall time of each of ``functions`` over ``repeats`` rounds, the functions interleaved within
+    each round, so that a change of the machine's load during the run hits all of them alike."""
+    times = [[] for _ in functions]
+    for _ in range(repeats):
+        for fn, fn_times in zip(functions, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            fn_times.append(time.perf_counter() - start)
+    return [min(fn_times) for fn_times in times]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=2)
@@ -63,6 +83,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=64, help="rows per transformer call (batched engine)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--skip_switches", action="store_true", help="only batched vs one at a time")
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -88,15 +110,7 @@ def main():
                                rtol=1e-4, atol=1e-4)
     assert batched.images.flatten(0, 1).shape[0] + len(batched.anchor_images) == len(single_images)
 
-    def best_time(fn):
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    batched_seconds, single_seconds = best_time(run_batched), best_time(run_single)
+    batched_seconds, single_seconds = best_times([run_batched, run_single], args.repeats)
     rollouts = args.prompts * len(plan) * args.generations
     print(f"tiny FLUX {args.size}x{args.size}, {args.prompts} prompts x {len(plan)} merged steps x G={args.generations} "
           f"= {rollouts} rollouts (+{args.prompts} anchors), torch threads {torch.get_num_threads()}")
@@ -104,6 +118,71 @@ def main():
     print(f"batched engine: {batched_seconds:8.3f} s   {batched.num_model_calls} transformer calls, "
           f"{batched.num_evaluations} rows")
     print(f"speed-up      : {single_seconds / batched_seconds:8.2f}x")
+    results = dict(size=args.size, prompts=args.prompts, generations=args.generations, rollouts=rollouts,
+                   threads=torch.get_num_threads(), one_at_a_time_s=single_seconds, batched_s=batched_seconds,
+                   batched_speedup=single_seconds / batched_seconds, rows=batched.num_evaluations)
+    if not args.skip_switches:
+        results["switches"] = compare_switches(args, schedule, plan, noise)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def lora_pipeline(size: int):
+    """The tiny FLUX pipeline (seeded weights) with a seeded rank-8 LoRA on the adapter's target modules."""
+    from peft import LoraConfig
+
+    pipe = build_tiny_flux_pipeline(seed=0)
+    adapter = get_adapter(pipe, height=size, width=size, max_sequence_length=32)
+    torch.manual_seed(0)
+    pipe.transformer.add_adapter(LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian",
+                                            target_modules=list(adapter.default_lora_target_modules)))
+    return pipe, adapter
+
+
+def compare_switches(args, schedule, plan, noise) -> list[dict]:
+    """Time the batched engine under bf16 autocast with the LoRA input cast on / off, eager and compiled.
+
+    Returns one dict per variant: seconds (best of ``--repeats``, the variants interleaved), rows per second,
+    and the largest absolute difference of its images from the eager cast-on variant's (the same noise, the
+    same generator).
+    """
+    eager_pipe, adapter = lora_pipeline(args.size)
+    compiled_pipe, compiled_adapter = lora_pipeline(args.size)
+    start = time.perf_counter()
+    compile_repeated_blocks(compiled_pipe.transformer)
+    conditioning = adapter.encode_prompts([f"prompt number {i}" for i in range(args.prompts)])
+    variants = [("eager, LoRA input cast on", eager_pipe, adapter, True),
+                ("eager, LoRA input cast off", eager_pipe, adapter, False),
+                ("compiled, LoRA input cast on", compiled_pipe, compiled_adapter, True),
+                ("compiled, LoRA input cast off", compiled_pipe, compiled_adapter, False)]
+
+    def runner(pipe, variant_adapter, cast):
+        def run():
+            set_lora_input_cast(pipe.transformer, cast)
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+                return sample_rollouts(variant_adapter, pipe.transformer, schedule, plan, conditioning, noise,
+                                       args.generations, 0.7, torch.Generator().manual_seed(1), args.batch_size)
+        return run
+
+    runs = [runner(pipe, variant_adapter, cast) for _, pipe, variant_adapter, cast in variants]
+    outputs = [run() for run in runs]  # warm-up: compiles both cast settings (each is a guard of the graph)
+    compile_seconds = time.perf_counter() - start
+    seconds = best_times(runs, args.repeats)
+    print(f"\nspeed switches: batched engine, LoRA r=8, bf16 autocast, {args.batch_size} rows per call "
+          f"(compilation and warm-up took {compile_seconds:.1f} s, not counted)")
+    results = []
+    for (name, *_), output, variant_seconds in zip(variants, outputs, seconds, strict=True):
+        difference = (output.images.float() - outputs[0].images.float()).abs().max().item()
+        results.append(dict(variant=name, seconds=variant_seconds, rows_per_s=output.num_evaluations / variant_seconds,
+                            max_abs_image_difference=difference, compile_seconds=compile_seconds))
+        print(f"{name:30s}: {variant_seconds:8.3f} s   {output.num_evaluations / variant_seconds:8.1f} rows/s   "
+              f"max |image - eager cast-on image| {difference:.1e}")
+    eager, compiled = results[1]["seconds"], results[3]["seconds"]
+    print(f"cast off vs on (eager)      : {results[0]['seconds'] / eager:8.2f}x")
+    print(f"cast off vs on (compiled)   : {results[2]['seconds'] / compiled:8.2f}x")
+    print(f"compiled vs eager (cast off): {eager / compiled:8.2f}x")
+    return results
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from .acceleration import COMPILE_MODES
+
 
 def _doc(text: str, **kwargs):
     return field(metadata={"help": text}, **kwargs)
@@ -205,6 +207,27 @@ class EGRPOConfig:
                              default="end")
     hub_token: str | None = _doc("Hub token (default: the logged-in token / HF_TOKEN).", default=None)
 
+    # --- speed (docs/performance.md) --------------------------------------------------------------------
+    compile_transformer: bool = _doc(
+        "torch.compile the transformer's repeated blocks (regional compilation) after the LoRA is added; the "
+        "compiled model samples and trains, so on-policy ratios stay 1. Costs a compilation at the first "
+        "sampling and the first update (minutes for FLUX.1-dev), then runs faster on GPUs.", default=False)
+    compile_mode: str = _doc(
+        "torch.compile mode of compile_transformer: 'default', 'max-autotune-no-cudagraphs' (slower compile, "
+        "autotuned matmuls), 'reduce-overhead' or 'max-autotune' (these two add CUDA graphs).", default="default")
+    attention_backend: str | None = _doc(
+        "diffusers attention dispatcher backend of the transformer: 'native' (PyTorch SDPA), '_native_flash', "
+        "'_native_cudnn', '_native_efficient' (one SDPA kernel forced), 'flash' (flash-attn package), ... "
+        "(trl_flow_egrpo.acceleration.attention_backends() lists them). None: the model's default (SDPA).",
+        default=None)
+    lora_input_cast: bool = _doc(
+        "Keep peft's cast of every LoRA layer's input to float32. Under bf16/fp16 mixed precision the LoRA "
+        "matmuls run in half precision anyway, so the cast is a copy that changes no value: False (default) "
+        "skips it, in sampling and update alike. Without mixed precision the cast always stays.", default=False)
+    peak_tflops: float | None = _doc(
+        "The device's dense peak in TFLOP/s that the logged time/sampling_mfu divides by. None: looked up by CUDA "
+        "device name (H100, H200, A100, ...; no MFU for unknown devices and CPUs).", default=None)
+
     def __post_init__(self):
         def refuse(name: str, allowed: str):
             raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: {name} must be {allowed}.")
@@ -256,6 +279,14 @@ class EGRPOConfig:
                 refuse(name, ">= 0 (0 turns it off)")
         if self.decode_batch_size is not None and self.decode_batch_size < 1:
             refuse("decode_batch_size", ">= 1, or None")
+        if self.compile_mode not in COMPILE_MODES:
+            refuse("compile_mode", f"one of {COMPILE_MODES}")
+        if self.attention_backend is not None:
+            from .acceleration import check_attention_backend
+
+            check_attention_backend(self.attention_backend)
+        if self.peak_tflops is not None and not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
+            refuse("peak_tflops", "a finite number > 0 (TFLOP/s), or None to look it up by GPU name")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             refuse("save_total_limit", ">= 1 (the newest checkpoint is always kept), or None to keep all")
         for name in ("learning_rate", "clip_range", "advantage_clip", "advantage_eps"):

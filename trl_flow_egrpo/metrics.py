@@ -66,3 +66,29 @@ def update_metrics(ratio: torch.Tensor, clipped: torch.Tensor, approx_kl: torch.
     if kl is not None:
         metrics["kl_to_reference"] = kl.mean().item()
     return metrics
+
+
+def throughput_metrics(sampling_rows: int, sampling_seconds: float, update_rows: int, update_seconds: float,
+                       flops_per_row: int | None = None, peak_tflops: float | None = None) -> dict[str, float]:
+    """Transformer throughput of one process's iteration, and the sampling phase's MFU when it is known.
+
+    Args:
+        sampling_rows: transformer rows (per-sample evaluations) this process sampled.
+        sampling_seconds: the sampling phase's wall time (transformer, SDE steps and VAE decoding).
+        update_rows: transformer rows of the update's policy forwards (each also pays a backward).
+        update_seconds: the update phase's wall time.
+        flops_per_row: FLOPs of one transformer row's forward, or None.
+        peak_tflops: the device's dense peak in TFLOP/s, or None.
+
+    Returns:
+        ``time/sampling_rows_per_s`` and ``time/update_rows_per_s`` (rows / s), and with both
+        ``flops_per_row`` and ``peak_tflops``: ``time/sampling_mfu`` = ``sampling_rows * flops_per_row /
+        sampling_seconds / (peak_tflops * 1e12)``, the share of the peak that the sampling phase's transformer
+        FLOPs reach (decoding and the SDE count as time, not as FLOPs, so it is a lower bound of the
+        transformer's own MFU).
+    """
+    metrics = {"time/sampling_rows_per_s": sampling_rows / sampling_seconds,
+               "time/update_rows_per_s": update_rows / update_seconds}
+    if flops_per_row and peak_tflops:
+        metrics["time/sampling_mfu"] = sampling_rows * flops_per_row / sampling_seconds / (peak_tflops * 1e12)
+    return metrics

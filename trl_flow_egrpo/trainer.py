@@ -29,7 +29,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from . import backends, checkpoints, quantization, tracking
+from . import acceleration, backends, checkpoints, quantization, tracking
 from .adapters import get_adapter, select_rows
 from .algorithms import build_strategy
 from .advantages import group_advantages
@@ -39,7 +39,7 @@ from .data import as_prompt_dataset, iteration_prompt_indices, padded_shard
 from .distributed import is_multiprocess_cpu_run
 from .failures import propagate_failures
 from .loss import ppo_clip_loss
-from .metrics import rollout_metrics, update_metrics
+from .metrics import rollout_metrics, throughput_metrics, update_metrics
 from .prompts import PromptEncoder
 from .rollout import Rollouts, concat_rollouts, prompt_generators, sample_images
 from .scoring import score_images, unique_reward_names, validate_reward_fns
@@ -124,9 +124,10 @@ class EGRPOTrainer:
         self.strategy = build_strategy(config, self.schedule)
 
         self.model, self.reference_model = self._prepare_transformer()
+        self.speed_switches = acceleration.apply_speed_switches(self.model, config)
+        self.flops_per_row: int | None = None  # counted at the first iteration that logs MFU
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                           eps=config.adam_epsilon, weight_decay=config.weight_decay)
+        self.optimizer = acceleration.build_optimizer(trainable, config)
         if config.optimizer == "adamw_8bit":  # 2 B of optimizer state per trained parameter instead of 8 B
             self.optimizer = quantization.adamw_8bit(trainable, like=self.optimizer)
         self.lr_scheduler = get_scheduler(config.lr_scheduler_type, self.optimizer, num_warmup_steps=config.warmup_steps,
@@ -280,25 +281,31 @@ class EGRPOTrainer:
         """One E-GRPO iteration: sample, score, update. Returns (and logs) the iteration's metrics."""
         config = self.config
         rows = self.iteration_rows(self.state.iteration)
+        peaks = acceleration.PhasePeakMemory(self.accelerator.device)
         if config.async_rewards:
-            rollouts, rewards, anchor_rewards, timings = self._sample_and_score_overlapped(rows)
+            with peaks("sampling_and_rewards"):
+                rollouts, rewards, anchor_rewards, timings = self._sample_and_score_overlapped(rows)
         else:
             start = time.perf_counter()
-            rollouts = self.generate([row[config.prompt_column] for row in rows])
+            with peaks("sampling"):
+                rollouts = self.generate([row[config.prompt_column] for row in rows])
             sampling_seconds = time.perf_counter() - start
-            rewards, anchor_rewards = self.score(rollouts, rows)
+            with peaks("rewards"):
+                rewards, anchor_rewards = self.score(rollouts, rows)
             timings = {"time/sampling": sampling_seconds,
                        "time/rewards": time.perf_counter() - start - sampling_seconds}
 
         advantages = group_advantages(rewards, self.reward_weights, config.reward_aggregation,
                                       config.advantage_clip, config.advantage_eps)
         start = time.perf_counter()
-        update_stats = self.update(rollouts, advantages)
+        with peaks("update"):
+            update_stats = self.update(rollouts, advantages)
         update_seconds = time.perf_counter() - start
 
         self.state.iteration += 1
         metrics = self._metrics(rollouts, rewards, anchor_rewards, advantages, update_stats)
-        metrics.update({**timings, "time/update": update_seconds, "iteration": self.state.iteration})
+        metrics.update({**timings, "time/update": update_seconds, "iteration": self.state.iteration, **peaks.values,
+                        **self._throughput(rollouts, timings["time/sampling"], update_seconds)})
         self.state.log_history.append(metrics)
         if self.state.iteration % config.logging_steps == 0:
             self.accelerator.log(metrics, step=self.state.iteration)
@@ -406,6 +413,7 @@ class EGRPOTrainer:
         on_policy_deviation = []
         on_policy = True
         self.model.train()
+        recompute_seconds = self._recompute_log_probs(rollouts, phases) if config.compile_transformer else None
         for _ in range(config.num_inner_epochs):
             for steps in phases:
                 micro_batches = steps.split(config.per_device_train_batch_size)
@@ -438,6 +446,8 @@ class EGRPOTrainer:
             gathered.pop("kl")
         metrics = update_metrics(**gathered)
         metrics["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
+        if recompute_seconds is not None:
+            metrics["time/recompute_log_probs"] = recompute_seconds
         if metrics["ratio/on_policy_max_abs_dev"] > 0.1 * config.clip_range and accelerator.is_main_process:
             # Sampling and training compute different log-probs for the same policy: the clip then acts on
             # numerical noise instead of policy change (METHOD.md section 6).
@@ -446,24 +456,53 @@ class EGRPOTrainer:
                            metrics["ratio/on_policy_max_abs_dev"], config.clip_range)
         return metrics
 
-    def _policy_loss(self, rollouts: Rollouts, advantages: torch.Tensor, steps: torch.Tensor):
-        """PPO-clip loss of the trained steps ``steps``: one forward per step, shared by its ``K`` samples."""
-        config, adapter, strategy = self.config, self.adapter, self.strategy
+    def _recompute_log_probs(self, rollouts: Rollouts, phases: list[torch.Tensor]) -> float:
+        """Replace the sampling-time log-probabilities by the training path's, before any optimizer step;
+        returns the seconds it took.
+
+        Compiled sampling (no grad) and the compiled update (grad) run different graphs whose bf16 numerics
+        differ (measured on CPU: on-policy max |r - 1| up to 7e-5); evaluated with the update's own graph and
+        micro-batches, the first optimizer step's ratios are 1 again. Costs one forward (no backward) per
+        trained step: about a third of the update.
+        """
+        start = time.perf_counter()
+        for steps in phases:
+            for micro_batch in steps.split(self.config.per_device_train_batch_size):
+                # Grad mode on: the update's graph. The unwrapped model: a forward of the DDP wrapper expects
+                # its backward. Nothing is kept, so the activations are freed at once.
+                log_prob, _, _ = self._step_log_probs(rollouts, micro_batch, self.unwrapped_model)
+                rollouts.log_probs[micro_batch] = log_prob.detach().view(len(micro_batch), -1)
+        return time.perf_counter() - start
+
+    def _step_inputs(self, rollouts: Rollouts, steps: torch.Tensor):
+        """The trained steps' ``(latents, timesteps, conditioning, starts, lengths)``."""
         starts, lengths = rollouts.step_start[steps], rollouts.step_length[steps]
         latents = rollouts.step_latents[steps]
         timesteps = self.schedule.timesteps.to(latents.device)[starts]
-        conditioning = select_rows(rollouts.conditioning, rollouts.step_prompt[steps])
+        return latents, timesteps, select_rows(rollouts.conditioning, rollouts.step_prompt[steps]), starts, lengths
+
+    def _step_log_probs(self, rollouts: Rollouts, steps: torch.Tensor, model: torch.nn.Module):
+        """Log-probabilities ``[len(steps) * K]`` of the samples of the trained steps ``steps`` under ``model``
+        (one forward per step, shared by its ``K`` samples), with the steps' Gaussian mean and std."""
+        latents, timesteps, conditioning, starts, lengths = self._step_inputs(rollouts, steps)
         with self.accelerator.autocast():
-            velocity = adapter.velocity(self.model, latents, timesteps, conditioning)
-        mean, std = strategy.step_distribution(latents, velocity, starts, lengths)
+            velocity = self.adapter.velocity(model, latents, timesteps, conditioning)
+        mean, std = self.strategy.step_distribution(latents, velocity, starts, lengths)
         num_samples = rollouts.samples.shape[1]
         step = sample_gaussian_step(mean.repeat_interleave(num_samples, dim=0), std.repeat_interleave(num_samples),
                                     sample=rollouts.samples[steps].flatten(0, 1))
+        return step.log_prob, mean, std
+
+    def _policy_loss(self, rollouts: Rollouts, advantages: torch.Tensor, steps: torch.Tensor):
+        """PPO-clip loss of the trained steps ``steps``: one forward per step, shared by its ``K`` samples."""
+        config, adapter, strategy = self.config, self.adapter, self.strategy
+        log_prob, mean, std = self._step_log_probs(rollouts, steps, self.model)
         sample_advantages = advantages[rollouts.sample_group[steps], rollouts.sample_member[steps]].flatten()
-        output = ppo_clip_loss(step.log_prob, rollouts.log_probs[steps].flatten(), sample_advantages,
+        output = ppo_clip_loss(log_prob, rollouts.log_probs[steps].flatten(), sample_advantages,
                                config.clip_range)
-        kl = torch.zeros(len(steps), device=latents.device)
+        kl = torch.zeros(len(steps), device=log_prob.device)
         if config.beta > 0:
+            latents, timesteps, conditioning, starts, lengths = self._step_inputs(rollouts, steps)
             with torch.no_grad(), self.accelerator.autocast(), self._reference_model() as reference:
                 reference_velocity = adapter.velocity(reference, latents, timesteps, conditioning)
             reference_mean, _ = strategy.step_distribution(latents, reference_velocity, starts, lengths)
@@ -502,12 +541,28 @@ class EGRPOTrainer:
         metrics.update(update_stats)
         return metrics
 
+    def _throughput(self, rollouts: Rollouts, sampling_seconds: float, update_seconds: float) -> dict[str, float]:
+        """This process's transformer rows per second in sampling and update, and the sampling MFU where the
+        device's peak is known (:func:`~trl_flow_egrpo.metrics.throughput_metrics`). The update forwards every
+        trained step once per inner epoch."""
+        peak = acceleration.peak_tflops(self.accelerator.device, self.config.peak_tflops)
+        if peak and self.flops_per_row is None:
+            first = torch.tensor([0], device=rollouts.step_start.device)
+            self.flops_per_row = acceleration.transformer_flops_per_row(
+                self.adapter, self.unwrapped_model, rollouts.step_latents[first],
+                self.schedule.timesteps.to(first.device)[rollouts.step_start[first]],
+                select_rows(rollouts.conditioning, rollouts.step_prompt[first]))
+        update_rows = len(rollouts.step_start) * self.config.num_inner_epochs
+        return throughput_metrics(rollouts.num_evaluations, sampling_seconds, update_rows, update_seconds,
+                                  self.flops_per_row, peak)
+
     def _log_start(self):
         if self.accelerator.is_main_process:
             logger.info(self.strategy.describe())
             logger.info("Per prompt: %d rollouts, %d transformer evaluations; %d trainable parameters; %d process(es).",
                         self.config.num_generations * max(1, len(self.strategy.group_labels)),
                         self.evaluations_per_prompt(), self.num_trainable_parameters, self.accelerator.num_processes)
+            logger.info("Speed switches: %s.", "; ".join(self.speed_switches))
 
     def evaluations_per_prompt(self) -> int:
         """Transformer evaluations (rows) the rollouts of one prompt cost at the current iteration (E-GRPO: ``T``
