@@ -142,6 +142,9 @@ def resolve_protocol(args: EvalArguments, config: EGRPOConfig, adapter) -> Proto
                         config.shift, "the training schedule, deterministic (ODE) sampling as the trainer's evaluation")
     if args.protocol != "paper":
         raise ValueError(f"--protocol must be 'paper' or 'training', got '{args.protocol}'.")
+    if adapter.is_video:
+        raise ValueError(f"--protocol paper scores images of the plain pipeline call; {adapter.pipeline_class_names[0]} "
+                         "makes videos: use --protocol training (the trainer's sampler, videos scored by the rewards).")
     paper = PAPER_PROTOCOLS.get(adapter.family)
     if paper is not None:
         return Protocol(**{**asdict(paper), **given})
@@ -200,9 +203,12 @@ def sample(pipeline, adapter, protocol: Protocol, config: EGRPOConfig, prompts: 
         schedule = adapter.schedule(protocol.num_inference_steps, protocol.shift)
         return sample_images(adapter, adapter.transformer, schedule, prompts, seeds, config.rollout_batch_size,
                              config.decode_batch_size)
-    return pipeline(prompts, height=protocol.height, width=protocol.width,
-                    num_inference_steps=protocol.num_inference_steps, guidance_scale=protocol.guidance_scale,
-                    max_sequence_length=config.max_sequence_length, output_type="pt",
+    # The family's own call arguments (Qwen-Image's guidance is true_cfg_scale and needs a negative prompt).
+    call = adapter.pipeline_call_arguments({"height": protocol.height, "width": protocol.width,
+                                            "num_inference_steps": protocol.num_inference_steps,
+                                            "guidance_scale": protocol.guidance_scale,
+                                            "negative_prompt": config.negative_prompt})
+    return pipeline(prompts, **call, max_sequence_length=config.max_sequence_length, output_type="pt",
                     generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds]).images
 
 
@@ -211,7 +217,7 @@ def score(pipeline, protocol: Protocol, config: EGRPOConfig, dataset, metrics: l
     """Each metric's score of each prompt of ``dataset`` (one image per prompt), as ``{name: float [N]}``."""
     adapter = get_adapter(pipeline, height=protocol.height, width=protocol.width,
                           guidance_scale=protocol.guidance_scale, max_sequence_length=config.max_sequence_length,
-                          negative_prompt=config.negative_prompt)
+                          negative_prompt=config.negative_prompt, num_frames=config.num_frames)
     # The paper protocol decodes inside each pipeline call: its batch is bounded by the VAE's memory.
     batch_size = (config.rollout_batch_size if protocol.name == "training"
                   else config.decode_batch_size or config.rollout_batch_size)
@@ -269,7 +275,8 @@ def main(args: EvalArguments, config: EGRPOConfig):
     dtype = getattr(torch, args.torch_dtype)
     pipeline = load_pipeline(args.model_name_or_path, dtype).to(PartialState(cpu=is_multiprocess_cpu_run()).device)
     pipeline.set_progress_bar_config(disable=True)
-    adapter = get_adapter(pipeline, height=config.height, width=config.width, guidance_scale=config.guidance_scale)
+    adapter = get_adapter(pipeline, height=config.height, width=config.width, guidance_scale=config.guidance_scale,
+                          num_frames=config.num_frames)
     family = adapter.family
     protocol = resolve_protocol(args, config, adapter)
     logger.info("Scoring %d prompts (%s, %s) with %s. %s", len(dataset), args.test_dataset_name,

@@ -97,7 +97,7 @@ def trained(tmp_path_factory):
     recipe.write_text(RECIPE.format(prompts=prompts, hpd=hpd, yaml_output=tmp / "yaml-output"))
     output_dir = tmp / "run"
     log = run_script(["examples/hpd.py", "--config", str(recipe), "--max_steps", "2", "--learning_rate", "0.02",
-                      "--output_dir", str(output_dir)], tmp)
+                      "--output_dir", str(output_dir), "--prompt_cache_dir", str(tmp / "prompt-cache")], tmp)
     return tmp, output_dir, log
 
 
@@ -116,6 +116,11 @@ def test_hpd_runs_a_recipe_with_command_line_overrides(trained):
     assert "| step | start k | length l |" in log  # the merge plan, logged at start
     assert "Evaluation at iteration 2: eval/color/mean" in log
     assert "CPU run: 1 torch thread per process" in log  # chosen by the script, OMP_NUM_THREADS unset
+    # The run's prompts are encoded before training (what keeps the text encoders off a small GPU): the 4 training
+    # prompts visited over the 2 iterations, and the 3 evaluation prompts.
+    assert re.search(r"Encoded \d+ prompts into .*prompt-cache", log)
+    encoded = int(re.search(r"Encoded (\d+) prompts", log).group(1))
+    assert encoded >= 3 and len(glob.glob(str(tmp / "prompt-cache" / "**" / "*.*"), recursive=True)) == encoded
 
 
 def test_hpd_logs_evaluation_to_tensorboard_and_wandb(trained):
@@ -195,7 +200,7 @@ def test_paper_protocol_is_the_plain_pipeline_call():
         example.resolve_protocol(example.EvalArguments(protocol="training", eval_height=64), config, adapter)
 
     class OtherFamily:  # a family without a paper protocol: its settings must be given
-        family, guidance_scale, pipeline_class_names = "other", 4.0, ("OtherPipeline",)
+        family, guidance_scale, pipeline_class_names, is_video = "other", 4.0, ("OtherPipeline",), False
 
     with pytest.raises(ValueError, match="no settings for the 'other' family.*--eval_num_inference_steps"):
         example.resolve_protocol(example.EvalArguments(eval_height=64), config, OtherFamily)

@@ -424,6 +424,30 @@ def test_model_card_takes_the_classes_from_the_adapter():
     assert card.data.license_name == "stabilityai-ai-community"
 
 
+
+def test_model_card_calls_the_pipeline_with_the_familys_arguments():
+    from trl_flow_egrpo.adapters.qwenimage import QwenImageAdapter
+    from trl_flow_egrpo.adapters.wan import WanAdapter
+
+    qwen = _card(adapter=QwenImageAdapter, base_model="Qwen/Qwen-Image",
+                 config_dict=EGRPOConfig(guidance_scale=4.0, shift=None).to_dict())
+    # Qwen-Image's guidance is true_cfg_scale, and its negative pass runs only when a negative prompt is given.
+    assert "true_cfg_scale=4.0" in qwen.text and "negative_prompt=''" in qwen.text
+    assert "guidance_scale" not in qwen.text.split("```python")[1].split("```")[0]
+    assert "pipe.scheduler =" not in qwen.text  # no static shift: the pipeline's own scheduler
+
+    wan = _card(adapter=WanAdapter, base_model="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+                config_dict=EGRPOConfig(num_frames=33, shift=None, negative_prompt="blurry").to_dict())
+    # The trainer samples Euler steps; the released Wan scheduler is UniPC.
+    assert "pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=pipe.scheduler.config.flow_shift)" in wan.text
+    assert "num_frames=33" in wan.text and "negative_prompt='blurry'" in wan.text
+    assert ".frames[0]" in wan.text and 'export_to_video(video, "sample.mp4"' in wan.text
+    assert ".images[0]" not in wan.text
+
+    flux = _card().text.split("```python")[1].split("```")[0]  # the snippet
+    assert "shift=3.0, use_dynamic_shifting=False" in flux  # static shift 3.0: the Euler scheduler with that shift
+    assert "negative_prompt" not in flux and "guidance_scale" not in flux  # FLUX.1-dev's default guidance
+
 def test_every_save_pushes_the_checkpoint_and_resumes_from_it(tmp_path, monkeypatch):
     fake = FakeHub(tmp_path / "remote").install(monkeypatch)
     trainer = tiny_trainer(tmp_path / "run", max_steps=2, save_steps=1, push_to_hub=True, hub_model_id=REPO_ID,

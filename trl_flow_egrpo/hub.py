@@ -201,8 +201,7 @@ def build_model_card(*, base_model: str | None, repo_id: str, config_dict: dict,
         repo_id=repo_id, base_model_text=_base_model_text(base_model, adapter.pipeline_class_names[0]),
         model_kind="A LoRA" if use_lora else "A full fine-tune",
         max_steps=config.get("max_steps"), schedule=schedule,
-        usage=_usage(base_model, repo_id, adapter.pipeline_class_names[0], adapter.transformer_class_name,
-                     use_lora, config),
+        usage=_usage(base_model, repo_id, adapter, use_lora, config),
         reward_aggregation=config.get("reward_aggregation"),
         reward_rows=[{"name": name, "weight": f"{weight:g}", "source": describe_reward(name)}
                      for name, weight in zip(reward_names, reward_weights)],
@@ -360,17 +359,21 @@ def _is_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not os.path.exists(name)
 
 
-def _usage(base_model: str | None, repo_id: str, pipeline_class: str, transformer_class: str, use_lora: bool,
-           config: dict) -> str:
+def _usage(base_model: str | None, repo_id: str, adapter, use_lora: bool, config: dict) -> str:
     """The card's Python snippet: load the base pipeline (or, when it was built in memory, start from the
-    user's own), put the trained weights in, sample with the training schedule."""
-    shift = config.get("shift")
-    imports = ["FlowMatchEulerDiscreteScheduler"] if shift is not None else []
+    user's own), put the trained weights in, sample with the training schedule and the family's call arguments
+    (``adapter.pipeline_call_arguments``); a video family saves an mp4."""
+    pipeline_class, transformer_class = adapter.pipeline_class_names[0], adapter.transformer_class_name
+    scheduler = adapter.sampling_scheduler_code(config.get("shift"))
+    imports = ["FlowMatchEulerDiscreteScheduler"] if scheduler else []
     if not use_lora:
         imports.append(transformer_class)
     if base_model is not None:
         imports.append(pipeline_class)
-    lines = ["import torch"] + ([f"from diffusers import {', '.join(imports)}"] if imports else []) + [""]
+    lines = ["import torch"] + ([f"from diffusers import {', '.join(imports)}"] if imports else [])
+    if adapter.is_video:
+        lines.append("from diffusers.utils import export_to_video")
+    lines.append("")
     if not use_lora:
         lines.append(f'transformer = {transformer_class}.from_pretrained("{repo_id}", subfolder="transformer", '
                      "torch_dtype=torch.bfloat16)")
@@ -384,17 +387,16 @@ def _usage(base_model: str | None, repo_id: str, pipeline_class: str, transforme
     else:
         lines.append(f'pipe = {pipeline_class}.from_pretrained("{base_model}", transformer=transformer, '
                      "torch_dtype=torch.bfloat16)")
-    if shift is not None:
-        lines += ["# The static time shift the model was trained with:",
-                  "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(",
-                  f"    pipe.scheduler.config, shift={shift}, use_dynamic_shifting=False)"]
-    call = [f"num_inference_steps={config.get('num_inference_steps')}", f"height={config.get('height')}",
-            f"width={config.get('width')}"]
-    if config.get("guidance_scale") is not None:
-        call.append(f"guidance_scale={config['guidance_scale']}")
-    lines += ['pipe.to("cuda")',
-              f'image = pipe("a photo of an astronaut riding a horse", {", ".join(call)}).images[0]',
-              'image.save("sample.png")']
+    if scheduler:
+        lines += ["# The schedule the model was trained with:", f"pipe.scheduler = {scheduler}"]
+    call = ", ".join(f"{name}={value!r}" for name, value in adapter.pipeline_call_arguments(config).items())
+    lines.append('pipe.to("cuda")')
+    if adapter.is_video:
+        lines += [f'video = pipe("a cat walking on the beach", {call}).frames[0]',
+                  'export_to_video(video, "sample.mp4", fps=16)']
+    else:
+        lines += [f'image = pipe("a photo of an astronaut riding a horse", {call}).images[0]',
+                  'image.save("sample.png")']
     return "\n".join(lines)
 
 

@@ -82,6 +82,32 @@ class ModelAdapter(ABC):
     def patch_size(self) -> int:
         """Side of the latent patch that becomes one transformer token."""
 
+    guidance_argument: ClassVar[str] = "guidance_scale"
+    """The keyword of the family pipeline's ``__call__`` that takes ``guidance_scale`` (the model card's snippet)."""
+
+    @classmethod
+    def pipeline_call_arguments(cls, config: dict) -> dict:
+        """Keyword arguments with which the family pipeline's ``__call__`` samples as a run with ``config`` (an
+        ``EGRPOConfig.to_dict()``) did: steps, size, frames, guidance and negative prompt. For the model card."""
+        arguments = {name: config.get(name) for name in ("num_inference_steps", "height", "width")}
+        if cls.is_video and config.get("num_frames") is not None:
+            arguments["num_frames"] = config["num_frames"]
+        if config.get("guidance_scale") is not None:
+            arguments[cls.guidance_argument] = config["guidance_scale"]
+        if config.get("negative_prompt"):
+            arguments["negative_prompt"] = config["negative_prompt"]
+        return arguments
+
+    @classmethod
+    def sampling_scheduler_code(cls, shift: float | None) -> str | None:
+        """Python for the scheduler that makes the family pipeline sample with the trained schedule (``pipe`` is
+        the pipeline; ``FlowMatchEulerDiscreteScheduler`` is imported), or None when the pipeline's own one does:
+        with a static ``shift``, its Euler scheduler with that shift and no dynamic shifting."""
+        if shift is None:
+            return None
+        return ("FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, "
+                f"shift={shift}, use_dynamic_shifting=False)")
+
     @property
     def vae_scale_factor(self) -> int:
         """The VAE's spatial downsampling (the pipeline's ``vae_scale_factor``; video pipelines name it otherwise)."""

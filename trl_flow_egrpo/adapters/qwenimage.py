@@ -62,6 +62,17 @@ class QwenImageAdapter(ModelAdapter):
         "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "proj_out",
     )
     default_guidance_scale = 4.0
+    guidance_argument = "true_cfg_scale"
+
+    @classmethod
+    def pipeline_call_arguments(cls, config: dict) -> dict:
+        """As the base class, with ``negative_prompt`` passed whenever guidance is on: ``QwenImagePipeline`` runs
+        its negative pass only when given one, even ``""``."""
+        arguments = super().pipeline_call_arguments(config)
+        guidance = config.get("guidance_scale")
+        if (cls.default_guidance_scale if guidance is None else guidance) > 1:
+            arguments["negative_prompt"] = config.get("negative_prompt") or ""
+        return arguments
 
     def __init__(self, pipeline, height: int, width: int, guidance_scale: float | None = None,
                  max_sequence_length: int = 512, negative_prompt: str = ""):

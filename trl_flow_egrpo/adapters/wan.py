@@ -134,6 +134,12 @@ class WanAdapter(ModelAdapter):
         """True classifier-free guidance with the negative prompt (``guidance_scale > 1``, as the pipeline)."""
         return self.guidance_scale > 1
 
+    @classmethod
+    def sampling_scheduler_code(cls, shift: float | None) -> str | None:
+        """Always an Euler scheduler: the released checkpoints ship a UniPC multistep solver, the trainer samples
+        Euler steps with its ``flow_shift`` (or the run's static ``shift``)."""
+        return f"FlowMatchEulerDiscreteScheduler(shift={'pipe.scheduler.config.flow_shift' if shift is None else shift})"
+
     def euler_scheduler(self, shift: float | None = None):
         """The ``FlowMatchEulerDiscreteScheduler`` whose ``set_timesteps(T)`` gives this adapter's schedule.
 
