@@ -35,6 +35,7 @@ from trl import TrlParser
 
 from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer
 from trl_flow_egrpo.data import load_prompts
+from trl_flow_egrpo.quantization import nf4_pipeline_quantization_config, precompute_run_prompts
 from trl_flow_egrpo.registry import REWARDS, build_reward, load_pipeline
 from trl_flow_egrpo.distributed import (is_multiprocess_cpu_run, set_cpu_threads,
                                         single_process_cpu_launch_error)
@@ -48,9 +49,9 @@ class ScriptArguments:
 
     model_name_or_path: str = field(
         default="black-forest-labs/FLUX.1-dev",
-        metadata={"help": "Hub id or local path of a diffusers pipeline; 'tiny', 'tiny-sd3', 'tiny-flux2', "
-                          "'tiny-flux2-klein' and 'tiny-qwenimage' build an embedded tiny pipeline of that family "
-                          "(random weights, offline)."})
+        metadata={"help": "Hub id or local path of a diffusers pipeline; the names of "
+                          "trl_flow_egrpo.registry.TINY_PIPELINES ('tiny', 'tiny-sd3', 'tiny-flux2', 'tiny-wan', ...) "
+                          "build an embedded tiny pipeline of that family (random weights, offline)."})
     torch_dtype: str = field(default="bfloat16", metadata={"help": "dtype the pipeline is loaded in."})
     reward_funcs: list[str] = field(
         default_factory=lambda: ["hps"],
@@ -99,7 +100,10 @@ def main(args: ScriptArguments, config: EGRPOConfig):
     eval_rewards = [build_reward(name) for name in args.eval_reward_funcs]
     # Under FSDP with fsdp_cpu_ram_efficient_loading only the main process reads the weights; the others get a
     # placeholder that accelerate fills with their shards (no full copy per process).
-    pipeline = load_pipeline(args.model_name_or_path, getattr(torch, args.torch_dtype), main_process_weights_only=True)
+    # NF4 is a load-time format (bitsandbytes); int8 / float8 are applied by the trainer to the loaded weights.
+    quantization_config = nf4_pipeline_quantization_config() if config.quantization == "nf4" else None
+    pipeline = load_pipeline(args.model_name_or_path, getattr(torch, args.torch_dtype), main_process_weights_only=True,
+                             quantization_config=quantization_config)
     logger.info("Model: %s (%s). Rewards: %s (weights %s, aggregation '%s'); eval-only rewards: %s.",
                 args.model_name_or_path, args.torch_dtype, ", ".join(args.reward_funcs),
                 config.reward_weights or "all 1", config.reward_aggregation,
@@ -107,6 +111,10 @@ def main(args: ScriptArguments, config: EGRPOConfig):
 
     trainer = EGRPOTrainer(config, pipeline, rewards, train_dataset, eval_dataset=eval_dataset,
                            eval_reward_fns=eval_rewards)
+    if config.prompt_cache_dir:
+        # Encode the whole run's prompts now, while the GPU holds only the (quantized) transformer: training then
+        # never brings the text encoders back (what lets the 24 GB recipe fit).
+        logger.info("Encoded %d prompts into %s.", precompute_run_prompts(trainer), config.prompt_cache_dir)
     trainer.train()
     if not config.push_to_hub:  # push_to_hub (at the end of train) has already saved the model
         trainer.save_model()

@@ -280,3 +280,18 @@ def test_rounding_errors_rank_the_formats():
     errors = rounding_errors(size=256)
     # int8 keeps 8 bits of mantissa range per row, float8 e4m3 3 mantissa bits, NF4 16 levels per block of 64.
     assert 0 < errors["int8-weight-only"] < errors["float8-weight-only"] < errors["nf4"] < 0.2, errors
+
+
+def test_load_pipeline_hands_the_quantization_config_to_from_pretrained(monkeypatch):
+    import diffusers
+
+    from trl_flow_egrpo import registry
+
+    seen = {}
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained",
+                        lambda name, **kwargs: seen.update(name=name, **kwargs) or "pipeline")
+    marker = object()  # what examples/hpd.py passes for quantization='nf4' (building the real one needs bitsandbytes)
+    assert registry.load_pipeline("some/model", torch.bfloat16, quantization_config=marker) == "pipeline"
+    assert seen == {"name": "some/model", "torch_dtype": torch.bfloat16, "quantization_config": marker}
+    with pytest.raises(ValueError, match="built in memory.*int8-weight-only"):
+        registry.load_pipeline("tiny", torch.float32, quantization_config=marker)

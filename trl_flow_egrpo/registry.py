@@ -90,14 +90,17 @@ TINY_PIPELINES = {"tiny": "build_tiny_flux_pipeline", "tiny-sd3": "build_tiny_sd
 """Pipeline names that build an embedded tiny pipeline (:mod:`trl_flow_egrpo.tiny`) instead of loading one."""
 
 
-def load_pipeline(name: str, dtype, main_process_weights_only: bool = False):
+def load_pipeline(name: str, dtype, main_process_weights_only: bool = False, quantization_config=None):
     """The diffusers pipeline ``name`` (Hub id or local path) in ``dtype``; the names of :data:`TINY_PIPELINES`
-    (``"tiny"``, ``"tiny-sd3"``, ``"tiny-flux2"``, ``"tiny-flux2-klein"``, ``"tiny-qwenimage"``) build the embedded
+    (``"tiny"``, ``"tiny-sd3"``, ``"tiny-flux2"``, ``"tiny-wan"``, ``"tiny-zimage"``, ...) build the embedded
     tiny pipeline of that family offline, so scripts run the same code path on a CPU.
 
     Args:
         name: the pipeline.
         dtype: its torch dtype.
+        quantization_config: handed to ``from_pretrained`` (e.g.
+            :func:`~trl_flow_egrpo.quantization.nf4_pipeline_quantization_config`); refused for the tiny pipelines,
+            which are built, not loaded.
         main_process_weights_only: for a pipeline handed to ``EGRPOTrainer``: when launched with FSDP and
             ``fsdp_cpu_ram_efficient_loading: true``, only the main process loads the transformer's weights;
             the others get a placeholder of the same shapes (:func:`~trl_flow_egrpo.backends.placeholder_model`),
@@ -109,6 +112,9 @@ def load_pipeline(name: str, dtype, main_process_weights_only: bool = False):
 
     placeholder = main_process_weights_only and backends.placeholder_weights_requested()
     if name in TINY_PIPELINES:
+        if quantization_config is not None:
+            raise ValueError(f"{name!r} is built in memory, so it cannot be loaded quantized: use "
+                             "quantization='int8-weight-only' (applied by the trainer) with the tiny pipelines.")
         from . import tiny
 
         pipeline = getattr(tiny, TINY_PIPELINES[name])(dtype=dtype)
@@ -119,7 +125,8 @@ def load_pipeline(name: str, dtype, main_process_weights_only: bool = False):
     import diffusers
 
     if not placeholder:
-        return diffusers.DiffusionPipeline.from_pretrained(name, torch_dtype=dtype)
+        return diffusers.DiffusionPipeline.from_pretrained(name, torch_dtype=dtype,
+                                                           quantization_config=quantization_config)
     _, class_name = diffusers.DiffusionPipeline.load_config(name)["transformer"]
     transformer_class = getattr(diffusers, class_name)
     transformer = backends.placeholder_model(transformer_class,
