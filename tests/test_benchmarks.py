@@ -32,7 +32,7 @@ def test_gpu_probe_tiny_cpu_writes_results_and_row(tmp_path):
     lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     sections = [line["section"] for line in lines]
     for section in ("device", "build", "flops", "forward", "trainer_step", "lora_forward", "update", "sdpa",
-                    "vae_decode", "done"):
+                    "vae_decode", "forward_compiled", "done"):
         assert section in sections, f"section {section} missing from the probe's output: {sections}"
 
     (results_file,) = tmp_path.glob("*-cpu.json")

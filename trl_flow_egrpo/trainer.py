@@ -58,8 +58,9 @@ class EGRPOTrainer:
         pipeline: a diffusers pipeline (``FluxPipeline``; see ``trl_flow_egrpo.adapters.ADAPTERS``). Its
             transformer is trained in place (a LoRA is added to it unless ``config.use_peft`` is False).
         reward_fns: one reward callable or a list: ``fn(images, prompts, **columns)`` returning one float
-            per image (``images``: float ``[B, 3, H, W]`` in [0, 1]; ``columns``: the dataset's other
-            columns for those prompts). Weighted by ``config.reward_weights``.
+            per image (``images``: float ``[B, 3, H, W]`` in [0, 1], or ``[B, F, 3, H, W]`` frames for a video
+            pipeline, see docs/video.md; ``columns``: the dataset's other columns for those prompts). Weighted by
+            ``config.reward_weights``.
         train_dataset: a ``datasets.Dataset`` (or any sized, indexable collection of dicts) with the
             prompts in ``config.prompt_column``, or simply a list of prompt strings.
         eval_dataset: optional prompts for evaluation (every ``config.eval_steps`` and :meth:`evaluate`).
@@ -338,7 +339,7 @@ class EGRPOTrainer:
 
     @torch.no_grad()
     def sample_images(self, prompts: list[str], seed: int | Sequence[int] = 0) -> torch.Tensor:
-        """Deterministic (ODE) images of the current policy, ``[B, 3, H, W]`` in [0, 1].
+        """Deterministic (ODE) images of the current policy, ``[B, 3, H, W]`` in [0, 1] (videos: ``[B, F, 3, H, W]``).
 
         Prompt ``i`` starts from noise seeded by ``seed + i`` (or ``seed[i]`` given a list), so the same
         prompts and seeds give the same noise: before/after comparisons are paired.
