@@ -24,6 +24,28 @@ def select_rows(conditioning: Conditioning, rows: torch.Tensor) -> Conditioning:
     return {name: tensor.index_select(0, rows.to(tensor.device)) for name, tensor in conditioning.items()}
 
 
+def conditioning_with_negative(encode, prompts: list[str], negative_prompt: str | None) -> Conditioning:
+    """``prompt_embeds`` and ``prompt_embeds_mask`` of ``prompts`` from ``encode(prompts) -> (embeds, mask)``, and
+    with a ``negative_prompt`` (None: no guidance) the ``negative_*`` pair, one row per prompt so that
+    :func:`select_rows` indexes both alike."""
+    embeds, mask = encode(prompts)
+    conditioning = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+    if negative_prompt is not None:
+        embeds, mask = encode([negative_prompt] * len(prompts))
+        conditioning.update(negative_prompt_embeds=embeds, negative_prompt_embeds_mask=mask)
+    return conditioning
+
+
+def unnormalize_wan_vae_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """``latents * std + mean`` per channel of a Wan-style 3D VAE (``latents_mean`` / ``latents_std`` in its
+    config; Wan and Qwen-Image), in the pipelines' order of operations (divide by ``1 / std``): what its decoder
+    takes. ``latents`` is ``[B, C, F, h, w]``."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+    return latents / inverse_std + mean
+
+
 class ModelAdapter(ABC):
     """What E-GRPO needs from a text-to-image flow-matching pipeline.
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Conditioning, ModelAdapter
+from .base import Conditioning, ModelAdapter, conditioning_with_negative, unnormalize_wan_vae_latents
 
 
 class QwenImageAdapter(ModelAdapter):
@@ -116,12 +116,8 @@ class QwenImageAdapter(ModelAdapter):
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Prompt embeddings and masks ``[P, max_sequence_length, (D)]``, and with guidance the negative
         prompt's (one row per prompt, so that :func:`select_rows` indexes both alike)."""
-        embeds, mask = self._encode(prompts)
-        conditioning = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
-        if self.do_classifier_free_guidance:
-            embeds, mask = self._encode([self.negative_prompt] * len(prompts))
-            conditioning.update(negative_prompt_embeds=embeds, negative_prompt_embeds_mask=mask)
-        return conditioning
+        return conditioning_with_negative(self._encode, prompts,
+                                          self.negative_prompt if self.do_classifier_free_guidance else None)
 
     def initial_noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """Packed tokens ``[B, (H/16)(W/16), 64]``: the ``[B, 1, 16, H/8, W/8]`` draw ``QwenImagePipeline.prepare_latents``
@@ -160,12 +156,8 @@ class QwenImageAdapter(ModelAdapter):
     def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Packed tokens to the VAE's ``[B, 16, 1, H/8, W/8]``, its per-channel normalization undone (in the
         pipeline's order of operations)."""
-        vae = self.pipeline.vae
         grid = self.pipeline._unpack_latents(latents, self.height, self.width, self.pipeline.vae_scale_factor)
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(grid.device, grid.dtype)
-        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(grid.device, grid.dtype)
-        return grid / inverse_std + mean
+        return unnormalize_wan_vae_latents(self.pipeline.vae, grid)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

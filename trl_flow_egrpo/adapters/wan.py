@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..schedule import Schedule
-from .base import Conditioning, ModelAdapter
+from .base import Conditioning, ModelAdapter, unnormalize_wan_vae_latents
 
 
 def check_num_frames(num_frames: int, temporal_factor: int) -> int:
@@ -237,11 +237,7 @@ class WanAdapter(ModelAdapter):
     def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents with the VAE's per-channel normalization undone (in the pipeline's order of operations): what
         the VAE decoder takes."""
-        vae = self.pipeline.vae
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
-        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
-        return latents / inverse_std + mean
+        return unnormalize_wan_vae_latents(self.pipeline.vae, latents)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..schedule import Schedule
-from .base import Conditioning, ModelAdapter
+from .base import Conditioning, ModelAdapter, conditioning_with_negative
 
 
 class ZImageAdapter(ModelAdapter):
@@ -131,12 +131,8 @@ class ZImageAdapter(ModelAdapter):
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Prompt embeddings and masks ``[P, max_sequence_length, (D)]``, and with guidance the negative
         prompt's (one row per prompt, so that :func:`select_rows` indexes both alike)."""
-        embeds, mask = self._encode(prompts)
-        conditioning = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
-        if self.do_classifier_free_guidance:
-            embeds, mask = self._encode([self.negative_prompt] * len(prompts))
-            conditioning.update(negative_prompt_embeds=embeds, negative_prompt_embeds_mask=mask)
-        return conditioning
+        return conditioning_with_negative(self._encode, prompts,
+                                          self.negative_prompt if self.do_classifier_free_guidance else None)
 
     def initial_noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """Latents ``[B, 16, H/8, W/8]``: the draw ``ZImagePipeline.prepare_latents`` makes with this generator."""
