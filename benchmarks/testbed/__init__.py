@@ -80,8 +80,8 @@ def egrpo_config(output_dir: str, **overrides):
     """An ``EGRPOConfig`` for the testbed: its resolution and T5 length (:data:`SAMPLING`), float32, no
     checkpoints, no progress bar, batches sized for the tiny model, and the recipe under which RL raises the
     held-out :class:`~.rewards.ColourPurityReward` (docs/testbed.md): ``G = 8``, 4 prompts per iteration, a LoRA
-    learning rate of 1e-3 with one optimizer step per iteration (``optimizer_step="iteration"``: eight noisy
-    4-prompt Adam steps per iteration drifted instead of learning) and ``advantage_eps=0.05``, so that reward
+    learning rate of 1e-3 with one optimizer step per iteration (``optimizer_step="iteration"``; with eight
+    4-prompt Adam steps per iteration the policy drifted instead of learning) and ``advantage_eps=0.05``, so that reward
     differences far below the reward's scale within a group are not blown up into full-size advantages.
     ``overrides`` replace any field."""
     from trl_flow_egrpo import EGRPOConfig

@@ -16,7 +16,7 @@ error for a prompt outside the testbed's grammar.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -50,7 +50,7 @@ def classify_pixels(images: torch.Tensor, max_distance: float = 0.5) -> torch.Te
     return torch.where(nearest_squared_distance <= max_distance**2, labels, torch.full_like(labels, UNCLASSIFIED))
 
 
-@lru_cache(maxsize=None)
+@cache
 def region_mask(position: str, size: int) -> torch.Tensor:
     """Boolean ``[size, size]`` mask of the window of ``position``: the pixels whose centres lie within
     :data:`REGION_HALF_SIZE` of the position's nominal centre (in x and y). Cached: do not modify it."""
@@ -147,7 +147,7 @@ class CompositionReward(_PixelReward):
         min_pixels = self.min_pixels(images)
         colour_labels = {name: index for index, name in enumerate(PALETTE)}
         rewards = []
-        for image_labels, prompt in zip(labels, prompts):
+        for image_labels, prompt in zip(labels, prompts, strict=True):
             objects = parse_prompt(prompt)
             scores = [min(1.0, int((image_labels[region_mask(obj.position, size).to(labels.device)]
                                     == colour_labels[obj.colour]).sum()) / min_pixels) for obj in objects]
@@ -171,7 +171,7 @@ class CountReward(_PixelReward):
         _check_batch(images, prompts)
         counted = count_objects(images, self.min_pixels_fraction, self.max_distance)
         described = [len(parse_prompt(prompt)) for prompt in prompts]
-        return torch.tensor([max(0.0, 1 - abs(c - d) / d) for c, d in zip(counted, described)])
+        return torch.tensor([max(0.0, 1 - abs(c - d) / d) for c, d in zip(counted, described, strict=True)])
 
 
 class ColourPurityReward(_PixelReward):
@@ -202,7 +202,7 @@ class ColourPurityReward(_PixelReward):
         size = pixels.shape[-1]
         k = max(1, round(self.min_pixels(pixels)))
         rewards = []
-        for image, prompt in zip(pixels, prompts):
+        for image, prompt in zip(pixels, prompts, strict=True):
             objects = parse_prompt(prompt)
             scores = []
             for obj in objects:
