@@ -1,6 +1,6 @@
 """The E-GRPO paper's ablations on the testbed, as one command.
 
-    python benchmarks/ablations.py --quick            # 3 seeds, 2 prompts per iteration (30-60 min, 2 cores)
+    python benchmarks/ablations.py --quick            # 3 seeds, 6 iterations of 2 prompts (about 4 min, 2 cores)
     python benchmarks/ablations.py                    # 3 seeds, more iterations (longer)
     python benchmarks/ablations.py --smoke --model tiny   # seconds: checks the script works
 
@@ -96,7 +96,8 @@ def markdown_report(summaries: dict[str, dict], mode_name: str, mode: Mode, back
              f"Command: `{command}`  ",
              f"Wall time: {seconds:.0f} s. Seeds: {list(mode.seeds)}. {mode.max_iterations} iterations per setting. "
              f"Evaluation: {mode.num_eval_prompts} held-out prompts, deterministic ODE samples from fixed seeds.  ",
-             shared_settings(learning_rate)]
+             shared_settings(learning_rate)
+             + ("".join(f" This mode sets {name}={value}." for name, value in mode.overrides))]
     for title, rows in ABLATIONS.items():
         lines += ["", f"## {title}", "",
                   "| setting | merge plan (k, l) | sampling rows / iteration | update rows / iteration "
