@@ -27,8 +27,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from learning_efficiency import (SHARED, Mode, backend_arguments, mean_curve, parse_args, result_suffix,  # noqa: E402
-                                 run_jobs, shared_settings)
+from learning_efficiency import (  # noqa: E402
+    SHARED,
+    Mode,
+    backend_arguments,
+    mean_curve,
+    parse_args,
+    result_suffix,
+    run_jobs,
+    shared_settings,
+)
 
 NO_LIMIT = 10**12
 
@@ -121,12 +129,13 @@ def plot(results: dict[str, list[dict]], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(ABLATIONS), figsize=(5 * len(ABLATIONS), 4), sharey=True)
-    for axis, (table, rows) in zip(axes, ABLATIONS.items()):
+    for axis, (table, rows) in zip(axes, ABLATIONS.items(), strict=True):
         for label, _ in rows:
             xs, means, errors = mean_curve(results[label], "iteration")
             style = dict(color="black", linewidth=2.5) if label == PAPER else dict(linewidth=1.2)
             axis.plot(xs, means, marker="o", markersize=3, label=label, **style)
-            axis.fill_between(xs, [m - e for m, e in zip(means, errors)], [m + e for m, e in zip(means, errors)],
+            axis.fill_between(xs, [m - e for m, e in zip(means, errors, strict=True)],
+                              [m + e for m, e in zip(means, errors, strict=True)],
                               alpha=0.15)
         axis.set_title(table.split(" (")[0], fontsize=10)
         axis.set_xlabel("iteration")

@@ -260,7 +260,7 @@ def cost_to_reach(xs: list[float], rewards: list[float], target: float) -> float
     curve starts at x[0]); None if it never does."""
     if rewards[0] >= target:
         return xs[0]
-    for (x0, r0), (x1, r1) in zip(zip(xs, rewards), zip(xs[1:], rewards[1:])):
+    for x0, r0, x1, r1 in zip(xs, rewards, xs[1:], rewards[1:], strict=False):
         if r1 >= target:
             return x0 + (target - r0) / (r1 - r0) * (x1 - x0)
     return None
@@ -355,7 +355,8 @@ def plot(results: dict[str, list[dict]], target: float | None, path: str, title:
         for name, runs in results.items():
             xs, means, errors = mean_curve(runs, x)
             axis.plot(xs, means, marker="o", markersize=3, label=name)
-            axis.fill_between(xs, [m - e for m, e in zip(means, errors)], [m + e for m, e in zip(means, errors)],
+            axis.fill_between(xs, [m - e for m, e in zip(means, errors, strict=True)],
+                              [m + e for m, e in zip(means, errors, strict=True)],
                               alpha=0.2)
         if target is not None:
             axis.axhline(target, color="grey", linestyle="--", linewidth=1, label="best baseline's final")

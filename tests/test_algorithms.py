@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from helpers import PROMPTS, assert_reward_rose, tiny_trainer
-from trl_flow_egrpo.rewards import ColorReward
 from trl_flow_egrpo.algorithms import ALGORITHMS, DanceGRPO, FlowGRPO, MixGRPO
+from trl_flow_egrpo.rewards import ColorReward
 from trl_flow_egrpo.rollout import sample_ode, sample_trajectories
 from trl_flow_egrpo.sde import constant_noise_sde_mean_std, sde_mean_std
 

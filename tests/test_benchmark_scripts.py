@@ -90,7 +90,7 @@ def test_cost_to_reach_interpolates_between_evaluations():
 
 def _runs(totals, rewards_by_seed):
     return [dict(points=[dict(total=t, sampling_rows=t, update_rows=0, iteration=i, reward=r)
-                         for i, (t, r) in enumerate(zip(totals, rewards))],
+                         for i, (t, r) in enumerate(zip(totals, rewards, strict=True))],
                  sampling_rows_per_iteration=1.0, update_rows_per_iteration=0.0, seconds=1.0)
             for rewards in rewards_by_seed]
 

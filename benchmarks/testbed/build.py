@@ -29,8 +29,17 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.testbed` impo
 from benchmarks.testbed.grammar import split_prompts  # noqa: E402
 from benchmarks.testbed.model import build_untrained_pipeline  # noqa: E402
 from benchmarks.testbed.train import (  # noqa: E402
-    PhaseTimer, Recipe, TrainingLog, encode_latents, encode_prompt_table, latent_normalization, pack, render_pool,
-    train_transformer, train_vae)
+    PhaseTimer,
+    Recipe,
+    TrainingLog,
+    encode_latents,
+    encode_prompt_table,
+    latent_normalization,
+    pack,
+    render_pool,
+    train_transformer,
+    train_vae,
+)
 
 BUILD_INFO = "build_info.json"
 """The file next to the saved pipeline that records how it was built."""

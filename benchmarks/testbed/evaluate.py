@@ -31,8 +31,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks.testbed` importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks.testbed import (  # noqa: E402
-    CHECKPOINT_DIR, SAMPLING, egrpo_config, heldout_prompts, load_testbed_pipeline)
+from benchmarks.testbed import CHECKPOINT_DIR, SAMPLING, egrpo_config, heldout_prompts, load_testbed_pipeline  # noqa: E402
 from benchmarks.testbed import train_prompts as all_train_prompts  # noqa: E402
 from benchmarks.testbed.grammar import render_prompts  # noqa: E402
 from benchmarks.testbed.model import build_transformer, build_untrained_pipeline  # noqa: E402

@@ -24,7 +24,8 @@ def _bpe_symbols(word: str, merge_ranks: dict[tuple[str, str], int]) -> list[str
     pair with the lowest merge rank until no adjacent pair is a merge."""
     symbols = list(word[:-1]) + [word[-1] + "</w>"]
     while len(symbols) > 1:
-        pairs = [(merge_ranks.get(pair, len(merge_ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        adjacent = zip(symbols, symbols[1:], strict=False)
+        pairs = [(merge_ranks.get(pair, len(merge_ranks)), i) for i, pair in enumerate(adjacent)]
         rank, i = min(pairs)
         if rank == len(merge_ranks):
             break
