@@ -27,14 +27,17 @@ def _byte_unicode_chars() -> list[str]:
     return chars
 
 
-def tiny_clip_tokenizer(model_max_length: int = 77):
-    """A byte-level BPE ``CLIPTokenizer`` built in memory (518 tokens; ids fit a vocab of 1000)."""
+def tiny_clip_tokenizer(model_max_length: int = 77, merges: list[tuple[str, str]] | None = None):
+    """A byte-level BPE ``CLIPTokenizer`` built in memory: the 256 byte characters, the same with ``</w>``, each
+    merge's result, then ``<|startoftext|>`` and ``<|endoftext|>`` last (518 tokens with the default five merges;
+    ids fit a vocab of 1000). ``merges`` replaces the default ones (e.g. to make whole words single tokens)."""
     from transformers import CLIPTokenizer
 
     chars = _byte_unicode_chars()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("o", "n</w>")]
+    if merges is None:
+        merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("o", "n</w>")]
     for left, right in merges:
         vocab.setdefault(left + right, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
@@ -42,12 +45,13 @@ def tiny_clip_tokenizer(model_max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def tiny_t5_tokenizer(model_max_length: int = 512):
-    """A Unigram ``T5Tokenizer`` built in memory from single characters (ids fit a vocab of 256)."""
+def tiny_t5_tokenizer(model_max_length: int = 512, extra_pieces: tuple[tuple[str, float], ...] = ()):
+    """A Unigram ``T5Tokenizer`` built in memory from single characters (ids fit a vocab of 256), plus
+    ``extra_pieces`` (``(piece, score)`` pairs, e.g. whole words) after them."""
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(c, -3.0) for c in _T5_PIECES] + [("▁" + c, -3.5) for c in _T5_PIECES]
+    pieces += [(c, -3.0) for c in _T5_PIECES] + [("▁" + c, -3.5) for c in _T5_PIECES] + list(extra_pieces)
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 

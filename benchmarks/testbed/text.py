@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from trl_flow_egrpo.tiny import _T5_PIECES, _byte_unicode_chars
+from trl_flow_egrpo.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
 
 from .grammar import WORDS
 
@@ -48,31 +48,16 @@ def whole_word_merges(words: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def testbed_clip_tokenizer(model_max_length: int = 77):
-    """A byte-level BPE ``CLIPTokenizer`` built in memory whose merges make every grammar word one token.
+    """The tiny byte-level BPE ``CLIPTokenizer`` whose merges make every grammar word one token.
 
-    Vocabulary: the 256 byte characters, the same with ``</w>``, each merge's result, then ``<|startoftext|>``
-    and ``<|endoftext|>`` last: the tiny CLIP text config has the legacy ``eos_token_id=2``, for which
+    ``<|endoftext|>`` has the largest id: the tiny CLIP text config has the legacy ``eos_token_id=2``, for which
     ``CLIPTextModel`` pools at the largest id of the sequence, i.e. at ``<|endoftext|>``.
     """
-    from transformers import CLIPTokenizer
-
-    chars = _byte_unicode_chars()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    merges = whole_word_merges(WORDS)
-    for left, right in merges:
-        vocab.setdefault(left + right, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    return tiny_clip_tokenizer(model_max_length, merges=whole_word_merges(WORDS))
 
 
 def testbed_t5_tokenizer(model_max_length: int = 512):
-    """A Unigram ``T5Tokenizer`` built in memory: the tiny T5 tokenizer's character pieces plus one piece
-    ``"▁<word>"`` per grammar word, scored so that a grammar word is always tokenized whole."""
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(c, -3.0) for c in _T5_PIECES] + [("▁" + c, -3.5) for c in _T5_PIECES]
-    pieces += [("▁" + word, _WORD_PIECE_SCORE) for word in WORDS if len(word) > 1]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+    """The tiny Unigram ``T5Tokenizer``'s character pieces plus one piece ``"▁<word>"`` per grammar word, scored
+    so that a grammar word is always tokenized whole."""
+    return tiny_t5_tokenizer(model_max_length,
+                             extra_pieces=tuple(("▁" + word, _WORD_PIECE_SCORE) for word in WORDS if len(word) > 1))
