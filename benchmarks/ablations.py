@@ -42,10 +42,22 @@ NO_LIMIT = 10**12
 
 MODES: dict[str, Mode] = {
     "full": Mode(budget=NO_LIMIT, eval_points=6, seeds=(0, 1, 2), num_eval_prompts=64, max_iterations=30),
-    "quick": Mode(budget=NO_LIMIT, eval_points=3, seeds=(0, 1, 2), num_eval_prompts=48, max_iterations=6,
-                  overrides=(("prompts_per_device", 2),)),
-    "smoke": Mode(budget=NO_LIMIT, eval_points=1, seeds=(0,), num_eval_prompts=1, max_iterations=2,
-                  overrides=(("num_generations", 2), ("prompts_per_device", 1))),
+    "quick": Mode(
+        budget=NO_LIMIT,
+        eval_points=3,
+        seeds=(0, 1, 2),
+        num_eval_prompts=48,
+        max_iterations=6,
+        overrides=(("prompts_per_device", 2),),
+    ),
+    "smoke": Mode(
+        budget=NO_LIMIT,
+        eval_points=1,
+        seeds=(0,),
+        num_eval_prompts=1,
+        max_iterations=2,
+        overrides=(("num_generations", 2), ("prompts_per_device", 1)),
+    ),
 }
 
 PAPER = "tau = 2.2, adaptive, first 8 (paper)"
@@ -91,33 +103,54 @@ def format_plan(plan: list[tuple[int, int]]) -> str:
 def setting_summary(runs: list[dict]) -> dict:
     """Seed-mean final evaluation reward, its standard error, the reward before training and the costs."""
     _, means, errors = mean_curve(runs)
-    return dict(initial_reward=means[0], final_reward=means[-1], final_se=errors[-1],
-                merge_plan=runs[0]["merge_plan"], iterations=runs[0]["points"][-1]["iteration"],
-                sampling_rows_per_iteration=runs[0]["sampling_rows_per_iteration"],
-                update_rows_per_iteration=runs[0]["update_rows_per_iteration"])
+    return dict(
+        initial_reward=means[0],
+        final_reward=means[-1],
+        final_se=errors[-1],
+        merge_plan=runs[0]["merge_plan"],
+        iterations=runs[0]["points"][-1]["iteration"],
+        sampling_rows_per_iteration=runs[0]["sampling_rows_per_iteration"],
+        update_rows_per_iteration=runs[0]["update_rows_per_iteration"],
+    )
 
 
-def markdown_report(summaries: dict[str, dict], mode_name: str, mode: Mode, backend: str, command: str,
-                    seconds: float, learning_rate: float) -> str:
+def markdown_report(
+    summaries: dict[str, dict],
+    mode_name: str,
+    mode: Mode,
+    backend: str,
+    command: str,
+    seconds: float,
+    learning_rate: float,
+) -> str:
     """One table per ablation, with the settings that produced them."""
-    lines = [f"# E-GRPO ablations ({mode_name} mode, {backend})", "",
-             f"Command: `{command}`  ",
-             f"Wall time: {seconds:.0f} s. Seeds: {list(mode.seeds)}. {mode.max_iterations} iterations per setting. "
-             f"Evaluation: {mode.num_eval_prompts} held-out prompts, deterministic ODE samples from fixed seeds.  ",
-             shared_settings(learning_rate)
-             + ("".join(f" This mode sets {name}={value}." for name, value in mode.overrides))]
+    lines = [
+        f"# E-GRPO ablations ({mode_name} mode, {backend})",
+        "",
+        f"Command: `{command}`  ",
+        f"Wall time: {seconds:.0f} s. Seeds: {list(mode.seeds)}. {mode.max_iterations} iterations per setting. "
+        f"Evaluation: {mode.num_eval_prompts} held-out prompts, deterministic ODE samples from fixed seeds.  ",
+        shared_settings(learning_rate)
+        + ("".join(f" This mode sets {name}={value}." for name, value in mode.overrides)),
+    ]
     for title, rows in ABLATIONS.items():
-        lines += ["", f"## {title}", "",
-                  "| setting | merge plan (k, l) | sampling rows / iteration | update rows / iteration "
-                  "| eval reward at 0 | final eval reward (± s.e. over seeds) | gain |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            "| setting | merge plan (k, l) | sampling rows / iteration | update rows / iteration "
+            "| eval reward at 0 | final eval reward (± s.e. over seeds) | gain |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for label, _ in rows:
             row = summaries[label]
             error = f" ± {row['final_se']:.4f}" if len(mode.seeds) > 1 else ""  # no spread from one seed
-            lines.append(f"| {label} | {format_plan(row['merge_plan'])} | {row['sampling_rows_per_iteration']:,.0f} "
-                         f"| {row['update_rows_per_iteration']:,.0f} | {row['initial_reward']:.4f} "
-                         f"| {row['final_reward']:.4f}{error} "
-                         f"| {row['final_reward'] - row['initial_reward']:+.4f} |")
+            lines.append(
+                f"| {label} | {format_plan(row['merge_plan'])} | {row['sampling_rows_per_iteration']:,.0f} "
+                f"| {row['update_rows_per_iteration']:,.0f} | {row['initial_reward']:.4f} "
+                f"| {row['final_reward']:.4f}{error} "
+                f"| {row['final_reward'] - row['initial_reward']:+.4f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -134,9 +167,12 @@ def plot(results: dict[str, list[dict]], path: str, title: str) -> None:
             xs, means, errors = mean_curve(results[label], "iteration")
             style = dict(color="black", linewidth=2.5) if label == PAPER else dict(linewidth=1.2)
             axis.plot(xs, means, marker="o", markersize=3, label=label, **style)
-            axis.fill_between(xs, [m - e for m, e in zip(means, errors, strict=True)],
-                              [m + e for m, e in zip(means, errors, strict=True)],
-                              alpha=0.15)
+            axis.fill_between(
+                xs,
+                [m - e for m, e in zip(means, errors, strict=True)],
+                [m + e for m, e in zip(means, errors, strict=True)],
+                alpha=0.15,
+            )
         axis.set_title(table.split(" (")[0], fontsize=10)
         axis.set_xlabel("iteration")
         axis.grid(alpha=0.3)
@@ -162,14 +198,25 @@ def main(argv: list[str] | None = None) -> dict:
         mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
         start = time.perf_counter()
         learning_rate, model = args.learning_rate, args.model
-        configs = [dict(algorithm="e-grpo", seed=seed, learning_rate=learning_rate, **fields) for fields in settings
-                   for seed in MODES[mode_name].seeds]
-        runs = run_jobs(backend_arguments(args, MODES[mode_name]), configs, MODES[mode_name], args.workers,
-                        budget_by_iterations=True)
+        configs = [
+            dict(algorithm="e-grpo", seed=seed, learning_rate=learning_rate, **fields)
+            for fields in settings
+            for seed in MODES[mode_name].seeds
+        ]
+        runs = run_jobs(
+            backend_arguments(args, MODES[mode_name]),
+            configs,
+            MODES[mode_name],
+            args.workers,
+            budget_by_iterations=True,
+        )
         seconds = time.perf_counter() - start
     mode = MODES[mode_name]
-    by_setting = {label: [runs[settings.index(fields) * len(mode.seeds) + i] for i in range(len(mode.seeds))]
-                  for rows in ABLATIONS.values() for label, fields in rows}
+    by_setting = {
+        label: [runs[settings.index(fields) * len(mode.seeds) + i] for i in range(len(mode.seeds))]
+        for rows in ABLATIONS.values()
+        for label, fields in rows
+    }
     summaries = {label: setting_summary(setting_runs) for label, setting_runs in by_setting.items()}
     report = markdown_report(summaries, mode_name, mode, model, command, seconds, learning_rate)
     os.makedirs(args.out, exist_ok=True)
@@ -177,8 +224,19 @@ def main(argv: list[str] | None = None) -> dict:
     with open(stem + ".md", "w") as file:
         file.write(report)
     with open(stem + ".json", "w") as file:
-        json.dump(dict(mode=mode_name, model=model, command=command, seconds=seconds, shared=SHARED,
-                       summaries=summaries, runs=runs), file, indent=1)
+        json.dump(
+            dict(
+                mode=mode_name,
+                model=model,
+                command=command,
+                seconds=seconds,
+                shared=SHARED,
+                summaries=summaries,
+                runs=runs,
+            ),
+            file,
+            indent=1,
+        )
     plot(by_setting, stem + ".png", f"E-GRPO ablations on the {model} ({mode_name}, seeds {list(mode.seeds)})")
     print(report)
     print(f"wall time: {seconds:.1f} s; wrote {stem}.md, .png, .json")

@@ -28,10 +28,21 @@ PROMPTS = [f"prompt {i}" for i in range(64)]
 
 def seconds_per_iteration(reward, async_rewards: bool, iterations: int, prompts: int) -> float:
     with tempfile.TemporaryDirectory() as output_dir:
-        config = EGRPOConfig(output_dir=output_dir, height=64, width=64, max_sequence_length=32, num_generations=8,
-                             prompts_per_device=prompts, mixed_precision="no", rollout_batch_size=64,
-                             per_device_train_batch_size=8, save_steps=0, disable_tqdm=True,
-                             async_rewards=async_rewards, max_steps=iterations + 1)
+        config = EGRPOConfig(
+            output_dir=output_dir,
+            height=64,
+            width=64,
+            max_sequence_length=32,
+            num_generations=8,
+            prompts_per_device=prompts,
+            mixed_precision="no",
+            rollout_batch_size=64,
+            per_device_train_batch_size=8,
+            save_steps=0,
+            disable_tqdm=True,
+            async_rewards=async_rewards,
+            max_steps=iterations + 1,
+        )
         trainer = EGRPOTrainer(config, build_tiny_flux_pipeline(), [reward], Dataset.from_dict({"prompt": PROMPTS}))
         trainer.step()  # warm-up
         times = []
@@ -52,8 +63,11 @@ def main():
     for reward in (ColorReward(), JpegCompressibilityReward()):
         sync = seconds_per_iteration(reward, False, args.iterations, args.prompts)
         overlapped = seconds_per_iteration(reward, True, args.iterations, args.prompts)
-        print(f"{reward.name:22s} sync {sync:6.3f} s/iter | async {overlapped:6.3f} s/iter | "
-              f"async speed-up {sync / overlapped:5.2f}x", flush=True)
+        print(
+            f"{reward.name:22s} sync {sync:6.3f} s/iter | async {overlapped:6.3f} s/iter | "
+            f"async speed-up {sync / overlapped:5.2f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -25,15 +25,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 from helpers import tiny_trainer  # noqa: E402
 
-KEYS = ("ratio/on_policy_max_abs_dev", "time/sampling", "time/update", "time/recompute_log_probs",
-        "time/sampling_rows_per_s", "time/update_rows_per_s")
+KEYS = (
+    "ratio/on_policy_max_abs_dev",
+    "time/sampling",
+    "time/update",
+    "time/recompute_log_probs",
+    "time/sampling_rows_per_s",
+    "time/update_rows_per_s",
+)
 
 
 def run(variant: str, iterations: int, output_dir: str) -> None:
     """Print one JSON line per iteration of the trainer ``variant`` ('eager', 'compiled', 'compiled, no recompute')."""
-    trainer = tiny_trainer(output_dir, max_steps=iterations, mixed_precision="bf16", rollout_batch_size=7,
-                           per_device_train_batch_size=3, optimizer_step="iteration",
-                           compile_transformer=variant != "eager")
+    trainer = tiny_trainer(
+        output_dir,
+        max_steps=iterations,
+        mixed_precision="bf16",
+        rollout_batch_size=7,
+        per_device_train_batch_size=3,
+        optimizer_step="iteration",
+        compile_transformer=variant != "eager",
+    )
     if variant == "compiled, no recompute":
         trainer._recompute_log_probs = lambda rollouts, phases: 0.0
     for iteration in range(1, iterations + 1):

@@ -41,8 +41,16 @@ from trl_flow_egrpo.acceleration import PhasePeakMemory  # noqa: E402
 LORA_RECIPE = os.path.join(REPO, "examples", "recipes", "flux_dev_lora_single_gpu.yaml")
 TINY_TRANSFORMER = dict(num_layers=1, num_single_layers=1, num_attention_heads=2)
 """--tiny: one double and one single block, 2 heads of 128 (256 wide); inputs keep FLUX.1-dev's widths."""
-TINY_RECIPE = dict(height=64, width=64, num_generations=2, num_inference_steps=4, num_active_steps=2,
-                   max_sequence_length=16, rollout_batch_size=4, decode_batch_size=2)
+TINY_RECIPE = dict(
+    height=64,
+    width=64,
+    num_generations=2,
+    num_inference_steps=4,
+    num_active_steps=2,
+    max_sequence_length=16,
+    rollout_batch_size=4,
+    decode_batch_size=2,
+)
 """--tiny: the recipe's settings at a size a CPU runs in seconds."""
 PROMPTS = ["a red apple on a wooden table", "a fire truck in the rain", "a lighthouse at dusk", "a bowl of ramen"]
 
@@ -64,8 +72,9 @@ def flux_dev_shaped_pipeline(device: str | torch.device, dtype: torch.dtype, tin
 
     small = build_tiny_flux_pipeline(seed=seed)
     tokenizer, tokenizer_2 = small.tokenizer, small.tokenizer_2
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     if tiny:
         clip = CLIP_L_TEXT | dict(intermediate_size=256, num_hidden_layers=1, vocab_size=1000) | ids
         t5 = T5_XXL_ENCODER | dict(vocab_size=256, d_ff=256, num_layers=1, num_heads=8, dropout_rate=0.0)
@@ -83,8 +92,15 @@ def flux_dev_shaped_pipeline(device: str | torch.device, dtype: torch.dtype, tin
             vae = small.vae.to(device, dtype) if tiny else AutoencoderKL(**FLUX_DEV_VAE)
     finally:
         torch.set_default_dtype(default_dtype)
-    pipeline = FluxPipeline(scheduler=small.scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipeline = FluxPipeline(
+        scheduler=small.scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
     for module in (text_encoder, text_encoder_2):
         module.tie_weights()  # as from_pretrained does (transformers 5.0 builds T5's embeddings untied)
     for module in (transformer, text_encoder, text_encoder_2, vae):
@@ -104,8 +120,9 @@ def lora_recipe_config(output_dir: str, device: str, tiny: bool = False, **overr
         recipe = yaml.safe_load(f)
     fields = {field.name for field in dataclasses.fields(EGRPOConfig)}
     values = {key: value for key, value in recipe.items() if key in fields}
-    values |= dict(output_dir=output_dir, save_steps=0, eval_steps=0, log_with=None, push_to_hub=False,
-                   disable_tqdm=True)
+    values |= dict(
+        output_dir=output_dir, save_steps=0, eval_steps=0, log_with=None, push_to_hub=False, disable_tqdm=True
+    )
     if str(device) == "cpu":
         values["mixed_precision"] = "no"
     return EGRPOConfig(**(values | (TINY_RECIPE if tiny else {}) | overrides))
@@ -137,8 +154,10 @@ def timed_step(trainer, device: str) -> dict:
         torch.cuda.synchronize()
     result = dict(metrics, seconds=time.perf_counter() - start)
     if cuda:
-        for kind, since_last_phase in (("allocated", torch.cuda.max_memory_allocated()),
-                                       ("reserved", torch.cuda.max_memory_reserved())):
+        for kind, since_last_phase in (
+            ("allocated", torch.cuda.max_memory_allocated()),
+            ("reserved", torch.cuda.max_memory_reserved()),
+        ):
             phases = PhasePeakMemory.overall(metrics, kind)
             result[f"peak_{kind}_gib"] = max(since_last_phase / 2**30, phases or 0.0)
     return result
@@ -158,29 +177,44 @@ def main():
     start = time.perf_counter()
     pipeline = flux_dev_shaped_pipeline(args.device, dtype, tiny=args.tiny)
     parameters = sum(p.numel() for p in pipeline.transformer.parameters())
-    print(f"FLUX.1-dev-shaped pipeline: transformer {parameters / 1e9:.2f}B parameters, built in "
-          f"{time.perf_counter() - start:.1f} s on {args.device}"
-          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
-    overrides = {} if args.gradient_checkpointing == "recipe" else dict(
-        gradient_checkpointing=args.gradient_checkpointing == "on")
+    print(
+        f"FLUX.1-dev-shaped pipeline: transformer {parameters / 1e9:.2f}B parameters, built in "
+        f"{time.perf_counter() - start:.1f} s on {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+    )
+    overrides = (
+        {}
+        if args.gradient_checkpointing == "recipe"
+        else dict(gradient_checkpointing=args.gradient_checkpointing == "on")
+    )
     overrides.update(compile_transformer=args.compile_transformer, attention_backend=args.attention_backend)
     with tempfile.TemporaryDirectory() as output_dir:
         config = lora_recipe_config(output_dir, args.device, args.tiny, max_steps=args.iterations, **overrides)
         trainer = build_trainer(pipeline, config)
         for iteration in range(args.iterations):
             result = timed_step(trainer, args.device)
-            peak = (f", peak GPU memory {result['peak_allocated_gib']:.1f} GiB allocated / "
-                    f"{result['peak_reserved_gib']:.1f} GiB reserved" if "peak_reserved_gib" in result else "")
-            print(f"iteration {iteration + 1}: {result['seconds']:.1f} s (sampling {result['time/sampling']:.1f} s, "
-                  f"rewards {result['time/rewards']:.2f} s, update {result['time/update']:.1f} s), "
-                  f"{result['transformer_evaluations']} transformer evaluations, "
-                  f"{result['time/sampling_rows_per_s']:.2f} rows/s sampling, "
-                  f"{result['time/update_rows_per_s']:.2f} rows/s update"
-                  + (f" (log-prob recompute {result['time/recompute_log_probs']:.1f} s)"
-                     if "time/recompute_log_probs" in result else "")
-                  + ", sampling MFU "
-                  f"{result.get('time/sampling_mfu', float('nan')):.3f}, on-policy max|r-1| "
-                  f"{result['ratio/on_policy_max_abs_dev']:.1e}{peak}", flush=True)
+            peak = (
+                f", peak GPU memory {result['peak_allocated_gib']:.1f} GiB allocated / "
+                f"{result['peak_reserved_gib']:.1f} GiB reserved"
+                if "peak_reserved_gib" in result
+                else ""
+            )
+            print(
+                f"iteration {iteration + 1}: {result['seconds']:.1f} s (sampling {result['time/sampling']:.1f} s, "
+                f"rewards {result['time/rewards']:.2f} s, update {result['time/update']:.1f} s), "
+                f"{result['transformer_evaluations']} transformer evaluations, "
+                f"{result['time/sampling_rows_per_s']:.2f} rows/s sampling, "
+                f"{result['time/update_rows_per_s']:.2f} rows/s update"
+                + (
+                    f" (log-prob recompute {result['time/recompute_log_probs']:.1f} s)"
+                    if "time/recompute_log_probs" in result
+                    else ""
+                )
+                + ", sampling MFU "
+                f"{result.get('time/sampling_mfu', float('nan')):.3f}, on-policy max|r-1| "
+                f"{result['ratio/on_policy_max_abs_dev']:.1e}{peak}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

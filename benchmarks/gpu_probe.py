@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -72,10 +73,11 @@ allocator statistics over that step.
 
 | date | device | commit | rollout MFU | s / iteration | peak reserved (GiB) | peak allocated (GiB) | on-policy max abs(r-1) | results |
 |---|---|---|---:|---:|---:|---:|---:|---|
-"""
+"""  # noqa: E501 (a Markdown table row is one line)
 
 
 # --- small helpers ------------------------------------------------------------------------------------------
+
 
 def is_cuda(device: str) -> bool:
     """Whether ``device`` names a CUDA device."""
@@ -125,10 +127,15 @@ def git_commit() -> str:
     if os.environ.get("EGRPO_COMMIT"):
         return os.environ["EGRPO_COMMIT"]
     try:
-        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -177,6 +184,7 @@ def slug(text: str) -> str:
 
 # --- the run's record ----------------------------------------------------------------------------------------
 
+
 class Probe:
     """The run: its time budget, its JSON lines, and its results file (rewritten after every section)."""
 
@@ -184,16 +192,24 @@ class Probe:
         self.start = time.perf_counter()
         self.budget = budget
         os.makedirs(out_dir, exist_ok=True)
-        stem = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}-{slug(device_name)}"
+        stem = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d}-{slug(device_name)}"
         self.path = os.path.join(out_dir, stem + ".json")
         copy = 1
         while os.path.exists(self.path):
             copy += 1
             self.path = os.path.join(out_dir, f"{stem}-{copy}.json")
-        self.results = dict(device=device_name, commit=git_commit(),
-                            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                            rollout_mfu=None, rollout_mfu_compiled=None, iteration_seconds=None, peak_reserved_gib=None,
-                            peak_allocated_gib=None, on_policy_max_abs_dev=None, details={})
+        self.results = dict(
+            device=device_name,
+            commit=git_commit(),
+            date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            rollout_mfu=None,
+            rollout_mfu_compiled=None,
+            iteration_seconds=None,
+            peak_reserved_gib=None,
+            peak_allocated_gib=None,
+            on_policy_max_abs_dev=None,
+            details={},
+        )
 
     def elapsed(self) -> float:
         """Seconds since the probe started."""
@@ -211,7 +227,7 @@ class Probe:
         print(json.dumps({"section": section, "t": round(self.elapsed(), 1), **values}), flush=True)
         details = self.results["details"]
         if section in details:
-            details[section] = (details[section] if isinstance(details[section], list) else [details[section]])
+            details[section] = details[section] if isinstance(details[section], list) else [details[section]]
             details[section].append(values)
         else:
             details[section] = values
@@ -230,13 +246,16 @@ class Probe:
 
         def number(value, digits):
             return "-" if value is None else f"{value:.{digits}f}" if digits >= 0 else f"{value:.1e}"
+
         if not os.path.exists(results_md):
             with open(results_md, "w") as f:
                 f.write(RESULTS_HEADER)
-        row = (f"| {r['date'][:10]} | {r['device']} | {r['commit']} | {number(r['rollout_mfu'], 3)} | "
-               f"{number(r['iteration_seconds'], 1)} | {number(r['peak_reserved_gib'], 1)} | "
-               f"{number(r['peak_allocated_gib'], 1)} | {number(r['on_policy_max_abs_dev'], -1)} | "
-               f"{os.path.basename(self.path)} |\n")
+        row = (
+            f"| {r['date'][:10]} | {r['device']} | {r['commit']} | {number(r['rollout_mfu'], 3)} | "
+            f"{number(r['iteration_seconds'], 1)} | {number(r['peak_reserved_gib'], 1)} | "
+            f"{number(r['peak_allocated_gib'], 1)} | {number(r['on_policy_max_abs_dev'], -1)} | "
+            f"{os.path.basename(self.path)} |\n"
+        )
         with open(results_md, "a") as f:
             f.write(row)
 
@@ -249,16 +268,23 @@ def _json_default(value):
 
 # --- the sections --------------------------------------------------------------------------------------------
 
+
 def forward_section(probe: Probe, transformer, rows_list, size, text_tokens, flops_per_row, peak, device, dtype):
     """Transformer forward without grad at each row count: seconds, TFLOP/s, MFU, activation peak."""
     for rows in rows_list:
         inputs = transformer_inputs(rows, size, text_tokens, dict(transformer.config), device, dtype)
         with peak_memory(device) as memory, torch.no_grad(), autocast(device):
-            seconds = seconds_per_call(lambda: transformer(**inputs), device)
+            seconds = seconds_per_call(functools.partial(transformer, **inputs), device)
         tflops = flops_per_row * rows / seconds / 1e12
-        probe.log("forward", rows=rows, s_per_call=round(seconds, 4), ms_per_row=round(1e3 * seconds / rows, 2),
-                  tflops=round(tflops, 3), mfu=round(tflops / peak, 3) if peak else None,
-                  activation_peak_gib=memory["peak_gib"])
+        probe.log(
+            "forward",
+            rows=rows,
+            s_per_call=round(seconds, 4),
+            ms_per_row=round(1e3 * seconds / rows, 2),
+            tflops=round(tflops, 3),
+            mfu=round(tflops / peak, 3) if peak else None,
+            activation_peak_gib=memory["peak_gib"],
+        )
 
 
 def trainer_step_section(probe: Probe, trainer, device, ballast_bytes, flops_per_row, peak):
@@ -269,21 +295,45 @@ def trainer_step_section(probe: Probe, trainer, device, ballast_bytes, flops_per
     # The transformer's FLOPs over the whole sampling phase (its time includes LoRA, the SDE and decoding).
     sampling_tflops = result["transformer_evaluations"] * flops_per_row / result["time/sampling"] / 1e12
     values = dict(
-        seconds=round(result["seconds"], 2), sampling_s=round(result["time/sampling"], 2),
-        rewards_s=round(result["time/rewards"], 2), update_s=round(result["time/update"], 2),
-        transformer_evaluations=result["transformer_evaluations"], transformer_calls=result["transformer_calls"],
+        seconds=round(result["seconds"], 2),
+        sampling_s=round(result["time/sampling"], 2),
+        rewards_s=round(result["time/rewards"], 2),
+        update_s=round(result["time/update"], 2),
+        transformer_evaluations=result["transformer_evaluations"],
+        transformer_calls=result["transformer_calls"],
         on_policy_max_abs_dev=result["ratio/on_policy_max_abs_dev"],
         peak_allocated_gib=_round(result.get("peak_allocated_gib"), 2),
-        peak_reserved_gib=_round(result.get("peak_reserved_gib"), 2), ballast_gib=round(ballast_bytes / 2**30, 2),
-        sampling_tflops=round(sampling_tflops, 3), sampling_mfu=round(sampling_tflops / peak, 3) if peak else None,
+        peak_reserved_gib=_round(result.get("peak_reserved_gib"), 2),
+        ballast_gib=round(ballast_bytes / 2**30, 2),
+        sampling_tflops=round(sampling_tflops, 3),
+        sampling_mfu=round(sampling_tflops / peak, 3) if peak else None,
         text_encoder_device_after=str(trainer.pipeline.text_encoder_2.device),
-        logged={key: round(value, 4) for key, value in result.items()  # the trainer's own efficiency metrics
-                if key.startswith(("time/sampling_", "time/update_rows", "memory/", "time/recompute"))},
-        config={key: getattr(trainer.config, key) for key in (
-            "height", "num_generations", "num_inference_steps", "num_active_steps", "rollout_batch_size",
-            "decode_batch_size", "gradient_checkpointing", "lora_r", "mixed_precision")})
-    probe.results.update(iteration_seconds=values["seconds"], on_policy_max_abs_dev=values["on_policy_max_abs_dev"],
-                         peak_allocated_gib=values["peak_allocated_gib"], peak_reserved_gib=values["peak_reserved_gib"])
+        logged={
+            key: round(value, 4)
+            for key, value in result.items()  # the trainer's own efficiency metrics
+            if key.startswith(("time/sampling_", "time/update_rows", "memory/", "time/recompute"))
+        },
+        config={
+            key: getattr(trainer.config, key)
+            for key in (
+                "height",
+                "num_generations",
+                "num_inference_steps",
+                "num_active_steps",
+                "rollout_batch_size",
+                "decode_batch_size",
+                "gradient_checkpointing",
+                "lora_r",
+                "mixed_precision",
+            )
+        },
+    )
+    probe.results.update(
+        iteration_seconds=values["seconds"],
+        on_policy_max_abs_dev=values["on_policy_max_abs_dev"],
+        peak_allocated_gib=values["peak_allocated_gib"],
+        peak_reserved_gib=values["peak_reserved_gib"],
+    )
     probe.log("trainer_step", **values)
 
 
@@ -294,6 +344,7 @@ def lora_forward_section(probe: Probe, model, rows, size, text_tokens, device, d
     def timed():
         with torch.no_grad(), autocast(device):
             return round(seconds_per_call(lambda: model(**inputs), device), 4)
+
     lora = timed()
     model.disable_adapters()
     base = timed()
@@ -322,6 +373,7 @@ def compiled_forward_section(probe: Probe, model, rows, size, text_tokens, flops
         seconds = seconds_per_call(forward, device)
         tflops = flops_per_row * rows / seconds / 1e12
         return round(seconds, 4), round(tflops / peak, 3) if peak else None
+
     eager_s, eager_mfu = timed()
     eager_output = forward().float()
     start = time.perf_counter()
@@ -334,10 +386,18 @@ def compiled_forward_section(probe: Probe, model, rows, size, text_tokens, flops
     synchronize(device)
     compile_s = time.perf_counter() - start
     compiled_s, compiled_mfu = timed()
-    probe.log("forward_compiled", rows=rows, compile_s=round(compile_s, 1), eager_s=eager_s, compiled_s=compiled_s,
-              speedup=round(eager_s / compiled_s, 3), eager_mfu=eager_mfu, compiled_mfu=compiled_mfu,
-              max_abs_output_difference=(compiled_output - eager_output).abs().max().item(),
-              backend="inductor" if is_cuda(device) else "eager")
+    probe.log(
+        "forward_compiled",
+        rows=rows,
+        compile_s=round(compile_s, 1),
+        eager_s=eager_s,
+        compiled_s=compiled_s,
+        speedup=round(eager_s / compiled_s, 3),
+        eager_mfu=eager_mfu,
+        compiled_mfu=compiled_mfu,
+        max_abs_output_difference=(compiled_output - eager_output).abs().max().item(),
+        backend="inductor" if is_cuda(device) else "eager",
+    )
     if compiled_mfu is not None:
         probe.results["rollout_mfu_compiled"] = compiled_mfu
 
@@ -351,6 +411,7 @@ def update_section(probe: Probe, model, size, text_tokens, device, dtype):
         with autocast(device):
             output = model(**inputs)[0]
         output.float().square().mean().backward()
+
     for enabled in (True, False):
         (model.enable_gradient_checkpointing if enabled else model.disable_gradient_checkpointing)()
         try:
@@ -369,12 +430,17 @@ def sdpa_section(probe: Probe, rows, heads, tokens, head_dim, device, dtype):
 
     query = torch.randn(rows, heads, tokens, head_dim, device=device, dtype=dtype)
     flops = 4 * rows * heads * tokens**2 * head_dim
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                    SDPBackend.MATH):
+    for backend in (
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.MATH,
+    ):
         try:
             with sdpa_kernel(backend), torch.no_grad():
                 seconds = seconds_per_call(
-                    lambda: torch.nn.functional.scaled_dot_product_attention(query, query, query), device, 1, 3)
+                    lambda: torch.nn.functional.scaled_dot_product_attention(query, query, query), device, 1, 3
+                )
             probe.log("sdpa", backend=backend.name, ms=round(1e3 * seconds, 2), tflops=round(flops / seconds / 1e12, 1))
         except (RuntimeError, torch.cuda.OutOfMemoryError) as error:  # backend unavailable for this shape/device
             probe.log("sdpa", backend=backend.name, error=str(error).splitlines()[0][:200])
@@ -384,13 +450,19 @@ def vae_decode_section(probe: Probe, vae, batches, size, device, dtype):
     """VAE decode of ``batch`` latents at ``size`` x ``size``: seconds and peak, per batch size."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     for batch in batches:
-        latents = torch.randn(batch, vae.config.latent_channels, size // factor, size // factor, device=device,
-                              dtype=dtype)
+        latents = torch.randn(
+            batch, vae.config.latent_channels, size // factor, size // factor, device=device, dtype=dtype
+        )
         try:
             with peak_memory(device) as memory, torch.no_grad(), autocast(device):
-                seconds = seconds_per_call(lambda: vae.decode(latents, return_dict=False), device, 1, 2)
-            probe.log("vae_decode", batch=batch, s=round(seconds, 3), s_per_image=round(seconds / batch, 3),
-                      peak_gib=memory["peak_gib"])
+                seconds = seconds_per_call(functools.partial(vae.decode, latents, return_dict=False), device, 1, 2)
+            probe.log(
+                "vae_decode",
+                batch=batch,
+                s=round(seconds, 3),
+                s_per_image=round(seconds / batch, 3),
+                peak_gib=memory["peak_gib"],
+            )
         except torch.cuda.OutOfMemoryError:
             probe.log("vae_decode", batch=batch, error="out of memory")
 
@@ -401,20 +473,36 @@ def _round(value, digits):
 
 # --- main --------------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true",
-                        help="narrow models, 64x64 images, 16 text tokens: a smoke test of the script")
-    parser.add_argument("--budget", type=float, default=480.0,
-                        help="seconds; sections that would not end within it are skipped (default: 8 minutes)")
-    parser.add_argument("--out", default=None,
-                        help="directory of the results JSON (default: benchmarks/results/; RESULTS.md then "
-                             "goes to this directory too instead of benchmarks/RESULTS.md)")
-    parser.add_argument("--ballast_gib", type=float, default=None,
-                        help="GiB of ballast in the trainer step (default: HPS ViT-H-14 in fp16; 0 with --tiny)")
-    parser.add_argument("--check_requirements", action="store_true",
-                        help="only check that the project's requirements are installed (exit status 1 if not)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="narrow models, 64x64 images, 16 text tokens: a smoke test of the script"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=480.0,
+        help="seconds; sections that would not end within it are skipped (default: 8 minutes)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="directory of the results JSON (default: benchmarks/results/; RESULTS.md then "
+        "goes to this directory too instead of benchmarks/RESULTS.md)",
+    )
+    parser.add_argument(
+        "--ballast_gib",
+        type=float,
+        default=None,
+        help="GiB of ballast in the trainer step (default: HPS ViT-H-14 in fp16; 0 with --tiny)",
+    )
+    parser.add_argument(
+        "--check_requirements",
+        action="store_true",
+        help="only check that the project's requirements are installed (exit status 1 if not)",
+    )
     return parser.parse_args(argv)
 
 
@@ -428,8 +516,9 @@ def main(argv=None):
     if is_cuda(device) and not torch.cuda.is_available():
         raise SystemExit(f"--device {device} but torch sees no CUDA GPU; use --device cpu (with --tiny).")
     if device == "cpu" and not args.tiny:
-        raise SystemExit("A FLUX.1-dev-sized probe needs a GPU (48 GB of float32 weights on a CPU); "
-                         "on a CPU pass --tiny.")
+        raise SystemExit(
+            "A FLUX.1-dev-sized probe needs a GPU (48 GB of float32 weights on a CPU); on a CPU pass --tiny."
+        )
     dtype = torch.bfloat16 if is_cuda(device) else torch.float32
     device_name = torch.cuda.get_device_name(device) if is_cuda(device) else "cpu"
     peak = peak_tflops(torch.device(device))  # the table trl_flow_egrpo.acceleration.BF16_DENSE_TFLOPS; None on CPU
@@ -438,18 +527,27 @@ def main(argv=None):
     probe = Probe(args.budget, out_dir, device_name)
     size, text_tokens = (64, 16) if args.tiny else (720, 512)
     probe.results.update(tiny=args.tiny, budget_s=args.budget, size=size, text_tokens=text_tokens)
-    probe.log("device", name=device_name, bf16_dense_peak_tflops=peak, libraries=library_versions(),
-              total_memory_gib=round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
-              if is_cuda(device) else None)
+    probe.log(
+        "device",
+        name=device_name,
+        bf16_dense_peak_tflops=peak,
+        libraries=library_versions(),
+        total_memory_gib=round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+        if is_cuda(device)
+        else None,
+    )
     if is_cuda(device):
         torch.backends.cuda.matmul.allow_tf32 = True
 
     start = time.perf_counter()
     pipeline = flux_dev_shaped_pipeline(device, dtype, tiny=args.tiny)
     transformer = pipeline.transformer.requires_grad_(False)
-    probe.log("build", seconds=round(time.perf_counter() - start, 1),
-              transformer_parameters=parameter_count(transformer),
-              text_encoder_parameters=parameter_count(pipeline.text_encoder_2) + parameter_count(pipeline.text_encoder))
+    probe.log(
+        "build",
+        seconds=round(time.perf_counter() - start, 1),
+        transformer_parameters=parameter_count(transformer),
+        text_encoder_parameters=parameter_count(pipeline.text_encoder_2) + parameter_count(pipeline.text_encoder),
+    )
     flops_per_row = forward_flops(transformer, 1, size, text_tokens)
     probe.log("flops", per_row=flops_per_row, image_tokens=(size // 16) ** 2, text_tokens=text_tokens)
 
@@ -477,8 +575,15 @@ def main(argv=None):
     if probe.has_time("update", 30 * row_seconds + 15):
         update_section(probe, model, size, text_tokens, device, dtype)
     if probe.has_time("sdpa", 20):
-        sdpa_section(probe, sampling_rows, model.config.num_attention_heads, (size // 16) ** 2 + text_tokens,
-                     model.config.attention_head_dim, device, dtype)
+        sdpa_section(
+            probe,
+            sampling_rows,
+            model.config.num_attention_heads,
+            (size // 16) ** 2 + text_tokens,
+            model.config.attention_head_dim,
+            device,
+            dtype,
+        )
     if probe.has_time("vae_decode", 40):
         vae_decode_section(probe, pipeline.vae, (1,) if args.tiny else (1, 4, 16), size, device, dtype)
     # Last: compiling changes the model in place. About 2 minutes of compilation for FLUX.1-dev's two block types.
@@ -487,8 +592,12 @@ def main(argv=None):
     scratch.cleanup()
     probe.save()
     probe.append_row(results_md)
-    print(json.dumps({"section": "done", "t": round(probe.elapsed(), 1), "results": probe.path,
-                      "results_md": results_md}), flush=True)
+    print(
+        json.dumps(
+            {"section": "done", "t": round(probe.elapsed(), 1), "results": probe.path, "results_md": results_md}
+        ),
+        flush=True,
+    )
 
 
 def _as_list(entry):

@@ -43,10 +43,23 @@ BASELINES = ALGORITHMS[1:]
 UPDATE_ROW_COST = 3
 """Forward-row equivalents of one update row (a forward and a backward, the backward about twice the FLOPs)."""
 
-SHARED: dict = dict(num_inference_steps=16, num_generations=8, prompts_per_device=4, learning_rate=1e-3,
-                    optimizer_step="iteration", advantage_eps=0.05, clip_range=1e-2, noise_level=0.7, lora_r=8,
-                    lora_alpha=8, rollout_batch_size=128, per_device_train_batch_size=64, mixed_precision="no",
-                    save_steps=0, disable_tqdm=True)
+SHARED: dict = dict(
+    num_inference_steps=16,
+    num_generations=8,
+    prompts_per_device=4,
+    learning_rate=1e-3,
+    optimizer_step="iteration",
+    advantage_eps=0.05,
+    clip_range=1e-2,
+    noise_level=0.7,
+    lora_r=8,
+    lora_alpha=8,
+    rollout_batch_size=128,
+    per_device_train_batch_size=64,
+    mixed_precision="no",
+    save_steps=0,
+    disable_tqdm=True,
+)
 """Hyperparameters every algorithm shares (the testbed's recipe, ``benchmarks.testbed.egrpo_config``, with larger
 update micro-batches for speed: micro-batching does not change the gradient). Each algorithm keeps its own paper
 defaults otherwise."""
@@ -71,19 +84,28 @@ class Mode:
 MODES: dict[str, Mode] = {
     "full": Mode(budget=60_000, eval_points=12, seeds=(0, 1, 2), num_eval_prompts=64),
     "quick": Mode(budget=30_000, eval_points=5, seeds=(0, 1, 2), num_eval_prompts=48),
-    "smoke": Mode(budget=10**9, eval_points=1, seeds=(0,), num_eval_prompts=1, max_iterations=2,
-                  overrides=(("num_generations", 2), ("prompts_per_device", 1))),
+    "smoke": Mode(
+        budget=10**9,
+        eval_points=1,
+        seeds=(0,),
+        num_eval_prompts=1,
+        max_iterations=2,
+        overrides=(("num_generations", 2), ("prompts_per_device", 1)),
+    ),
 }
 
 
 # ---------------------------------------------------------------------------------------------- model backends
 
+
 def import_testbed(testbed_root: str):
     """The ``benchmarks.testbed`` package of the repository at ``testbed_root`` (appended to ``sys.path``, so
     that the ``trl_flow_egrpo`` already importable keeps priority)."""
     if not os.path.isfile(os.path.join(testbed_root, "benchmarks", "testbed", "__init__.py")):
-        raise SystemExit(f"No testbed in {testbed_root}/benchmarks/testbed: pass --testbed_root with the repository "
-                         "that holds it, or --model tiny.")
+        raise SystemExit(
+            f"No testbed in {testbed_root}/benchmarks/testbed: pass --testbed_root with the repository "
+            "that holds it, or --model tiny."
+        )
     if testbed_root not in sys.path:
         sys.path.append(testbed_root)
     import benchmarks.testbed as testbed
@@ -113,9 +135,14 @@ def testbed_backend(testbed_root: str, num_eval_prompts: int, checkpoint: str | 
     directory = checkpoint or testbed.CHECKPOINT_DIR
     heldout = testbed.heldout_prompts()
     stride = max(1, len(heldout) // num_eval_prompts)  # spread over the held-out compositions
-    return Backend("testbed", lambda: testbed.load_testbed_pipeline(directory, build_if_missing=False),
-                   ColourPurityReward(), testbed.train_prompts(), heldout[::stride][:num_eval_prompts],
-                   dict(testbed.SAMPLING))
+    return Backend(
+        "testbed",
+        lambda: testbed.load_testbed_pipeline(directory, build_if_missing=False),
+        ColourPurityReward(),
+        testbed.train_prompts(),
+        heldout[::stride][:num_eval_prompts],
+        dict(testbed.SAMPLING),
+    )
 
 
 TINY_PROMPTS = ["a red apple", "a fire truck", "a blue sky", "a green field", "a yellow sun", "a purple flower"]
@@ -126,9 +153,14 @@ def tiny_backend(num_eval_prompts: int) -> Backend:
     from trl_flow_egrpo.rewards import ColorReward
     from trl_flow_egrpo.tiny import build_tiny_flux_pipeline
 
-    return Backend("tiny", lambda: build_tiny_flux_pipeline(seed=0), ColorReward(), TINY_PROMPTS[:4],
-                   (TINY_PROMPTS * num_eval_prompts)[:num_eval_prompts],
-                   dict(height=64, width=64, max_sequence_length=32))
+    return Backend(
+        "tiny",
+        lambda: build_tiny_flux_pipeline(seed=0),
+        ColorReward(),
+        TINY_PROMPTS[:4],
+        (TINY_PROMPTS * num_eval_prompts)[:num_eval_prompts],
+        dict(height=64, width=64, max_sequence_length=32),
+    )
 
 
 def make_backend(model: str, testbed_root: str, checkpoint: str | None, num_eval_prompts: int) -> Backend:
@@ -139,6 +171,7 @@ def make_backend(model: str, testbed_root: str, checkpoint: str | None, num_eval
 
 
 # ---------------------------------------------------------------------------------------------- one run
+
 
 def count_update_rows(trainer) -> list[int]:
     """Make ``trainer`` record the update rows of each iteration: ``len(rollouts.step_start)`` trained-step
@@ -175,13 +208,22 @@ def run_curve(backend: Backend, config_fields: dict, mode: Mode, budget_by_itera
     quiet_libraries()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as output_dir:
-        config = EGRPOConfig(output_dir=output_dir, **{**SHARED, **dict(mode.overrides), **backend.config_fields,
-                                                        **config_fields})
+        config = EGRPOConfig(
+            output_dir=output_dir, **{**SHARED, **dict(mode.overrides), **backend.config_fields, **config_fields}
+        )
         trainer = EGRPOTrainer(config, backend.build_pipeline(), [backend.reward], backend.train_prompts)
         update_rows = count_update_rows(trainer)
         sampling, updates, iteration = 0, 0, 0
-        points = [dict(iteration=0, sampling_rows=0, update_rows=0, total=0, train_reward=None,
-                       reward=evaluation_reward(trainer, backend.reward, backend.eval_prompts))]
+        points = [
+            dict(
+                iteration=0,
+                sampling_rows=0,
+                update_rows=0,
+                total=0,
+                train_reward=None,
+                reward=evaluation_reward(trainer, backend.reward, backend.eval_prompts),
+            )
+        ]
         next_point = 1
         while True:
             metrics = trainer.step()
@@ -191,18 +233,30 @@ def run_curve(backend: Backend, config_fields: dict, mode: Mode, budget_by_itera
             total = sampling + UPDATE_ROW_COST * updates
             progress = iteration if budget_by_iterations else total
             scale = mode.max_iterations if budget_by_iterations else mode.budget
-            done = (total >= mode.budget or (mode.max_iterations is not None and iteration >= mode.max_iterations))
+            done = total >= mode.budget or (mode.max_iterations is not None and iteration >= mode.max_iterations)
             if done or progress >= next_point * scale / mode.eval_points:
                 while progress >= next_point * scale / mode.eval_points:
                     next_point += 1
-                points.append(dict(iteration=iteration, sampling_rows=sampling, update_rows=updates, total=total,
-                                   reward=evaluation_reward(trainer, backend.reward, backend.eval_prompts),
-                                   train_reward=metrics["reward/weighted_mean"]))
+                points.append(
+                    dict(
+                        iteration=iteration,
+                        sampling_rows=sampling,
+                        update_rows=updates,
+                        total=total,
+                        reward=evaluation_reward(trainer, backend.reward, backend.eval_prompts),
+                        train_reward=metrics["reward/weighted_mean"],
+                    )
+                )
             if done:
                 break
-    return dict(config=config_fields, points=points, seconds=time.perf_counter() - start,
-                merge_plan=[(step.start, step.length) for step in trainer.merge_plan],
-                sampling_rows_per_iteration=sampling / iteration, update_rows_per_iteration=updates / iteration)
+    return dict(
+        config=config_fields,
+        points=points,
+        seconds=time.perf_counter() - start,
+        merge_plan=[(step.start, step.length) for step in trainer.merge_plan],
+        sampling_rows_per_iteration=sampling / iteration,
+        update_rows_per_iteration=updates / iteration,
+    )
 
 
 _WORKER_BACKEND: dict = {}
@@ -217,8 +271,9 @@ def _run_job(job: tuple) -> dict:
     return run_curve(_WORKER_BACKEND[backend_args], config_fields, mode, budget_by_iterations)
 
 
-def run_jobs(backend_args: tuple, configs: list[dict], mode: Mode, workers: int,
-             budget_by_iterations: bool = False) -> list[dict]:
+def run_jobs(
+    backend_args: tuple, configs: list[dict], mode: Mode, workers: int, budget_by_iterations: bool = False
+) -> list[dict]:
     """Run every configuration (``workers`` single-threaded processes in parallel); results in input order."""
     jobs = [(backend_args, config, mode, budget_by_iterations) for config in configs]
     if workers <= 1:
@@ -240,6 +295,7 @@ def quiet_libraries() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- analysis
+
 
 def mean_curve(runs: list[dict], x: str = "total") -> tuple[list[float], list[float], list[float]]:
     """Seed-mean curve of runs with the same evaluation schedule: x, mean reward, standard error of the mean."""
@@ -280,12 +336,18 @@ def summarize(results: dict[str, list[dict]]) -> dict:
         sampling_xs = mean_curve(runs, "sampling_rows")[0]
         update_xs = mean_curve(runs, "update_rows")[0]
         rows[name] = dict(
-            final_reward=means[-1], final_se=errors[-1], initial_reward=means[0], final_total=xs[-1],
-            final_sampling_rows=sampling_xs[-1], final_update_rows=update_xs[-1],
-            iterations=runs[0]["points"][-1]["iteration"], total_to_reach=reach,
+            final_reward=means[-1],
+            final_se=errors[-1],
+            initial_reward=means[0],
+            final_total=xs[-1],
+            final_sampling_rows=sampling_xs[-1],
+            final_update_rows=update_xs[-1],
+            iterations=runs[0]["points"][-1]["iteration"],
+            total_to_reach=reach,
             sampling_rows_per_iteration=runs[0]["sampling_rows_per_iteration"],
             update_rows_per_iteration=runs[0]["update_rows_per_iteration"],
-            seconds=sum(run["seconds"] for run in runs) / len(runs))
+            seconds=sum(run["seconds"] for run in runs) / len(runs),
+        )
     ratio = None
     degenerate = best is not None and target <= rows[best]["initial_reward"]
     if best and not degenerate and "e-grpo" in rows and rows["e-grpo"]["total_to_reach"] is not None:
@@ -300,8 +362,11 @@ def _number(value: float | None, digits: int = 0) -> str:
 def shared_settings(learning_rate: float) -> str:
     """The shared hyperparameters of a report, with the learning rate the runs used."""
     values = {**SHARED, "learning_rate": learning_rate}
-    return "Shared hyperparameters: " + ", ".join(f"{k}={v}" for k, v in values.items()
-                                                 if k not in ("mixed_precision", "save_steps", "disable_tqdm")) + "."
+    return (
+        "Shared hyperparameters: "
+        + ", ".join(f"{k}={v}" for k, v in values.items() if k not in ("mixed_precision", "save_steps", "disable_tqdm"))
+        + "."
+    )
 
 
 def result_suffix(learning_rate: float) -> str:
@@ -309,36 +374,46 @@ def result_suffix(learning_rate: float) -> str:
     return "" if learning_rate == SHARED["learning_rate"] else f"_lr{learning_rate:g}"
 
 
-def markdown_report(summary: dict, mode_name: str, mode: Mode, backend: str, command: str, seconds: float,
-                    learning_rate: float) -> str:
+def markdown_report(
+    summary: dict, mode_name: str, mode: Mode, backend: str, command: str, seconds: float, learning_rate: float
+) -> str:
     """The table of results, with the settings that produced it."""
     best, target, rows = summary["best_baseline"], summary["target"], summary["rows"]
     lines = [
-        f"# Learning efficiency ({mode_name} mode, {backend})", "",
-        f"Command: `{command}`  ", f"Wall time: {seconds:.0f} s. Seeds: {list(mode.seeds)}. "
+        f"# Learning efficiency ({mode_name} mode, {backend})",
+        "",
+        f"Command: `{command}`  ",
+        f"Wall time: {seconds:.0f} s. Seeds: {list(mode.seeds)}. "
         f"Budget: {mode.budget:,} total rows (total = sampling rows + {UPDATE_ROW_COST} x update rows). "
         f"Evaluation: {mode.num_eval_prompts} held-out prompts, deterministic ODE samples from fixed seeds.  ",
-        shared_settings(learning_rate), "",
+        shared_settings(learning_rate),
+        "",
         "| algorithm | sampling rows / iteration | update rows / iteration | iterations | eval reward at 0 "
         "| final eval reward (± s.e.) | total rows to reach target |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
-        lines.append(f"| {name} | {row['sampling_rows_per_iteration']:,.0f} | {row['update_rows_per_iteration']:,.0f} "
-                     f"| {row['iterations']} | {row['initial_reward']:.4f} "
-                     f"| {row['final_reward']:.4f} ± {row['final_se']:.4f} "
-                     f"| {'n/a' if summary['target_not_above_start'] else _number(row['total_to_reach'])} |")
+        lines.append(
+            f"| {name} | {row['sampling_rows_per_iteration']:,.0f} | {row['update_rows_per_iteration']:,.0f} "
+            f"| {row['iterations']} | {row['initial_reward']:.4f} "
+            f"| {row['final_reward']:.4f} ± {row['final_se']:.4f} "
+            f"| {'n/a' if summary['target_not_above_start'] else _number(row['total_to_reach'])} |"
+        )
     lines.append("")
     if summary["target_not_above_start"]:
-        lines.append(f"Target: the best baseline's final evaluation reward, {best} {target:.4f}, is not above the "
-                     f"reward before training ({rows[best]['initial_reward']:.4f}): no baseline improved on the "
-                     "held-out prompts, so rows-to-reach and E-GRPO's ratio are not defined for this run.")
+        lines.append(
+            f"Target: the best baseline's final evaluation reward, {best} {target:.4f}, is not above the "
+            f"reward before training ({rows[best]['initial_reward']:.4f}): no baseline improved on the "
+            "held-out prompts, so rows-to-reach and E-GRPO's ratio are not defined for this run."
+        )
     elif best is not None:
         ratio = summary["egrpo_ratio"]
-        lines.append(f"Target: the best baseline's final evaluation reward, {best} {target:.4f}. "
-                     f"E-GRPO / {best} rows to reach it: "
-                     + ("E-GRPO did not reach it within the budget." if ratio is None else f"**{ratio:.2f}**")
-                     + " (goal: <= 0.5).")
+        lines.append(
+            f"Target: the best baseline's final evaluation reward, {best} {target:.4f}. "
+            f"E-GRPO / {best} rows to reach it: "
+            + ("E-GRPO did not reach it within the budget." if ratio is None else f"**{ratio:.2f}**")
+            + " (goal: <= 0.5)."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -350,14 +425,19 @@ def plot(results: dict[str, list[dict]], target: float | None, path: str, title:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for axis, x, label in ((axes[0], "total", f"total rows (sampling + {UPDATE_ROW_COST} x update)"),
-                           (axes[1], "sampling_rows", "sampling rows")):
+    for axis, x, label in (
+        (axes[0], "total", f"total rows (sampling + {UPDATE_ROW_COST} x update)"),
+        (axes[1], "sampling_rows", "sampling rows"),
+    ):
         for name, runs in results.items():
             xs, means, errors = mean_curve(runs, x)
             axis.plot(xs, means, marker="o", markersize=3, label=name)
-            axis.fill_between(xs, [m - e for m, e in zip(means, errors, strict=True)],
-                              [m + e for m, e in zip(means, errors, strict=True)],
-                              alpha=0.2)
+            axis.fill_between(
+                xs,
+                [m - e for m, e in zip(means, errors, strict=True)],
+                [m + e for m, e in zip(means, errors, strict=True)],
+                alpha=0.2,
+            )
         if target is not None:
             axis.axhline(target, color="grey", linestyle="--", linewidth=1, label="best baseline's final")
         axis.set_xlabel(label)
@@ -372,24 +452,41 @@ def plot(results: dict[str, list[dict]], target: float | None, path: str, title:
 
 # ---------------------------------------------------------------------------------------------- command line
 
+
 def parse_args(argv: list[str] | None = None, description: str = __doc__):
-    parser = argparse.ArgumentParser(description=description.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=description.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="The quick mode (3 seeds, a 30,000-row budget).")
     group.add_argument("--smoke", action="store_true", help="1 seed, 2 iterations: checks that the script works.")
-    parser.add_argument("--model", choices=["testbed", "tiny"], default="testbed",
-                        help="The pretrained testbed (default) or the random-weight tiny FLUX pipeline.")
-    parser.add_argument("--testbed_root", default=REPO,
-                        help="Repository holding benchmarks/testbed (default: this one).")
-    parser.add_argument("--checkpoint", default=None,
-                        help="A testbed pipeline saved elsewhere (default: the testbed's committed checkpoint).")
-    parser.add_argument("--learning_rate", type=float, default=SHARED["learning_rate"],
-                        help="The learning rate of every run (default: the shared one).")
+    parser.add_argument(
+        "--model",
+        choices=["testbed", "tiny"],
+        default="testbed",
+        help="The pretrained testbed (default) or the random-weight tiny FLUX pipeline.",
+    )
+    parser.add_argument(
+        "--testbed_root", default=REPO, help="Repository holding benchmarks/testbed (default: this one)."
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="A testbed pipeline saved elsewhere (default: the testbed's committed checkpoint).",
+    )
+    parser.add_argument(
+        "--learning_rate",
+        type=float,
+        default=SHARED["learning_rate"],
+        help="The learning rate of every run (default: the shared one).",
+    )
     parser.add_argument("--workers", type=int, default=2, help="Runs in parallel (one thread each).")
     parser.add_argument("--out", default=RESULTS_DIR, help="Where the table, plot and JSON are written.")
-    parser.add_argument("--from_json", default=None,
-                        help="Re-render the table and plot of a run saved as JSON by this script, without training.")
+    parser.add_argument(
+        "--from_json",
+        default=None,
+        help="Re-render the table and plot of a run saved as JSON by this script, without training.",
+    )
     return parser.parse_args(argv)
 
 
@@ -417,8 +514,11 @@ def main(argv: list[str] | None = None) -> dict:
         mode_name, mode = mode_of(args)
         start = time.perf_counter()
         learning_rate, model = args.learning_rate, args.model
-        configs = [dict(algorithm=algorithm, seed=seed, learning_rate=learning_rate) for algorithm in ALGORITHMS
-                   for seed in mode.seeds]
+        configs = [
+            dict(algorithm=algorithm, seed=seed, learning_rate=learning_rate)
+            for algorithm in ALGORITHMS
+            for seed in mode.seeds
+        ]
         runs = run_jobs(backend_arguments(args, mode), configs, mode, args.workers)
         seconds = time.perf_counter() - start
     mode = MODES[mode_name]
@@ -430,10 +530,19 @@ def main(argv: list[str] | None = None) -> dict:
     with open(stem + ".md", "w") as file:
         file.write(report)
     with open(stem + ".json", "w") as file:
-        json.dump(dict(mode=mode_name, model=model, command=command, seconds=seconds, shared=SHARED,
-                       summary=summary, runs=runs), file, indent=1)
-    plot(results, summary["target"], stem + ".png",
-         f"Learning efficiency on the {model} ({mode_name}, seeds {list(mode.seeds)})")
+        json.dump(
+            dict(
+                mode=mode_name, model=model, command=command, seconds=seconds, shared=SHARED, summary=summary, runs=runs
+            ),
+            file,
+            indent=1,
+        )
+    plot(
+        results,
+        summary["target"],
+        stem + ".png",
+        f"Learning efficiency on the {model} ({mode_name}, seeds {list(mode.seeds)})",
+    )
     print(report)
     print(f"wall time: {seconds:.1f} s; wrote {stem}.md, .png, .json")
     return summary

@@ -14,6 +14,7 @@ process and in the servers).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -27,7 +28,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import reward_fixtures as fixtures  # noqa: E402
-
 from trl_flow_egrpo.registry import build_reward  # noqa: E402
 from trl_flow_egrpo.rewards.remote import RemoteReward  # noqa: E402
 from trl_flow_egrpo.serve.launch import RewardServerProcess  # noqa: E402
@@ -66,30 +66,49 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         model_dir, processor_dir = fixtures.save_tiny_pickscore(Path(directory))
         rewards = {"color": {}, "pickscore": {"model": str(model_dir), "processor": str(processor_dir)}}
-        servers = {name: RewardServerProcess(name, "--reward-kwargs", json.dumps(kwargs), "--device", "cpu",
-                                             "--log-level", "warning", env=env, log_dir=Path(directory) / name)
-                   for name, kwargs in rewards.items()}
+        servers = {
+            name: RewardServerProcess(
+                name,
+                "--reward-kwargs",
+                json.dumps(kwargs),
+                "--device",
+                "cpu",
+                "--log-level",
+                "warning",
+                env=env,
+                log_dir=Path(directory) / name,
+            )
+            for name, kwargs in rewards.items()
+        }
         try:
-            print(f"CPU, torch {torch.__version__}, 1 thread per process; batch of {BATCH} images; loopback; median "
-                  f"(min) of {args.repeats} calls; pickscore = TINY random-weight model; load average "
-                  f"{os.getloadavg()[0]:.1f}")
-            print(f"{'reward':10s} {'size':>8s} {'local ms':>16s} {'remote raw ms':>16s} {'remote png ms':>16s} "
-                  f"{'png / raw bytes':>16s}")
+            print(
+                f"CPU, torch {torch.__version__}, 1 thread per process; batch of {BATCH} images; loopback; median "
+                f"(min) of {args.repeats} calls; pickscore = TINY random-weight model; load average "
+                f"{os.getloadavg()[0]:.1f}"
+            )
+            print(
+                f"{'reward':10s} {'size':>8s} {'local ms':>16s} {'remote raw ms':>16s} {'remote png ms':>16s} "
+                f"{'png / raw bytes':>16s}"
+            )
             for name, kwargs in rewards.items():
                 local_reward, url = build_reward(name, **kwargs), servers[name].ready().url
                 for size in SIZES:
                     images = smooth_images(size, seed=size)
                     quantized = dequantize(quantize(images))
-                    timings = {"local": timed_ms(lambda: local_reward(images, PROMPTS), args.repeats)}
+                    timings = {"local": timed_ms(functools.partial(local_reward, images, PROMPTS), args.repeats)}
                     for encoding in ("raw", "png"):
                         remote = RemoteReward(url, name=name, encoding=encoding)
-                        torch.testing.assert_close(remote(images, PROMPTS), local_reward(quantized, PROMPTS),
-                                                   rtol=1e-6, atol=1e-6)
-                        timings[encoding] = timed_ms(lambda: remote(images, PROMPTS), args.repeats)
-                    png, raw = (len(encode_request(quantize(images), PROMPTS, {}, encoding))
-                                for encoding in ("png", "raw"))
-                    print(f"{name:10s} {size:>4d}^2 {timings['local']:>16s} {timings['raw']:>16s} "
-                          f"{timings['png']:>16s} {png / raw:16.2f}")
+                        torch.testing.assert_close(
+                            remote(images, PROMPTS), local_reward(quantized, PROMPTS), rtol=1e-6, atol=1e-6
+                        )
+                        timings[encoding] = timed_ms(functools.partial(remote, images, PROMPTS), args.repeats)
+                    png, raw = (
+                        len(encode_request(quantize(images), PROMPTS, {}, encoding)) for encoding in ("png", "raw")
+                    )
+                    print(
+                        f"{name:10s} {size:>4d}^2 {timings['local']:>16s} {timings['raw']:>16s} "
+                        f"{timings['png']:>16s} {png / raw:16.2f}"
+                    )
         finally:
             for server in servers.values():
                 server.stop()

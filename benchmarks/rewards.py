@@ -23,7 +23,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import reward_fixtures as fixtures  # noqa: E402
-
 from trl_flow_egrpo.rewards import (  # noqa: E402
     BrightnessReward,
     CLIPScoreReward,
@@ -58,8 +57,12 @@ def build_rewards(directory: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per reward, after one warm-up call")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: reproducible on a shared machine; 0 = torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: reproducible on a shared machine; 0 = torch's choice)",
+    )
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -73,8 +76,10 @@ def main() -> None:
     images = torch.rand(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as directory:
         rewards = build_rewards(Path(directory))
-        print(f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; batch of {BATCH} images "
-              f"{SIZE}x{SIZE}; TINY RANDOM-WEIGHT models (not the real checkpoints)")
+        print(
+            f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; batch of {BATCH} images "
+            f"{SIZE}x{SIZE}; TINY RANDOM-WEIGHT models (not the real checkpoints)"
+        )
         print(f"{'reward':38s} {'first call (load)':>18s} {'median / batch':>15s} {'min / batch':>12s}")
         for name, reward in rewards.items():
             start = time.perf_counter()
@@ -85,8 +90,10 @@ def main() -> None:
                 start = time.perf_counter()
                 reward(images, PROMPTS)
                 times.append(time.perf_counter() - start)
-            print(f"{name:38s} {first * 1e3:15.1f} ms {statistics.median(times) * 1e3:12.1f} ms "
-                  f"{min(times) * 1e3:9.1f} ms")
+            print(
+                f"{name:38s} {first * 1e3:15.1f} ms {statistics.median(times) * 1e3:12.1f} ms "
+                f"{min(times) * 1e3:9.1f} ms"
+            )
 
 
 if __name__ == "__main__":

@@ -45,17 +45,20 @@ def one_at_a_time(adapter, model, schedule, plan, conditioning, noise, num_gener
     def velocity(latents, index, prompt):
         nonlocal calls
         calls += 1
-        return adapter.velocity(model, latents, timesteps[index].view(1), select_rows(conditioning, torch.tensor([prompt])))
+        return adapter.velocity(
+            model, latents, timesteps[index].view(1), select_rows(conditioning, torch.tensor([prompt]))
+        )
 
     for prompt in range(len(noise)):
-        anchor = [noise[prompt:prompt + 1]]
+        anchor = [noise[prompt : prompt + 1]]
         for index in range(schedule.num_steps):
             anchor.append(euler_step(anchor[-1], velocity(anchor[-1], index, prompt), sigmas, index))
         for step in plan:
             for _ in range(num_generations):
                 x = anchor[step.start]
-                x = sde_step(x, velocity(x, step.start, prompt), sigmas, step.start, step.length, 0.7,
-                             generator=generator).sample
+                x = sde_step(
+                    x, velocity(x, step.start, prompt), sigmas, step.start, step.length, 0.7, generator=generator
+                ).sample
                 for index in range(step.end, schedule.num_steps):
                     x = euler_step(x, velocity(x, index, prompt), sigmas, index)
                 images.append(adapter.decode(x))
@@ -96,31 +99,62 @@ def main():
     noise = adapter.initial_noise(args.prompts, torch.Generator().manual_seed(0))
 
     def run_batched():
-        return sample_rollouts(adapter, pipe.transformer, schedule, plan, conditioning, noise, args.generations,
-                               0.7, torch.Generator().manual_seed(1), args.batch_size)
+        return sample_rollouts(
+            adapter,
+            pipe.transformer,
+            schedule,
+            plan,
+            conditioning,
+            noise,
+            args.generations,
+            0.7,
+            torch.Generator().manual_seed(1),
+            args.batch_size,
+        )
 
     def run_single():
-        return one_at_a_time(adapter, pipe.transformer, schedule, plan, conditioning, noise, args.generations,
-                             torch.Generator().manual_seed(1))
+        return one_at_a_time(
+            adapter,
+            pipe.transformer,
+            schedule,
+            plan,
+            conditioning,
+            noise,
+            args.generations,
+            torch.Generator().manual_seed(1),
+        )
 
     batched, (single_images, single_calls) = run_batched(), run_single()  # warm-up and equivalence check
     # Both draw the branch noise in a different order, so compare the deterministic anchors exactly and the
     # branch images statistically (same distribution, same count).
-    torch.testing.assert_close(batched.anchor_images[0], single_images[len(plan) * args.generations][0],
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        batched.anchor_images[0], single_images[len(plan) * args.generations][0], rtol=1e-4, atol=1e-4
+    )
     assert batched.images.flatten(0, 1).shape[0] + len(batched.anchor_images) == len(single_images)
 
     batched_seconds, single_seconds = best_times([run_batched, run_single], args.repeats)
     rollouts = args.prompts * len(plan) * args.generations
-    print(f"tiny FLUX {args.size}x{args.size}, {args.prompts} prompts x {len(plan)} merged steps x G={args.generations} "
-          f"= {rollouts} rollouts (+{args.prompts} anchors), torch threads {torch.get_num_threads()}")
+    print(
+        f"tiny FLUX {args.size}x{args.size}, {args.prompts} prompts x {len(plan)} merged steps x G={args.generations} "
+        f"= {rollouts} rollouts (+{args.prompts} anchors), torch threads {torch.get_num_threads()}"
+    )
     print(f"one at a time : {single_seconds:8.3f} s   {single_calls} transformer calls, {single_calls} rows")
-    print(f"batched engine: {batched_seconds:8.3f} s   {batched.num_model_calls} transformer calls, "
-          f"{batched.num_evaluations} rows")
+    print(
+        f"batched engine: {batched_seconds:8.3f} s   {batched.num_model_calls} transformer calls, "
+        f"{batched.num_evaluations} rows"
+    )
     print(f"speed-up      : {single_seconds / batched_seconds:8.2f}x")
-    results = dict(size=args.size, prompts=args.prompts, generations=args.generations, rollouts=rollouts,
-                   threads=torch.get_num_threads(), one_at_a_time_s=single_seconds, batched_s=batched_seconds,
-                   batched_speedup=single_seconds / batched_seconds, rows=batched.num_evaluations)
+    results = dict(
+        size=args.size,
+        prompts=args.prompts,
+        generations=args.generations,
+        rollouts=rollouts,
+        threads=torch.get_num_threads(),
+        one_at_a_time_s=single_seconds,
+        batched_s=batched_seconds,
+        batched_speedup=single_seconds / batched_seconds,
+        rows=batched.num_evaluations,
+    )
     if not args.skip_switches:
         results["switches"] = compare_switches(args, schedule, plan, noise)
     if args.json:
@@ -135,8 +169,11 @@ def lora_pipeline(size: int):
     pipe = build_tiny_flux_pipeline(seed=0)
     adapter = get_adapter(pipe, height=size, width=size, max_sequence_length=32)
     torch.manual_seed(0)
-    pipe.transformer.add_adapter(LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian",
-                                            target_modules=list(adapter.default_lora_target_modules)))
+    pipe.transformer.add_adapter(
+        LoraConfig(
+            r=8, lora_alpha=16, init_lora_weights="gaussian", target_modules=list(adapter.default_lora_target_modules)
+        )
+    )
     return pipe, adapter
 
 
@@ -152,32 +189,56 @@ def compare_switches(args, schedule, plan, noise) -> list[dict]:
     start = time.perf_counter()
     compile_repeated_blocks(compiled_pipe.transformer)
     conditioning = adapter.encode_prompts([f"prompt number {i}" for i in range(args.prompts)])
-    variants = [("eager, LoRA input cast on", eager_pipe, adapter, True),
-                ("eager, LoRA input cast off", eager_pipe, adapter, False),
-                ("compiled, LoRA input cast on", compiled_pipe, compiled_adapter, True),
-                ("compiled, LoRA input cast off", compiled_pipe, compiled_adapter, False)]
+    variants = [
+        ("eager, LoRA input cast on", eager_pipe, adapter, True),
+        ("eager, LoRA input cast off", eager_pipe, adapter, False),
+        ("compiled, LoRA input cast on", compiled_pipe, compiled_adapter, True),
+        ("compiled, LoRA input cast off", compiled_pipe, compiled_adapter, False),
+    ]
 
     def runner(pipe, variant_adapter, cast):
         def run():
             set_lora_input_cast(pipe.transformer, cast)
             with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-                return sample_rollouts(variant_adapter, pipe.transformer, schedule, plan, conditioning, noise,
-                                       args.generations, 0.7, torch.Generator().manual_seed(1), args.batch_size)
+                return sample_rollouts(
+                    variant_adapter,
+                    pipe.transformer,
+                    schedule,
+                    plan,
+                    conditioning,
+                    noise,
+                    args.generations,
+                    0.7,
+                    torch.Generator().manual_seed(1),
+                    args.batch_size,
+                )
+
         return run
 
     runs = [runner(pipe, variant_adapter, cast) for _, pipe, variant_adapter, cast in variants]
     outputs = [run() for run in runs]  # warm-up: compiles both cast settings (each is a guard of the graph)
     compile_seconds = time.perf_counter() - start
     seconds = best_times(runs, args.repeats)
-    print(f"\nspeed switches: batched engine, LoRA r=8, bf16 autocast, {args.batch_size} rows per call "
-          f"(compilation and warm-up took {compile_seconds:.1f} s, not counted)")
+    print(
+        f"\nspeed switches: batched engine, LoRA r=8, bf16 autocast, {args.batch_size} rows per call "
+        f"(compilation and warm-up took {compile_seconds:.1f} s, not counted)"
+    )
     results = []
     for (name, *_), output, variant_seconds in zip(variants, outputs, seconds, strict=True):
         difference = (output.images.float() - outputs[0].images.float()).abs().max().item()
-        results.append(dict(variant=name, seconds=variant_seconds, rows_per_s=output.num_evaluations / variant_seconds,
-                            max_abs_image_difference=difference, compile_seconds=compile_seconds))
-        print(f"{name:30s}: {variant_seconds:8.3f} s   {output.num_evaluations / variant_seconds:8.1f} rows/s   "
-              f"max |image - eager cast-on image| {difference:.1e}")
+        results.append(
+            dict(
+                variant=name,
+                seconds=variant_seconds,
+                rows_per_s=output.num_evaluations / variant_seconds,
+                max_abs_image_difference=difference,
+                compile_seconds=compile_seconds,
+            )
+        )
+        print(
+            f"{name:30s}: {variant_seconds:8.3f} s   {output.num_evaluations / variant_seconds:8.1f} rows/s   "
+            f"max |image - eager cast-on image| {difference:.1e}"
+        )
     eager, compiled = results[1]["seconds"], results[3]["seconds"]
     print(f"cast off vs on (eager)      : {results[0]['seconds'] / eager:8.2f}x")
     print(f"cast off vs on (compiled)   : {results[2]['seconds'] / compiled:8.2f}x")

@@ -66,12 +66,15 @@ def render() -> str:
     """The whole page."""
     parts = [HEADER]
     for title, fields in sections().items():
-        parts.append(f"\n## {title[0].upper() + title[1:]}\n\n| field | type | default | description |\n|---|---|---|---|")
+        parts.append(
+            f"\n## {title[0].upper() + title[1:]}\n\n| field | type | default | description |\n|---|---|---|---|"
+        )
         for field in fields:
             # The annotation as written: HfArgumentParser replaces `field.type` with the resolved type in place.
             annotation = EGRPOConfig.__annotations__[field.name]
-            parts.append(f"| `{field.name}` | `{annotation}` | {default_of(field)} | "
-                         f"{cell(field.metadata.get('help', ''))} |")
+            parts.append(
+                f"| `{field.name}` | `{annotation}` | {default_of(field)} | {cell(field.metadata.get('help', ''))} |"
+            )
     return "\n".join(parts) + "\n"
 
 

@@ -26,13 +26,23 @@ def draw(path: str) -> None:
     plan = plan_merges(sigmas, NOISE_LEVEL, TAU, ACTIVE)
     single = [step_entropy(sigmas, k, 1, NOISE_LEVEL) for k in range(NUM_STEPS)]
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 8.5), gridspec_kw={"height_ratios": [1, 1.5]},
-                                      sharex=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 8.5), gridspec_kw={"height_ratios": [1, 1.5]}, sharex=True)
     colors = ["tab:red" if value >= TAU else "tab:gray" for value in single]
-    top.bar([k + 0.5 for k in range(NUM_STEPS)], single, width=0.8, color=colors, alpha=0.6,
-            label="single step: exp(h(k, 1))")
-    top.plot([step.start + 0.5 for step in plan], [step.entropy for step in plan], "o", color="tab:blue",
-             label="merged step of the plan: exp(h(k, l_k))")
+    top.bar(
+        [k + 0.5 for k in range(NUM_STEPS)],
+        single,
+        width=0.8,
+        color=colors,
+        alpha=0.6,
+        label="single step: exp(h(k, 1))",
+    )
+    top.plot(
+        [step.start + 0.5 for step in plan],
+        [step.entropy for step in plan],
+        "o",
+        color="tab:blue",
+        label="merged step of the plan: exp(h(k, l_k))",
+    )
     top.axhline(TAU, color="black", linestyle="--", linewidth=1, label=f"threshold tau = {TAU}")
     top.axvspan(0, ACTIVE, color="tab:blue", alpha=0.06, label=f"active steps (first {ACTIVE})")
     top.set_ylabel("exp(h), per latent dimension")
@@ -46,8 +56,9 @@ def draw(path: str) -> None:
         bottom.plot([0, step.start], [row, row], color="black", linewidth=1, alpha=0.3)  # shared anchor prefix
         for spread in (-0.25, 0.0, 0.25):  # a few of the G rollouts, each with its own SDE noise
             bottom.plot([step.start, step.end], [row, row + spread], color="tab:red", linewidth=1.5)
-            bottom.plot([step.end, NUM_STEPS], [row + spread, row + spread], color="tab:blue", linewidth=0.8,
-                        linestyle=":")
+            bottom.plot(
+                [step.end, NUM_STEPS], [row + spread, row + spread], color="tab:blue", linewidth=0.8, linestyle=":"
+            )
         bottom.text(NUM_STEPS + 0.2, row, f"k={step.start}, l={step.length}", va="center", fontsize=8)
     bottom.plot([], [], color="tab:red", label="merged SDE step (trained; one per rollout)")
     bottom.plot([], [], color="tab:blue", linestyle=":", label="ODE to the image (not trained)")

@@ -35,10 +35,9 @@ from trl import TrlParser
 
 from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer
 from trl_flow_egrpo.data import load_prompts
+from trl_flow_egrpo.distributed import is_multiprocess_cpu_run, set_cpu_threads, single_process_cpu_launch_error
 from trl_flow_egrpo.quantization import nf4_pipeline_quantization_config, precompute_run_prompts
 from trl_flow_egrpo.registry import REWARDS, build_reward, load_pipeline
-from trl_flow_egrpo.distributed import (is_multiprocess_cpu_run, set_cpu_threads,
-                                        single_process_cpu_launch_error)
 
 logger = logging.getLogger("hpd")
 
@@ -49,51 +48,74 @@ class ScriptArguments:
 
     model_name_or_path: str = field(
         default="black-forest-labs/FLUX.1-dev",
-        metadata={"help": "Hub id or local path of a diffusers pipeline; the names of "
-                          "trl_flow_egrpo.registry.TINY_PIPELINES ('tiny', 'tiny-sd3', 'tiny-flux2', 'tiny-wan', ...) "
-                          "build an embedded tiny pipeline of that family (random weights, offline)."})
+        metadata={
+            "help": "Hub id or local path of a diffusers pipeline; the names of "
+            "trl_flow_egrpo.registry.TINY_PIPELINES ('tiny', 'tiny-sd3', 'tiny-flux2', 'tiny-wan', ...) "
+            "build an embedded tiny pipeline of that family (random weights, offline)."
+        },
+    )
     torch_dtype: str = field(default="bfloat16", metadata={"help": "dtype the pipeline is loaded in."})
     reward_funcs: list[str] = field(
         default_factory=lambda: ["hps"],
-        metadata={"help": f"Training rewards, weighted by reward_weights. One of: {', '.join(REWARDS)}."})
+        metadata={"help": f"Training rewards, weighted by reward_weights. One of: {', '.join(REWARDS)}."},
+    )
     eval_reward_funcs: list[str] = field(
         default_factory=list,
-        metadata={"help": "Rewards scored at evaluation only (never trained on): watch them for reward hacking."})
+        metadata={"help": "Rewards scored at evaluation only (never trained on): watch them for reward hacking."},
+    )
     dataset_name: str = field(
         default="ymhao/HPDv2",
-        metadata={"help": "Training prompts: 'ymhao/HPDv2', a local .txt/.csv/.json/.jsonl/.parquet file, or a "
-                          "Hub dataset."})
+        metadata={
+            "help": "Training prompts: 'ymhao/HPDv2', a local .txt/.csv/.json/.jsonl/.parquet file, or a Hub dataset."
+        },
+    )
     dataset_split: str = field(default="train", metadata={"help": "Split of dataset_name."})
     eval_dataset_name: str = field(
         default="zhwang/HPDv2",
-        metadata={"help": "Evaluation prompts (loaded only when eval_steps > 0); default: the HPSv2 benchmark."})
+        metadata={"help": "Evaluation prompts (loaded only when eval_steps > 0); default: the HPSv2 benchmark."},
+    )
     eval_dataset_split: str = field(
-        default="photo", metadata={"help": "Split of eval_dataset_name (for zhwang/HPDv2: a style, or 'all')."})
+        default="photo", metadata={"help": "Split of eval_dataset_name (for zhwang/HPDv2: a style, or 'all')."}
+    )
     num_eval_prompts: int = field(default=64, metadata={"help": "Evaluate on the first this many prompts (0: all)."})
     hpd_local_dir: str | None = field(
         default=None,
-        metadata={"help": "A local copy of the HPD v2 files (train.json, test.json, benchmark/*.json) laid out as "
-                          "on the Hub, used instead of downloading."})
+        metadata={
+            "help": "A local copy of the HPD v2 files (train.json, test.json, benchmark/*.json) laid out as "
+            "on the Hub, used instead of downloading."
+        },
+    )
 
 
 def main(args: ScriptArguments, config: EGRPOConfig):
     main_process = PartialState(cpu=is_multiprocess_cpu_run()).is_main_process
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if main_process else logging.WARNING)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO if main_process else logging.WARNING,
+    )
     set_cpu_threads()
     datasets.disable_progress_bars()  # a bar per tiny prompt file would drown the first lines of the log
 
-    train_dataset = load_prompts(args.dataset_name, args.dataset_split, config.prompt_column,
-                                 local_dir=args.hpd_local_dir)
+    train_dataset = load_prompts(
+        args.dataset_name, args.dataset_split, config.prompt_column, local_dir=args.hpd_local_dir
+    )
     eval_dataset = None
     if config.eval_steps > 0:
-        eval_dataset = load_prompts(args.eval_dataset_name, args.eval_dataset_split, config.prompt_column,
-                                    local_dir=args.hpd_local_dir)
+        eval_dataset = load_prompts(
+            args.eval_dataset_name, args.eval_dataset_split, config.prompt_column, local_dir=args.hpd_local_dir
+        )
         if args.num_eval_prompts:
             eval_dataset = eval_dataset.select(range(min(args.num_eval_prompts, len(eval_dataset))))
-    logger.info("Prompts: %d for training (%s, %s)%s.", len(train_dataset), args.dataset_name, args.dataset_split,
-                f", {len(eval_dataset)} for evaluation ({args.eval_dataset_name}, {args.eval_dataset_split})"
-                if eval_dataset is not None else "")
+    logger.info(
+        "Prompts: %d for training (%s, %s)%s.",
+        len(train_dataset),
+        args.dataset_name,
+        args.dataset_split,
+        f", {len(eval_dataset)} for evaluation ({args.eval_dataset_name}, {args.eval_dataset_split})"
+        if eval_dataset is not None
+        else "",
+    )
 
     # Rewards first: a misspelled name fails before the pipeline (24 GB for FLUX.1-dev) is loaded.
     rewards = [build_reward(name) for name in args.reward_funcs]
@@ -102,15 +124,25 @@ def main(args: ScriptArguments, config: EGRPOConfig):
     # placeholder that accelerate fills with their shards (no full copy per process).
     # NF4 is a load-time format (bitsandbytes); int8 / float8 are applied by the trainer to the loaded weights.
     quantization_config = nf4_pipeline_quantization_config() if config.quantization == "nf4" else None
-    pipeline = load_pipeline(args.model_name_or_path, getattr(torch, args.torch_dtype), main_process_weights_only=True,
-                             quantization_config=quantization_config)
-    logger.info("Model: %s (%s). Rewards: %s (weights %s, aggregation '%s'); eval-only rewards: %s.",
-                args.model_name_or_path, args.torch_dtype, ", ".join(args.reward_funcs),
-                config.reward_weights or "all 1", config.reward_aggregation,
-                ", ".join(args.eval_reward_funcs) or "none")
+    pipeline = load_pipeline(
+        args.model_name_or_path,
+        getattr(torch, args.torch_dtype),
+        main_process_weights_only=True,
+        quantization_config=quantization_config,
+    )
+    logger.info(
+        "Model: %s (%s). Rewards: %s (weights %s, aggregation '%s'); eval-only rewards: %s.",
+        args.model_name_or_path,
+        args.torch_dtype,
+        ", ".join(args.reward_funcs),
+        config.reward_weights or "all 1",
+        config.reward_aggregation,
+        ", ".join(args.eval_reward_funcs) or "none",
+    )
 
-    trainer = EGRPOTrainer(config, pipeline, rewards, train_dataset, eval_dataset=eval_dataset,
-                           eval_reward_fns=eval_rewards)
+    trainer = EGRPOTrainer(
+        config, pipeline, rewards, train_dataset, eval_dataset=eval_dataset, eval_reward_fns=eval_rewards
+    )
     if config.prompt_cache_dir:
         # Encode the whole run's prompts now, while the GPU holds only the (quantized) transformer: training then
         # never brings the text encoders back (what lets the 24 GB recipe fit).
@@ -120,10 +152,16 @@ def main(args: ScriptArguments, config: EGRPOConfig):
         trainer.save_model()
     if trainer.state.eval_history:
         final = trainer.state.eval_history[-1]
-        logger.info("Evaluation at iteration %d: %s", final["iteration"],
-                    ", ".join(f"{key} {value:.4f}" for key, value in final.items() if key.endswith("/mean")))
-    logger.info("Saved the %s to %s.", "LoRA (pipe.load_lora_weights(path))" if config.use_peft
-                else "transformer (subfolder 'transformer')", config.output_dir)
+        logger.info(
+            "Evaluation at iteration %d: %s",
+            final["iteration"],
+            ", ".join(f"{key} {value:.4f}" for key, value in final.items() if key.endswith("/mean")),
+        )
+    logger.info(
+        "Saved the %s to %s.",
+        "LoRA (pipe.load_lora_weights(path))" if config.use_peft else "transformer (subfolder 'transformer')",
+        config.output_dir,
+    )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,20 @@ from trl_flow_egrpo.distributed import set_cpu_threads  # noqa: E402
 from trl_flow_egrpo.rewards import BrightnessReward, ColorReward  # noqa: E402
 from trl_flow_egrpo.tiny import build_tiny_flux_pipeline  # noqa: E402
 
-PROMPTS = ["a red apple", "a fire truck", "a field of poppies", "a ripe tomato", "a ruby", "a cardinal bird",
-           "strawberries in a bowl", "a lipstick", "a stop sign", "a red sports car", "a rose", "cherries"]
+PROMPTS = [
+    "a red apple",
+    "a fire truck",
+    "a field of poppies",
+    "a ripe tomato",
+    "a ruby",
+    "a cardinal bird",
+    "strawberries in a bowl",
+    "a lipstick",
+    "a stop sign",
+    "a red sports car",
+    "a rose",
+    "cherries",
+]
 EVAL_PROMPTS = ["a red barn", "a ladybug", "a chili pepper", "a fox", "a sunset", "a brick wall", "a heart", "a flag"]
 
 
@@ -34,10 +46,18 @@ def plot(history, eval_history, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([m["iteration"] for m in history], [m["reward/color/mean"] for m in history], alpha=0.5,
-            label="rollout reward (mean over the iteration's rollouts)")
-    ax.plot([m["iteration"] for m in eval_history], [m["eval/color/mean"] for m in eval_history], "o-",
-            label="eval reward (fixed prompts and noise, ODE sampling)")
+    ax.plot(
+        [m["iteration"] for m in history],
+        [m["reward/color/mean"] for m in history],
+        alpha=0.5,
+        label="rollout reward (mean over the iteration's rollouts)",
+    )
+    ax.plot(
+        [m["iteration"] for m in eval_history],
+        [m["eval/color/mean"] for m in eval_history],
+        "o-",
+        label="eval reward (fixed prompts and noise, ODE sampling)",
+    )
     ax.set_xlabel("E-GRPO iteration")
     ax.set_ylabel("colour reward  (-|mean RGB - red|)")
     ax.set_title("trl-flow-egrpo quickstart: tiny FLUX learns to paint red")
@@ -55,14 +75,32 @@ def main():
     set_cpu_threads()
 
     config = EGRPOConfig(
-        output_dir=args.output_dir, max_steps=args.max_steps, height=64, width=64, max_sequence_length=32,
-        num_generations=8, prompts_per_device=2, mixed_precision="no", rollout_batch_size=64,
-        per_device_train_batch_size=8, learning_rate=2e-2, clip_range=1e-2, lora_r=8, lora_alpha=8,
-        eval_steps=5, save_steps=0, disable_tqdm=True)
-    trainer = EGRPOTrainer(config, build_tiny_flux_pipeline(), [ColorReward(target=(1.0, 0.0, 0.0))],
-                           Dataset.from_dict({"prompt": PROMPTS}),
-                           eval_dataset=Dataset.from_dict({"prompt": EVAL_PROMPTS}),
-                           eval_reward_fns=[BrightnessReward()])
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        height=64,
+        width=64,
+        max_sequence_length=32,
+        num_generations=8,
+        prompts_per_device=2,
+        mixed_precision="no",
+        rollout_batch_size=64,
+        per_device_train_batch_size=8,
+        learning_rate=2e-2,
+        clip_range=1e-2,
+        lora_r=8,
+        lora_alpha=8,
+        eval_steps=5,
+        save_steps=0,
+        disable_tqdm=True,
+    )
+    trainer = EGRPOTrainer(
+        config,
+        build_tiny_flux_pipeline(),
+        [ColorReward(target=(1.0, 0.0, 0.0))],
+        Dataset.from_dict({"prompt": PROMPTS}),
+        eval_dataset=Dataset.from_dict({"prompt": EVAL_PROMPTS}),
+        eval_reward_fns=[BrightnessReward()],
+    )
     before = trainer.evaluate()["eval/color/mean"]
     state = trainer.train()
     after = state.eval_history[-1]["eval/color/mean"]
@@ -70,9 +108,11 @@ def main():
     seconds = [m["time/sampling"] + m["time/rewards"] + m["time/update"] for m in state.log_history]
     curve = os.path.join(args.output_dir, "reward_curve.png")
     plot(state.log_history, state.eval_history, curve)
-    print(f"\neval colour reward: {before:.4f} -> {after:.4f} ({after - before:+.4f}); "
-          f"{sum(seconds) / len(seconds):.2f} s per iteration; "
-          f"{state.log_history[-1]['transformer_evaluations']} transformer evaluations per iteration")
+    print(
+        f"\neval colour reward: {before:.4f} -> {after:.4f} ({after - before:+.4f}); "
+        f"{sum(seconds) / len(seconds):.2f} s per iteration; "
+        f"{state.log_history[-1]['transformer_evaluations']} transformer evaluations per iteration"
+    )
     print(f"LoRA saved to {args.output_dir}/pytorch_lora_weights.safetensors; reward curve: {curve}")
 
 

@@ -40,9 +40,17 @@ TINY_FLUX_BLOCKS = "FluxTransformerBlock,FluxSingleTransformerBlock"
 
 def run_config(scenario: str, output_dir: str, **overrides):
     """The config every backend scenario trains with (the test builds the same one for its references)."""
-    values = dict(max_steps=4, save_steps=2, num_generations=3, prompts_per_device=2,
-                  per_device_train_batch_size=1, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=2,
-                  use_peft=scenario != "deepspeed3")
+    values = dict(
+        max_steps=4,
+        save_steps=2,
+        num_generations=3,
+        prompts_per_device=2,
+        per_device_train_batch_size=1,
+        learning_rate=1e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        use_peft=scenario != "deepspeed3",
+    )
     values.update(overrides)
     return tiny_config(output_dir, **values)
 
@@ -70,13 +78,21 @@ def present_cpu_group_as_accelerator_run(scenario: str) -> None:
 
     trl_flow_egrpo.trainer.is_multiprocess_cpu_run = lambda: False
     if scenario == "fsdp":
-        os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
-                          FSDP_TRANSFORMER_CLS_TO_WRAP=TINY_FLUX_BLOCKS, FSDP_STATE_DICT_TYPE="SHARDED_STATE_DICT",
-                          FSDP_RESHARD_AFTER_FORWARD="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true",
-                          ACCELERATE_TORCH_DEVICE="cpu")
+        os.environ.update(
+            ACCELERATE_USE_FSDP="true",
+            FSDP_VERSION="2",
+            FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
+            FSDP_TRANSFORMER_CLS_TO_WRAP=TINY_FLUX_BLOCKS,
+            FSDP_STATE_DICT_TYPE="SHARDED_STATE_DICT",
+            FSDP_RESHARD_AFTER_FORWARD="true",
+            FSDP_CPU_RAM_EFFICIENT_LOADING="true",
+            ACCELERATE_TORCH_DEVICE="cpu",
+        )
         dist.init_process_group("gloo")
-        accelerate.state.PartialState._prepare_backend = (
-            lambda self, cpu=False, sagemaker_dp=False, backend=None: ("gloo", DistributedType.MULTI_GPU))
+        accelerate.state.PartialState._prepare_backend = lambda self, cpu=False, sagemaker_dp=False, backend=None: (
+            "gloo",
+            DistributedType.MULTI_GPU,
+        )
     else:
         os.environ.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=scenario[-1])
         accelerate.state.PartialState(backend="gloo")
@@ -101,9 +117,10 @@ def sharded_gradient_check(trainer) -> dict[str, int]:
     rollouts = trainer.generate([PROMPTS[0]])
     advantages = torch.ones(rollouts.num_groups, rollouts.samples.shape[1])
     held = {}
-    for label, context in (("accumulation_context", backends.accumulation_context(trainer.accelerator, trainer.model,
-                                                                                  boundary=False)),
-                           ("no_sync", trainer.accelerator.no_sync(trainer.model))):
+    for label, context in (
+        ("accumulation_context", backends.accumulation_context(trainer.accelerator, trainer.model, boundary=False)),
+        ("no_sync", trainer.accelerator.no_sync(trainer.model)),
+    ):
         trainer.model.train()
         with context:
             output, _ = trainer._policy_loss(rollouts, advantages, torch.arange(1))
@@ -128,11 +145,14 @@ def train_and_resume(output_dir: str, scenario: str) -> None:
 
     def trainer_for(run_dir, **overrides):
         pipeline = registry.load_pipeline("tiny", torch.float32, main_process_weights_only=True)  # seeded
-        return EGRPOTrainer(run_config(scenario, run_dir, **overrides), pipeline, [color],
-                            Dataset.from_dict({"prompt": TRAIN_PROMPTS}),
-                            eval_dataset=Dataset.from_dict({"prompt": EVAL_PROMPTS,
-                                                            "index": list(range(len(EVAL_PROMPTS)))}),
-                            eval_reward_fns=[index_reward, brightness])
+        return EGRPOTrainer(
+            run_config(scenario, run_dir, **overrides),
+            pipeline,
+            [color],
+            Dataset.from_dict({"prompt": TRAIN_PROMPTS}),
+            eval_dataset=Dataset.from_dict({"prompt": EVAL_PROMPTS, "index": list(range(len(EVAL_PROMPTS)))}),
+            eval_reward_fns=[index_reward, brightness],
+        )
 
     rank = int(os.environ["RANK"])
     loaded = registry.load_pipeline("tiny", torch.float32, main_process_weights_only=True).transformer.state_dict()
@@ -149,22 +169,31 @@ def train_and_resume(output_dir: str, scenario: str) -> None:
     weights = full_trainable_weights(trainer) if scenario != "deepspeed3" else {}
     gradients = sharded_gradient_check(trainer) if scenario == "fsdp" else None
 
-    resumed = trainer_for(os.path.join(output_dir, "resumed"),
-                          resume_from_checkpoint=os.path.join(output_dir, "checkpoint-2"))
+    resumed = trainer_for(
+        os.path.join(output_dir, "resumed"), resume_from_checkpoint=os.path.join(output_dir, "checkpoint-2")
+    )
     resumed_state = resumed.train()
     resumed.save_model(os.path.join(output_dir, "resumed", "final"))
     resumed_weights = full_trainable_weights(resumed) if scenario != "deepspeed3" else {}
 
     torch.save({"trained": weights, "resumed": resumed_weights}, os.path.join(output_dir, f"weights_{rank}.pt"))
     with open(os.path.join(output_dir, f"rank_{rank}.json"), "w") as handle:
-        json.dump({"num_processes": trainer.accelerator.num_processes,
-                   "distributed_type": str(trainer.accelerator.distributed_type),
-                   "loaded_real_weights": loaded_real_weights, "prompts": training_prompts,
-                   "optimizer_steps_per_iteration": trainer.optimizer_steps_per_iteration,
-                   "merge_plan": [[step.start, step.length] for step in trainer.merge_plan],
-                   "num_inference_steps": trainer.config.num_inference_steps,
-                   "evaluation": evaluation, "log_history": state.log_history,
-                   "resumed_log_history": resumed_state.log_history, "sharded_gradients": gradients}, handle)
+        json.dump(
+            {
+                "num_processes": trainer.accelerator.num_processes,
+                "distributed_type": str(trainer.accelerator.distributed_type),
+                "loaded_real_weights": loaded_real_weights,
+                "prompts": training_prompts,
+                "optimizer_steps_per_iteration": trainer.optimizer_steps_per_iteration,
+                "merge_plan": [[step.start, step.length] for step in trainer.merge_plan],
+                "num_inference_steps": trainer.config.num_inference_steps,
+                "evaluation": evaluation,
+                "log_history": state.log_history,
+                "resumed_log_history": resumed_state.log_history,
+                "sharded_gradients": gradients,
+            },
+            handle,
+        )
 
 
 def fail_on_rank_1(output_dir: str) -> None:

@@ -15,23 +15,43 @@ PROMPTS = ["a red apple", "a fire truck", "a cat on a mat", "sunset over the sea
 
 def tiny_config(output_dir, **overrides) -> EGRPOConfig:
     """A config for the tiny FLUX pipeline: 64x64 images, 8 steps (4 trained), 4 rollouts per group, float32."""
-    values = dict(output_dir=str(output_dir), height=64, width=64, max_sequence_length=32, num_generations=4,
-                  num_inference_steps=8, num_active_steps=4,
-                  prompts_per_device=2, max_steps=2, mixed_precision="no", learning_rate=1e-2, clip_range=1e-2,
-                  lora_r=8, lora_alpha=16, rollout_batch_size=32, per_device_train_batch_size=4, save_steps=0,
-                  disable_tqdm=True, seed=0)
+    values = dict(
+        output_dir=str(output_dir),
+        height=64,
+        width=64,
+        max_sequence_length=32,
+        num_generations=4,
+        num_inference_steps=8,
+        num_active_steps=4,
+        prompts_per_device=2,
+        max_steps=2,
+        mixed_precision="no",
+        learning_rate=1e-2,
+        clip_range=1e-2,
+        lora_r=8,
+        lora_alpha=16,
+        rollout_batch_size=32,
+        per_device_train_batch_size=4,
+        save_steps=0,
+        disable_tqdm=True,
+        seed=0,
+    )
     values.update(overrides)
     return EGRPOConfig(**values)
 
 
-def tiny_trainer(output_dir, reward_fns=None, dataset=None, pipeline=None, eval_dataset=None, eval_reward_fns=None,
-                 **overrides) -> EGRPOTrainer:
+def tiny_trainer(
+    output_dir, reward_fns=None, dataset=None, pipeline=None, eval_dataset=None, eval_reward_fns=None, **overrides
+) -> EGRPOTrainer:
     """An EGRPOTrainer on the tiny FLUX pipeline (seeded weights) with the colour reward by default."""
-    return EGRPOTrainer(tiny_config(output_dir, **overrides),
-                        build_tiny_flux_pipeline(seed=0) if pipeline is None else pipeline,
-                        [ColorReward()] if reward_fns is None else reward_fns,
-                        Dataset.from_dict({"prompt": PROMPTS}) if dataset is None else dataset,
-                        eval_dataset=eval_dataset, eval_reward_fns=eval_reward_fns)
+    return EGRPOTrainer(
+        tiny_config(output_dir, **overrides),
+        build_tiny_flux_pipeline(seed=0) if pipeline is None else pipeline,
+        [ColorReward()] if reward_fns is None else reward_fns,
+        Dataset.from_dict({"prompt": PROMPTS}) if dataset is None else dataset,
+        eval_dataset=eval_dataset,
+        eval_reward_fns=eval_reward_fns,
+    )
 
 
 def assert_reward_rose(before, after, min_gain: float) -> None:
@@ -80,11 +100,18 @@ def plain_pipeline_images(pipeline, trainer, prompts: list[str], seed: int) -> t
     pipeline.set_progress_bar_config(disable=True)
     if config.shift is not None:
         pipeline.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-            pipeline.scheduler.config, shift=config.shift, use_dynamic_shifting=False)
-    images = pipeline(prompts, num_inference_steps=config.num_inference_steps,
-                      guidance_scale=trainer.adapter.guidance_scale, height=config.height, width=config.width,
-                      max_sequence_length=config.max_sequence_length, output_type="pt",
-                      generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]).images
+            pipeline.scheduler.config, shift=config.shift, use_dynamic_shifting=False
+        )
+    images = pipeline(
+        prompts,
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=trainer.adapter.guidance_scale,
+        height=config.height,
+        width=config.width,
+        max_sequence_length=config.max_sequence_length,
+        output_type="pt",
+        generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))],
+    ).images
     torch.testing.assert_close(pipeline.scheduler.sigmas.float().cpu(), trainer.schedule.sigmas, rtol=0, atol=0)
     return images
 

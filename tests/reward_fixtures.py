@@ -8,6 +8,7 @@ and ``benchmarks/rewards.py``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -25,19 +26,34 @@ TINY_OPEN_CLIP_CONFIG = {
 
 # ImageReward's BLIP at toy width: a ViT with BLIP's layout (mlp ratio 4, LayerNorm eps 1e-6) at the official
 # 224 px / patch 16, and a 2-layer med.py BERT (BERT-base fields, smaller numbers).
-TINY_BLIP_VISION = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        image_size=224, patch_size=16)
+TINY_BLIP_VISION = dict(
+    hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=16
+)
 TINY_WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "the", "on", "##s", "car", "tree", "sky"]
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def tiny_med_config(vocab_size: int) -> dict:
     """A med_config.json like ImageReward's (BERT config + ``encoder_width``/``add_cross_attention``), tiny."""
-    return {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-            "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 37,
-            "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert",
-            "num_attention_heads": 4, "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2,
-            "vocab_size": vocab_size, "encoder_width": 768, "add_cross_attention": True}
+    return {
+        "architectures": ["BertModel"],
+        "attention_probs_dropout_prob": 0.1,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "hidden_size": 32,
+        "initializer_range": 0.02,
+        "intermediate_size": 37,
+        "layer_norm_eps": 1e-12,
+        "max_position_embeddings": 64,
+        "model_type": "bert",
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "pad_token_id": 0,
+        "type_vocab_size": 2,
+        "vocab_size": vocab_size,
+        "encoder_width": 768,
+        "add_cross_attention": True,
+    }
 
 
 def register_tiny_open_clip(directory: Path) -> str:
@@ -92,17 +108,38 @@ def save_tiny_pickscore(directory: Path, seed: int = 0) -> tuple[Path, Path]:
     torch.manual_seed(seed)
     config = CLIPConfig(
         # bos/eos ids of tiny_clip_tokenizer(): the text tower pools at the first end-of-text token.
-        text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                         vocab_size=518, max_position_embeddings=77, bos_token_id=516, eos_token_id=517,
-                         pad_token_id=517),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                           image_size=224, patch_size=32),
-        projection_dim=32)
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=518,
+            max_position_embeddings=77,
+            bos_token_id=516,
+            eos_token_id=517,
+            pad_token_id=517,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=224,
+            patch_size=32,
+        ),
+        projection_dim=32,
+    )
     model_dir, processor_dir = Path(directory) / "pickscore_model", Path(directory) / "pickscore_processor"
     CLIPModel(config).save_pretrained(model_dir)
     # The image-processor fields of the laion ViT-H-14 preprocessor_config.json.
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                         resample=3, do_center_crop=True, do_normalize=True, do_resize=True)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        resample=3,
+        do_center_crop=True,
+        do_normalize=True,
+        do_resize=True,
+    )
     CLIPProcessor(image_processor=image_processor, tokenizer=tiny_clip_tokenizer()).save_pretrained(processor_dir)
     return model_dir, processor_dir
 
@@ -166,7 +203,7 @@ def official_image_reward_state_dict(vision: dict, med: dict, seed: int = 0) -> 
     linear("blip.vision_proj", width, 256)
     linear("blip.text_proj", hidden, 256)
     widths = [hidden, 1024, 128, 64, 16, 1]
-    for index, (fan_in, fan_out) in zip((0, 2, 4, 6, 7), zip(widths[:-1], widths[1:])):
+    for index, (fan_in, fan_out) in zip((0, 2, 4, 6, 7), itertools.pairwise(widths), strict=True):
         linear(f"mlp.layers.{index}", fan_in, fan_out)
 
     state_dict = {}
@@ -197,5 +234,9 @@ def save_tiny_image_reward(directory: Path, seed: int = 0) -> dict:
     med = tiny_med_config(vocab_size=len(BERT_SPECIALS) + len(TINY_WORDS) + 2)
     (directory / "med_config.json").write_text(json.dumps(med, indent=2))
     torch.save(official_image_reward_state_dict(TINY_BLIP_VISION, med, seed), directory / "ImageReward.pt")
-    return dict(checkpoint=str(directory / "ImageReward.pt"), med_config=str(directory / "med_config.json"),
-                tokenizer=str(tokenizer_dir), vision_config=dict(TINY_BLIP_VISION))
+    return dict(
+        checkpoint=str(directory / "ImageReward.pt"),
+        med_config=str(directory / "med_config.json"),
+        tokenizer=str(tokenizer_dir),
+        vision_config=dict(TINY_BLIP_VISION),
+    )

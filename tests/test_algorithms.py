@@ -70,11 +70,22 @@ def test_trajectory_engine_without_sde_is_the_ode_sampler(tmp_path):
     noise = adapter.initial_noise(2, torch.Generator().manual_seed(3))
     prompts = torch.arange(2)
     final, steps, evaluations, _ = sample_trajectories(
-        adapter, adapter.transformer, schedule, conditioning, noise, prompts, trainer.strategy.step_distribution,
-        torch.zeros(STEPS, dtype=torch.bool), torch.zeros(2, STEPS, dtype=torch.bool), torch.Generator(), 3)
+        adapter,
+        adapter.transformer,
+        schedule,
+        conditioning,
+        noise,
+        prompts,
+        trainer.strategy.step_distribution,
+        torch.zeros(STEPS, dtype=torch.bool),
+        torch.zeros(2, STEPS, dtype=torch.bool),
+        torch.Generator(),
+        3,
+    )
     assert steps == [] and evaluations == 2 * STEPS
-    torch.testing.assert_close(final, sample_ode(adapter, adapter.transformer, schedule, conditioning, noise, 7),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        final, sample_ode(adapter, adapter.transformer, schedule, conditioning, noise, 7), rtol=0, atol=0
+    )
 
 
 def test_dance_sde_is_flow_grpo_sde_with_a_constant_coefficient():
@@ -86,10 +97,11 @@ def test_dance_sde_is_flow_grpo_sde_with_a_constant_coefficient():
     s = sigmas[index]
     a = 0.3 / torch.sqrt(s / (1 - s))
     for i in range(3):
-        flow_mean, flow_std = sde_mean_std(latents[i:i + 1], velocity[i:i + 1], sigmas, int(index[i]), 1,
-                                           float(a[i]))
-        torch.testing.assert_close(mean[i:i + 1], flow_mean)
-        torch.testing.assert_close(std[i:i + 1], flow_std)
+        flow_mean, flow_std = sde_mean_std(
+            latents[i : i + 1], velocity[i : i + 1], sigmas, int(index[i]), 1, float(a[i])
+        )
+        torch.testing.assert_close(mean[i : i + 1], flow_mean)
+        torch.testing.assert_close(std[i : i + 1], flow_std)
     torch.testing.assert_close(std, 0.3 * torch.sqrt(s - sigmas[index + 1]))
 
 
@@ -100,8 +112,9 @@ def test_dance_sde_is_flow_grpo_sde_with_a_constant_coefficient():
 def test_baselines_raise_the_reward(tmp_path, algorithm):
     reward = ColorReward()
     prompts = [f"{thing} number {i}" for i in range(4) for thing in ("a red apple", "a rose", "the sea", "a house")]
-    trainer = _trainer(tmp_path, algorithm, max_steps=12, num_generations=6, mix_shift_interval=3,
-                       learning_rate=3e-2, clip_range=3e-2)
+    trainer = _trainer(
+        tmp_path, algorithm, max_steps=12, num_generations=6, mix_shift_interval=3, learning_rate=3e-2, clip_range=3e-2
+    )
     before = reward(trainer.sample_images(prompts, seed=123), prompts)
     trainer.train()
     after = reward(trainer.sample_images(prompts, seed=123), prompts)
@@ -111,8 +124,11 @@ def test_baselines_raise_the_reward(tmp_path, algorithm):
 def test_dance_grpo_resumes_exactly(tmp_path):
     keys = ["loss", "reward/weighted_mean", "grad_norm"]
     uninterrupted = _trainer(tmp_path / "a", "dance-grpo", max_steps=3, save_steps=1).train().log_history
-    resumed = _trainer(tmp_path / "b", "dance-grpo", max_steps=3,
-                       resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1")).train().log_history
+    resumed = (
+        _trainer(tmp_path / "b", "dance-grpo", max_steps=3, resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+        .train()
+        .log_history
+    )
     for key in keys:
         assert [row[key] for row in resumed[1:]] == [row[key] for row in uninterrupted[1:]], key
 

@@ -12,8 +12,9 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataP
 
 from trl_flow_egrpo import backends, failures, registry
 
-ACCELERATE_CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate",
-                                                   "*.yaml")))
+ACCELERATE_CONFIGS = sorted(
+    glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate", "*.yaml"))
+)
 
 
 def launch_environment(config_file: str) -> dict[str, str]:
@@ -22,10 +23,12 @@ def launch_environment(config_file: str) -> dict[str, str]:
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     args, defaults, precision_from_config = _validate_launch_command(
-        launch_command_parser().parse_args(["--config_file", config_file, "train.py"]))
+        launch_command_parser().parse_args(["--config_file", config_file, "train.py"])
+    )
     if args.use_deepspeed:
         args.deepspeed_fields_from_accelerate_config = ",".join(
-            list(defaults.deepspeed_config) + (["mixed_precision"] if precision_from_config else []))
+            list(defaults.deepspeed_config) + (["mixed_precision"] if precision_from_config else [])
+        )
         return prepare_deepspeed_cmd_env(args)[1]
     return prepare_multi_gpu_env(args)
 
@@ -34,16 +37,16 @@ def deepspeed_accelerator(plugin: DeepSpeedPlugin, num_processes: int = 8):
     return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=num_processes)
 
 
-@pytest.mark.parametrize("config_file", [f for f in ACCELERATE_CONFIGS if "deepspeed" in f],
-                         ids=os.path.basename)
+@pytest.mark.parametrize("config_file", [f for f in ACCELERATE_CONFIGS if "deepspeed" in f], ids=os.path.basename)
 def test_shipped_deepspeed_configs_get_what_deepspeed_needs(config_file, monkeypatch):
     """accelerate's prepare refuses a model without a dataloader while train_micro_batch_size_per_gpu is 'auto'."""
     for name, value in launch_environment(config_file).items():
         monkeypatch.setenv(name, value)
     plugin = DeepSpeedPlugin()
     assert plugin.is_auto("train_micro_batch_size_per_gpu")  # what accelerate would refuse
-    backends.configure_deepspeed(deepspeed_accelerator(plugin), micro_batch_size=3, micro_batches_per_step=2,
-                                 max_grad_norm=0.5)
+    backends.configure_deepspeed(
+        deepspeed_accelerator(plugin), micro_batch_size=3, micro_batches_per_step=2, max_grad_norm=0.5
+    )
     config = plugin.deepspeed_config
     assert not plugin.is_auto("train_micro_batch_size_per_gpu")
     assert (config["train_micro_batch_size_per_gpu"], config["train_batch_size"]) == (3, 3 * 8)
@@ -94,8 +97,10 @@ def test_placeholder_transformer_has_the_real_shapes_and_buffers(monkeypatch):
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
     monkeypatch.setenv("RANK", "1")
     # Only a caller that hands the pipeline to the trainer (whose prepare fills it) asks for the placeholder.
-    assert all(torch.equal(p, real.state_dict()[name])
-               for name, p in registry.load_pipeline("tiny-sd3", torch.bfloat16).transformer.state_dict().items())
+    assert all(
+        torch.equal(p, real.state_dict()[name])
+        for name, p in registry.load_pipeline("tiny-sd3", torch.bfloat16).transformer.state_dict().items()
+    )
     placeholder = registry.load_pipeline("tiny-sd3", torch.bfloat16, main_process_weights_only=True).transformer
     assert type(placeholder) is type(real)
     shapes = {name: (p.shape, p.dtype, p.device.type) for name, p in placeholder.named_parameters()}
@@ -116,8 +121,10 @@ class FakeAccelerator:
         return torch.enable_grad()  # any context manager
 
 
-@pytest.mark.parametrize("distributed_type, no_sync_calls", [(DistributedType.MULTI_GPU, 1), (DistributedType.FSDP, 0),
-                                                             (DistributedType.DEEPSPEED, 0)])
+@pytest.mark.parametrize(
+    "distributed_type, no_sync_calls",
+    [(DistributedType.MULTI_GPU, 1), (DistributedType.FSDP, 0), (DistributedType.DEEPSPEED, 0)],
+)
 def test_accumulation_context_per_backend(distributed_type, no_sync_calls):
     accelerator = FakeAccelerator(distributed_type)
     for boundary in (False, True):
@@ -152,8 +159,7 @@ def test_a_published_failure_stops_the_other_process_with_its_message(capfd):
     failures.publish_failure(store, 1, RuntimeError("reward server down"), others=1, wait_seconds=10)
     watcher.stop()
     assert exits == [failures.EXIT_CODE]
-    assert ("stopping rank 0 because rank 1 failed with RuntimeError: reward server down"
-            in capfd.readouterr().err)
+    assert "stopping rank 0 because rank 1 failed with RuntimeError: reward server down" in capfd.readouterr().err
     assert store.add(failures.ACKNOWLEDGED_KEY, 0) == 1  # the failing process waited for this acknowledgement
 
 

@@ -26,7 +26,7 @@ def table_rows(markdown: str, header_start: str) -> list[list[str]]:
     lines = markdown.splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith(header_start))
     rows = []
-    for line in lines[first + 2:]:
+    for line in lines[first + 2 :]:
         if not line.startswith("|"):
             break
         rows.append([cell.strip() for cell in line.strip("|").split("|")])
@@ -41,8 +41,12 @@ def test_learning_efficiency_smoke_counts_rows_of_every_algorithm(tmp_path):
     assert all(len(row) == 7 for row in rows)
     # Per iteration: E-GRPO T + G * sum(T - k - l) sampling rows and one update row per merged step;
     # trajectories G * T sampling rows and G * (trained steps) update rows (0.99 T, 0.6 T, a 4-step window).
-    sampling = {"e-grpo": T + G * sum(T - end for end in PAPER_PLAN_ENDS), "flow-grpo": G * T, "dance-grpo": G * T,
-                "mix-grpo": G * T}
+    sampling = {
+        "e-grpo": T + G * sum(T - end for end in PAPER_PLAN_ENDS),
+        "flow-grpo": G * T,
+        "dance-grpo": G * T,
+        "mix-grpo": G * T,
+    }
     updates = {"e-grpo": 8, "flow-grpo": G * 15, "dance-grpo": G * 9, "mix-grpo": G * 4}
     for row in rows:
         assert int(row[1].replace(",", "")) == PROMPTS * sampling[row[0]], row
@@ -89,10 +93,18 @@ def test_cost_to_reach_interpolates_between_evaluations():
 
 
 def _runs(totals, rewards_by_seed):
-    return [dict(points=[dict(total=t, sampling_rows=t, update_rows=0, iteration=i, reward=r)
-                         for i, (t, r) in enumerate(zip(totals, rewards, strict=True))],
-                 sampling_rows_per_iteration=1.0, update_rows_per_iteration=0.0, seconds=1.0)
-            for rewards in rewards_by_seed]
+    return [
+        dict(
+            points=[
+                dict(total=t, sampling_rows=t, update_rows=0, iteration=i, reward=r)
+                for i, (t, r) in enumerate(zip(totals, rewards, strict=True))
+            ],
+            sampling_rows_per_iteration=1.0,
+            update_rows_per_iteration=0.0,
+            seconds=1.0,
+        )
+        for rewards in rewards_by_seed
+    ]
 
 
 def test_summary_targets_the_best_baseline_and_gives_egrpo_ratio():

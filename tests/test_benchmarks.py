@@ -21,8 +21,7 @@ GIB = 2**30
 def run_script(*args, timeout=600):
     """Run a benchmark script in a subprocess (one thread, offline); return its stdout."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
-    result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -31,14 +30,32 @@ def test_gpu_probe_tiny_cpu_writes_results_and_row(tmp_path):
     stdout = run_script("benchmarks/gpu_probe.py", "--tiny", "--device", "cpu", "--out", str(tmp_path))
     lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     sections = [line["section"] for line in lines]
-    for section in ("device", "build", "flops", "forward", "trainer_step", "lora_forward", "update", "sdpa",
-                    "vae_decode", "forward_compiled", "done"):
+    for section in (
+        "device",
+        "build",
+        "flops",
+        "forward",
+        "trainer_step",
+        "lora_forward",
+        "update",
+        "sdpa",
+        "vae_decode",
+        "forward_compiled",
+        "done",
+    ):
         assert section in sections, f"section {section} missing from the probe's output: {sections}"
 
     (results_file,) = tmp_path.glob("*-cpu.json")
     results = json.loads(results_file.read_text())
-    for key in ("device", "commit", "rollout_mfu", "iteration_seconds", "peak_reserved_gib",
-                "on_policy_max_abs_dev", "details"):
+    for key in (
+        "device",
+        "commit",
+        "rollout_mfu",
+        "iteration_seconds",
+        "peak_reserved_gib",
+        "on_policy_max_abs_dev",
+        "details",
+    ):
         assert key in results
     assert results["device"] == "cpu" and results["commit"]
     assert results["iteration_seconds"] > 0
@@ -72,11 +89,14 @@ def test_full_size_probe_pipeline_fits_together_on_meta():
     from gpu_iteration import flux_dev_shaped_pipeline
 
     pipeline = flux_dev_shaped_pipeline("meta", torch.bfloat16)
-    for module, name in ((pipeline.transformer, "transformer"), (pipeline.text_encoder_2, "t5_xxl"),
-                         (pipeline.text_encoder, "clip_l_text"), (pipeline.vae, "vae")):
+    for module, name in (
+        (pipeline.transformer, "transformer"),
+        (pipeline.text_encoder_2, "t5_xxl"),
+        (pipeline.text_encoder, "clip_l_text"),
+        (pipeline.vae, "vae"),
+    ):
         assert memory.parameter_count(module) == memory.parameter_count(memory.build_on_meta(name)), name
-    embeds, pooled, _ = pipeline.encode_prompt(["a red apple on a table"], None, device="meta",
-                                               max_sequence_length=512)
+    embeds, pooled, _ = pipeline.encode_prompt(["a red apple on a table"], None, device="meta", max_sequence_length=512)
     inputs = memory.transformer_inputs(1, 720, 512) | dict(encoder_hidden_states=embeds, pooled_projections=pooled)
     with torch.no_grad():
         velocity = pipeline.transformer(**inputs)[0]
@@ -120,8 +140,7 @@ def memory_report():
 @pytest.mark.slow
 def test_memory_parameter_counts_match_the_published_models(memory_report):
     counts = memory_report["recipes"]["lora"]["parameters"]
-    published = {"transformer": 11.9e9, "t5_xxl": 4.76e9, "clip_l_text": 123e6, "clip_vit_h_14": 986e6,
-                 "vae": 83.8e6}
+    published = {"transformer": 11.9e9, "t5_xxl": 4.76e9, "clip_l_text": 123e6, "clip_vit_h_14": 986e6, "vae": 83.8e6}
     for name, value in published.items():
         assert abs(counts[name] - value) / value < 0.005, (name, counts[name])
 
@@ -165,6 +184,7 @@ def test_memory_markdown_matches_docs(memory_report):
     source_line = tables.splitlines()[0]
     assert "Computed on the meta device by `benchmarks/memory.py` with " in docs, "the memory tables are missing"
     if source_line not in docs:
-        pytest.skip(f"docs/distributed.md's memory tables were computed with other library versions than "
-                    f"these ({source_line})")
+        pytest.skip(
+            f"docs/distributed.md's memory tables were computed with other library versions than these ({source_line})"
+        )
     assert tables in docs

@@ -14,8 +14,12 @@ HPD_TRAIN = [
     {"human_preference": [1, 0], "prompt": "a castle at dawn", "file_path": ["train/4.jpg", "train/5.jpg"]},
 ]
 HPD_TEST = [
-    {"prompt": f"test prompt {i}", "image_path": [f"{i}_0.jpg", f"{i}_1.jpg"], "rank": [1, 2],
-     "raw_annotations": [{"rank": [1, 2], "user_hash": "abc"}]}
+    {
+        "prompt": f"test prompt {i}",
+        "image_path": [f"{i}_0.jpg", f"{i}_1.jpg"],
+        "rank": [1, 2],
+        "raw_annotations": [{"rank": [1, 2], "user_hash": "abc"}],
+    }
     for i in range(3)
 ]
 

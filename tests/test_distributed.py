@@ -23,8 +23,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import distributed_run  # noqa: E402
 
 RUN_SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_run.py")
-needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                     reason="deepspeed is not installed (pip install deepspeed)")
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install deepspeed)"
+)
 
 
 def free_port() -> int:
@@ -35,10 +36,25 @@ def free_port() -> int:
 
 def launch(output_dir, scenario: str, timeout: float = 400) -> list[dict]:
     """Run ``distributed_run.py`` on 2 processes with torchrun; returns each rank's record."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), RUN_SCRIPT, str(output_dir), scenario]
-    result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
-                            capture_output=True, text=True, timeout=timeout)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        RUN_SCRIPT,
+        str(output_dir),
+        scenario,
+    ]
+    result = subprocess.run(
+        command,
+        env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stderr[-6000:]
     return [json.load(open(output_dir / f"rank_{r}.json")) for r in range(2)]
 
@@ -64,8 +80,12 @@ def expected_learning_rates(config, steps_per_iteration: int) -> list[float]:
     """The learning rate after each iteration when the schedule advances once per optimizer step (what a
     single process does)."""
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
-                              num_training_steps=config.max_steps * steps_per_iteration)
+    scheduler = get_scheduler(
+        config.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=config.max_steps * steps_per_iteration,
+    )
     rates = []
     for _ in range(config.max_steps):
         for _ in range(steps_per_iteration):
@@ -91,8 +111,7 @@ def assert_schedule_and_resume(output_dir, ranks, weights, scenario):
         for name in trained:
             assert torch.equal(trained[name], resumed[name]), name
             assert torch.equal(trained[name], weights[1]["trained"][name]), name
-        assert any("lora_B" in name and trained[name].abs().sum() > 0 for name in trained), \
-            "the LoRA did not train"
+        assert any("lora_B" in name and trained[name].abs().sum() > 0 for name in trained), "the LoRA did not train"
 
 
 def without_timings(log_history: list[dict]) -> list[dict]:
@@ -112,7 +131,7 @@ def test_ddp_trains_shards_prompts_and_resumes_exactly(ddp_run):
     assert all(r["num_processes"] == 2 and "MULTI_CPU" in r["distributed_type"] for r in ranks)
     # Every iteration, each rank trains on its own 2 prompts; 2 iterations of 2 x 2 prompts make one epoch.
     assert len(ranks[0]["prompts"]) == len(ranks[1]["prompts"]) == 4
-    for prompts_0, prompts_1 in zip(ranks[0]["prompts"], ranks[1]["prompts"]):
+    for prompts_0, prompts_1 in zip(ranks[0]["prompts"], ranks[1]["prompts"], strict=True):
         assert len(prompts_0) == len(prompts_1) == 2 and not set(prompts_0) & set(prompts_1)
     first_epoch = [prompt for rank in ranks for prompts in rank["prompts"][:2] for prompt in prompts]
     assert sorted(first_epoch) == sorted(distributed_run.TRAIN_PROMPTS)
@@ -135,11 +154,14 @@ def test_evaluate_on_two_processes_drops_the_padding(ddp_run, tmp_path):
     from trl_flow_egrpo.tiny import build_tiny_flux_pipeline
 
     output_dir, ranks, _ = ddp_run
-    single = EGRPOTrainer(distributed_run.run_config("ddp", tmp_path), build_tiny_flux_pipeline(seed=0),
-                          [lambda images, prompts, **columns: images.mean(dim=(1, 2, 3))],
-                          Dataset.from_dict({"prompt": distributed_run.TRAIN_PROMPTS}),
-                          eval_dataset=Dataset.from_dict({"prompt": distributed_run.EVAL_PROMPTS, "index": [0, 1, 2]}),
-                          eval_reward_fns=[distributed_run.index_reward, distributed_run.brightness])
+    single = EGRPOTrainer(
+        distributed_run.run_config("ddp", tmp_path),
+        build_tiny_flux_pipeline(seed=0),
+        [lambda images, prompts, **columns: images.mean(dim=(1, 2, 3))],
+        Dataset.from_dict({"prompt": distributed_run.TRAIN_PROMPTS}),
+        eval_dataset=Dataset.from_dict({"prompt": distributed_run.EVAL_PROMPTS, "index": [0, 1, 2]}),
+        eval_reward_fns=[distributed_run.index_reward, distributed_run.brightness],
+    )
     expected = single.evaluate()
     for rank in ranks:
         evaluation = rank["evaluation"]
@@ -218,10 +240,26 @@ def test_failure_on_one_rank_stops_the_other_with_its_error(tmp_path):
     port = free_port()
     processes = []
     for rank in range(2):
-        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-        processes.append(subprocess.Popen([sys.executable, RUN_SCRIPT, str(tmp_path), "failure"], env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            HF_HUB_OFFLINE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+        )
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, RUN_SCRIPT, str(tmp_path), "failure"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     try:
         rank0_output = processes[0].communicate(timeout=300)
         exited_at = time.time()
@@ -236,6 +274,8 @@ def test_failure_on_one_rank_stops_the_other_with_its_error(tmp_path):
     assert processes[0].returncode == 1
     print(f"rank 0 exited {exited_at - failed_at:.1f} s after rank 1 failed")
     assert exited_at - failed_at < 20, f"rank 0 ran on for {exited_at - failed_at:.0f} s after rank 1 failed"
-    assert ("stopping rank 0 because rank 1 failed with RuntimeError: reward server unreachable from rank 1"
-            in rank0_output[1]), rank0_output[1][-3000:]
+    assert (
+        "stopping rank 0 because rank 1 failed with RuntimeError: reward server unreachable from rank 1"
+        in rank0_output[1]
+    ), rank0_output[1][-3000:]
     assert "RuntimeError: reward server unreachable from rank 1" in rank1_output[1]

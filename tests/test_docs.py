@@ -23,8 +23,13 @@ def load_docs_script(name):
 def test_mkdocs_build_strict(tmp_path):
     pytest.importorskip("mkdocs")
     site = tmp_path / "site"
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-                            cwd=os.path.dirname(DOCS), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=os.path.dirname(DOCS),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
     for page in ("index.html", "concepts/index.html", "configuration/index.html", "images/merge_plan.png"):
         assert (site / page).is_file(), page
@@ -39,7 +44,6 @@ def test_configuration_reference_lists_every_field_and_is_current():
     assert committed == load_docs_script("gen_config_reference").render(), f"docs/configuration.md is stale; {fix}"
 
 
-
 def test_configuration_reference_does_not_depend_on_argument_parsing():
     """HfArgumentParser resolves the dataclass fields' string annotations in place (the example scripts build one);
     the page must read the same afterwards, whatever ran first in the process."""
@@ -48,6 +52,7 @@ def test_configuration_reference_does_not_depend_on_argument_parsing():
     before = load_docs_script("gen_config_reference").render()
     HfArgumentParser(EGRPOConfig)
     assert load_docs_script("gen_config_reference").render() == before
+
 
 def test_merge_plan_figure_draws(tmp_path):
     pytest.importorskip("matplotlib")

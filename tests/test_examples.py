@@ -58,16 +58,23 @@ mixed_precision: "no"
 def script_env(tmp_path):
     """The environment of a user's offline run. OMP_NUM_THREADS is left unset on purpose: the scripts choose
     their CPU threads themselves (one per process), which is what keeps them fast on a shared CPU."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
-               WANDB_DIR=str(tmp_path), HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"),
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="offline",
+        WANDB_DIR=str(tmp_path),
+        HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"),
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.pop("OMP_NUM_THREADS", None)
     return env
 
 
 def run_script(args, tmp_path, launcher=(sys.executable,), cwd=ROOT, check=True):
-    result = subprocess.run([*launcher, *args], cwd=cwd, env=script_env(tmp_path), capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [*launcher, *args], cwd=cwd, env=script_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
     if check:
         assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result.stdout + result.stderr if check else result
@@ -87,17 +94,38 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("examples")
     hpd = tmp / "hpd"  # laid out as the Hub repositories zhwang/HPDv2 and ymhao/HPDv2
     (hpd / "benchmark").mkdir(parents=True)
-    (hpd / "benchmark" / "photo.json").write_text(json.dumps(["a lighthouse", "a lake at noon", "a red door",
-                                                              "a bicycle"]))
-    (hpd / "test.json").write_text(json.dumps([{"prompt": prompt, "image_path": ["0.jpg", "1.jpg"], "rank": [1, 2],
-                                                "raw_annotations": []} for prompt in ("a fox", "a barn", "a kite")]))
+    (hpd / "benchmark" / "photo.json").write_text(
+        json.dumps(["a lighthouse", "a lake at noon", "a red door", "a bicycle"])
+    )
+    (hpd / "test.json").write_text(
+        json.dumps(
+            [
+                {"prompt": prompt, "image_path": ["0.jpg", "1.jpg"], "rank": [1, 2], "raw_annotations": []}
+                for prompt in ("a fox", "a barn", "a kite")
+            ]
+        )
+    )
     prompts = tmp / "prompts.txt"
     prompts.write_text("a red apple\na fire truck\na cat on a mat\nsunset over the sea\n")
     recipe = tmp / "recipe.yaml"
     recipe.write_text(RECIPE.format(prompts=prompts, hpd=hpd, yaml_output=tmp / "yaml-output"))
     output_dir = tmp / "run"
-    log = run_script(["examples/hpd.py", "--config", str(recipe), "--max_steps", "2", "--learning_rate", "0.02",
-                      "--output_dir", str(output_dir), "--prompt_cache_dir", str(tmp / "prompt-cache")], tmp)
+    log = run_script(
+        [
+            "examples/hpd.py",
+            "--config",
+            str(recipe),
+            "--max_steps",
+            "2",
+            "--learning_rate",
+            "0.02",
+            "--output_dir",
+            str(output_dir),
+            "--prompt_cache_dir",
+            str(tmp / "prompt-cache"),
+        ],
+        tmp,
+    )
     return tmp, output_dir, log
 
 
@@ -144,26 +172,57 @@ def test_hpd_logs_evaluation_to_tensorboard_and_wandb(trained):
 def evaluate(tmp, output_dir, *protocol_args):
     """examples/evaluate.py on the HPD test prompts of ``tmp``: its printed log and its results file."""
     results = tmp / f"scores-{len(protocol_args)}.json"
-    log = run_script(["examples/evaluate.py", "--model_name_or_path", "tiny", "--torch_dtype", "float32",
-                      "--trained_model", str(output_dir), "--metrics", "color", "brightness",
-                      "--hpd_local_dir", str(tmp / "hpd"), "--height", "64", "--width", "64",
-                      "--max_sequence_length", "32", "--num_inference_steps", "8", "--results_file", str(results),
-                      *protocol_args], tmp)
+    log = run_script(
+        [
+            "examples/evaluate.py",
+            "--model_name_or_path",
+            "tiny",
+            "--torch_dtype",
+            "float32",
+            "--trained_model",
+            str(output_dir),
+            "--metrics",
+            "color",
+            "brightness",
+            "--hpd_local_dir",
+            str(tmp / "hpd"),
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--max_sequence_length",
+            "32",
+            "--num_inference_steps",
+            "8",
+            "--results_file",
+            str(results),
+            *protocol_args,
+        ],
+        tmp,
+    )
     return log, json.loads(results.read_text())
 
 
 def test_evaluate_scores_base_and_trained_side_by_side_in_both_protocols(trained):
     tmp, output_dir, _ = trained
     log, scores = evaluate(tmp, output_dir, "--protocol", "training")
-    paper_log, paper_scores = evaluate(tmp, output_dir, "--eval_height", "64", "--eval_width", "64",
-                                       "--eval_num_inference_steps", "4")
+    paper_log, paper_scores = evaluate(
+        tmp, output_dir, "--eval_height", "64", "--eval_width", "64", "--eval_num_inference_steps", "4"
+    )
     for result in (scores, paper_scores):
         assert result["num_prompts"] == 3  # the HPD test prompts
         assert result["scores"]["base"].keys() == result["scores"]["trained"].keys() == {"color", "brightness"}
         assert result["scores"]["trained"]["color"] != result["scores"]["base"]["color"]  # the LoRA was applied
         assert not result["comparable_to_paper"]
-    assert scores["protocol"] == {"name": "training", "height": 64, "width": 64, "num_inference_steps": 8,
-                                  "guidance_scale": 3.5, "shift": 3.0, "source": scores["protocol"]["source"]}
+    assert scores["protocol"] == {
+        "name": "training",
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": 8,
+        "guidance_scale": 3.5,
+        "shift": 3.0,
+        "source": scores["protocol"]["source"],
+    }
     assert paper_scores["protocol"]["name"] == "paper" and paper_scores["protocol"]["shift"] is None
     assert paper_scores["scores"]["base"]["color"] != scores["scores"]["base"]["color"]  # other sampler
     # Each table says its protocol; neither shows the paper's numbers, which were sampled otherwise.
@@ -191,10 +250,17 @@ def test_paper_protocol_is_the_plain_pipeline_call():
     prompts, seeds = ["a red apple", "a fox", "a kite"], [7, 8, 9]
     images = example.sample(pipeline, adapter, protocol, config, prompts, seeds)
     # One prompt at a time, exactly as the authors call the pipeline: the same images, whatever the batch.
-    for image, prompt, seed in zip(images, prompts, seeds):
-        alone = pipeline(prompt, height=64, width=64, num_inference_steps=4, guidance_scale=3.5,
-                         max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(seed),
-                         output_type="pt").images[0]
+    for image, prompt, seed in zip(images, prompts, seeds, strict=True):
+        alone = pipeline(
+            prompt,
+            height=64,
+            width=64,
+            num_inference_steps=4,
+            guidance_scale=3.5,
+            max_sequence_length=32,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pt",
+        ).images[0]
         torch.testing.assert_close(image, alone, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="--eval_height apply to --protocol paper"):
         example.resolve_protocol(example.EvalArguments(protocol="training", eval_height=64), config, adapter)
@@ -204,8 +270,11 @@ def test_paper_protocol_is_the_plain_pipeline_call():
 
     with pytest.raises(ValueError, match="no settings for the 'other' family.*--eval_num_inference_steps"):
         example.resolve_protocol(example.EvalArguments(eval_height=64), config, OtherFamily)
-    given = example.resolve_protocol(example.EvalArguments(eval_height=64, eval_width=64, eval_num_inference_steps=4,
-                                                           eval_guidance_scale=4.0), config, OtherFamily)
+    given = example.resolve_protocol(
+        example.EvalArguments(eval_height=64, eval_width=64, eval_num_inference_steps=4, eval_guidance_scale=4.0),
+        config,
+        OtherFamily,
+    )
     assert (given.height, given.num_inference_steps, given.guidance_scale, given.shift) == (64, 4, 4.0, None)
     assert "evaluates FLUX.1-dev only" in example.describe(given, "other")
 
@@ -213,8 +282,13 @@ def test_paper_protocol_is_the_plain_pipeline_call():
 def test_paper_numbers_only_next_to_the_papers_protocol():
     example = load_example("evaluate")
     flux = example.PAPER_PROTOCOLS["flux"]
-    assert (flux.height, flux.width, flux.num_inference_steps, flux.guidance_scale, flux.shift) == (1024, 1024, 50,
-                                                                                                      3.5, None)
+    assert (flux.height, flux.width, flux.num_inference_steps, flux.guidance_scale, flux.shift) == (
+        1024,
+        1024,
+        50,
+        3.5,
+        None,
+    )
     overridden = example.Protocol(**{**example.asdict(flux), "num_inference_steps": 8})
     training = example.Protocol("training", 720, 720, 16, 3.5, 3.0, "the training schedule")
     assert example.comparable_to_paper(flux, "flux")
@@ -240,8 +314,11 @@ def documented_commands(section: str) -> list[str]:
 
 def test_documented_tiny_run_shows_the_training_in_the_evaluation(tmp_path):
     commands = documented_commands("The paper's script, on the tiny model")
-    assert [command.split()[:2] for command in commands] == [["printf", '"a'], ["python", "examples/hpd.py"],
-                                                             ["python", "examples/evaluate.py"]]
+    assert [command.split()[:2] for command in commands] == [
+        ["printf", '"a'],
+        ["python", "examples/hpd.py"],
+        ["python", "examples/evaluate.py"],
+    ]
     subprocess.run(commands[0], shell=True, cwd=tmp_path, check=True)
     for command in commands[1:]:
         words = shlex.split(command)
@@ -255,12 +332,40 @@ def test_documented_tiny_run_shows_the_training_in_the_evaluation(tmp_path):
 def test_accelerate_cpu_launch_of_two_processes_is_refused_with_the_working_command(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red apple\na fire truck\n")
-    script_args = ["--model_name_or_path", "tiny", "--torch_dtype", "float32", "--dataset_name", str(prompts),
-                   "--reward_funcs", "color", "--height", "64", "--width", "64", "--max_sequence_length", "32",
-                   "--num_inference_steps", "4", "--num_active_steps", "2", "--num_generations", "2",
-                   "--mixed_precision", "no", "--max_steps", "1", "--output_dir", str(tmp_path / "run")]
-    result = run_script(["--num_processes", "2", "--cpu", "--quiet", "examples/hpd.py", *script_args], tmp_path,
-                        launcher=(sys.executable, "-m", "accelerate.commands.launch"), check=False)
+    script_args = [
+        "--model_name_or_path",
+        "tiny",
+        "--torch_dtype",
+        "float32",
+        "--dataset_name",
+        str(prompts),
+        "--reward_funcs",
+        "color",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--max_sequence_length",
+        "32",
+        "--num_inference_steps",
+        "4",
+        "--num_active_steps",
+        "2",
+        "--num_generations",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--max_steps",
+        "1",
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
+    result = run_script(
+        ["--num_processes", "2", "--cpu", "--quiet", "examples/hpd.py", *script_args],
+        tmp_path,
+        launcher=(sys.executable, "-m", "accelerate.commands.launch"),
+        check=False,
+    )
     assert result.returncode != 0, "accelerate launch --cpu --num_processes 2 trained, in one process"
     assert "starts a single process" in result.stderr
     assert shlex.join(["torchrun", "--nproc_per_node", "2", "examples/hpd.py", *script_args]) in result.stderr
@@ -280,8 +385,9 @@ def test_cpu_threads_one_per_process_unless_omp_num_threads_says_otherwise(monke
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(ROOT, "examples", "recipes", "*.yaml"))),
-                         ids=os.path.basename)
+@pytest.mark.parametrize(
+    "recipe", sorted(glob.glob(os.path.join(ROOT, "examples", "recipes", "*.yaml"))), ids=os.path.basename
+)
 def test_recipe_parses_and_sets_the_papers_update_explicitly(recipe):
     import yaml
     from trl import TrlParser
@@ -291,7 +397,8 @@ def test_recipe_parses_and_sets_the_papers_update_explicitly(recipe):
     with open(recipe) as handle:
         assert yaml.safe_load(handle)["optimizer_step"] == "active_step"  # stated, not left to the default
     script_args, config = TrlParser((load_example("hpd").ScriptArguments, EGRPOConfig)).parse_args_and_config(
-        args=["--config", recipe])
+        args=["--config", recipe]
+    )
     assert config.optimizer_step == "active_step" and config.max_steps > 0 and script_args.reward_funcs
 
 
@@ -311,10 +418,17 @@ def test_every_documented_ablation_is_an_override_of_the_papers_recipe():
     for ablation, _, override in rows:
         words = shlex.split(re.search(r"`([^`]+)`", override).group(1))  # each row names its override
         _, config = TrlParser((load_example("hpd").ScriptArguments, EGRPOConfig)).parse_args_and_config(
-            args=["--config", os.path.join(ROOT, "examples", "recipes", "flux_dev_hps.yaml"), *words])
+            args=["--config", os.path.join(ROOT, "examples", "recipes", "flux_dev_hps.yaml"), *words]
+        )
         plans[ablation.strip("| ")] = plan_merges(
-            shifted_sigmas(config.num_inference_steps, config.shift), config.noise_level, config.entropy_threshold,
-            config.num_active_steps, config.merge_length, config.merge_windows, first_step=config.first_active_step)
+            shifted_sigmas(config.num_inference_steps, config.shift),
+            config.noise_level,
+            config.entropy_threshold,
+            config.num_active_steps,
+            config.merge_length,
+            config.merge_windows,
+            first_step=config.first_active_step,
+        )
     assert len(plans) == 5
     assert plans["second 8 steps"][0].start == 8 and plans["second 8 steps"][-1].start >= 8
     assert [step.start for step in plans["first 4 active steps"]] == [0, 1, 2, 3]
@@ -323,11 +437,18 @@ def test_every_documented_ablation_is_an_override_of_the_papers_recipe():
 def test_documented_flops_per_evaluation_are_what_the_documented_count_prints(tmp_path):
     doc = reproducing_doc()
     flat = " ".join(doc.split())  # the prose, line breaks aside
-    snippet = re.search(r"```python\n(import torch\nfrom diffusers import FluxTransformer2DModel.*?)```", doc,
-                        flags=re.S).group(1)
+    snippet = re.search(
+        r"```python\n(import torch\nfrom diffusers import FluxTransformer2DModel.*?)```", doc, flags=re.S
+    ).group(1)
     (tmp_path / "count.py").write_text(snippet)
-    result = subprocess.run([sys.executable, "count.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env=script_env(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "count.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=script_env(tmp_path),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     counted = float(result.stdout.split()[0])
     assert f"{counted:.3e}" == "3.728e+13"

@@ -20,19 +20,46 @@ def test_anchor_trajectory_equals_pipeline_call(shift):
     assert isinstance(adapter, FluxAdapter)
     schedule = adapter.schedule(16, shift)
     if shift is not None:  # the pipeline must sample with the same static shift
-        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift,
-                                                                    use_dynamic_shifting=False)
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            pipe.scheduler.config, shift=shift, use_dynamic_shifting=False
+        )
     noise = adapter.initial_noise(2, torch.Generator().manual_seed(0))
     conditioning = adapter.encode_prompts(PROMPTS)
     plan = plan_merges(schedule.sigmas, 0.7, 2.2, 4)
-    rollouts = sample_rollouts(adapter, pipe.transformer, schedule, plan, conditioning, noise, num_generations=3,
-                               noise_level=0.7, generator=torch.Generator().manual_seed(1), batch_size=7)
+    rollouts = sample_rollouts(
+        adapter,
+        pipe.transformer,
+        schedule,
+        plan,
+        conditioning,
+        noise,
+        num_generations=3,
+        noise_level=0.7,
+        generator=torch.Generator().manual_seed(1),
+        batch_size=7,
+    )
 
-    expected = pipe(PROMPTS, latents=noise, num_inference_steps=16, guidance_scale=3.5, height=64, width=64,
-                    max_sequence_length=32, output_type="latent").images
+    expected = pipe(
+        PROMPTS,
+        latents=noise,
+        num_inference_steps=16,
+        guidance_scale=3.5,
+        height=64,
+        width=64,
+        max_sequence_length=32,
+        output_type="latent",
+    ).images
     torch.testing.assert_close(rollouts.anchor_latents, expected, rtol=1e-5, atol=1e-5)
-    expected_images = pipe(PROMPTS, latents=noise, num_inference_steps=16, guidance_scale=3.5, height=64, width=64,
-                           max_sequence_length=32, output_type="pt").images
+    expected_images = pipe(
+        PROMPTS,
+        latents=noise,
+        num_inference_steps=16,
+        guidance_scale=3.5,
+        height=64,
+        width=64,
+        max_sequence_length=32,
+        output_type="pt",
+    ).images
     torch.testing.assert_close(rollouts.anchor_images, expected_images, rtol=1e-5, atol=1e-5)
     ode = sample_ode(adapter, pipe.transformer, schedule, conditioning, noise, batch_size=1)
     torch.testing.assert_close(ode, expected, rtol=1e-5, atol=1e-5)
@@ -46,8 +73,18 @@ def test_branches_leave_the_anchor_with_one_stochastic_step():
     conditioning = adapter.encode_prompts(PROMPTS)
     plan = plan_merges(schedule.sigmas, 0.7, 2.2, 8)
     G = 3
-    rollouts = sample_rollouts(adapter, pipe.transformer, schedule, plan, conditioning, noise, G, 0.7,
-                               torch.Generator().manual_seed(1), batch_size=16)
+    rollouts = sample_rollouts(
+        adapter,
+        pipe.transformer,
+        schedule,
+        plan,
+        conditioning,
+        noise,
+        G,
+        0.7,
+        torch.Generator().manual_seed(1),
+        batch_size=16,
+    )
     assert rollouts.images.shape == (2 * len(plan), G, 3, 64, 64)
     assert float(rollouts.images.min()) >= 0 and float(rollouts.images.max()) <= 1
     # Evaluation count: T per anchor, G * (T - k - l) per group (the SDE step reuses the anchor's velocity).
@@ -56,11 +93,13 @@ def test_branches_leave_the_anchor_with_one_stochastic_step():
     anchor_states = {}
     latents = noise.clone()
     from trl_flow_egrpo.sde import euler_step
+
     for k in range(8):
         anchor_states[k] = latents
         timesteps = schedule.timesteps[k].expand(2)
-        latents = euler_step(latents, adapter.velocity(pipe.transformer, latents, timesteps, conditioning),
-                             schedule.sigmas, k)
+        latents = euler_step(
+            latents, adapter.velocity(pipe.transformer, latents, timesteps, conditioning), schedule.sigmas, k
+        )
     for g in range(rollouts.num_groups):
         k, p = int(rollouts.step_start[g]), int(rollouts.group_prompt[g])
         torch.testing.assert_close(rollouts.step_latents[g], anchor_states[k][p], rtol=1e-5, atol=1e-5)
@@ -71,8 +110,12 @@ def test_branches_leave_the_anchor_with_one_stochastic_step():
     k, length, p = int(rollouts.step_start[g]), int(rollouts.step_length[g]), int(rollouts.group_prompt[g])
     latents = rollouts.samples[g, 1:2]
     for index in range(k + length, 16):
-        velocity = adapter.velocity(pipe.transformer, latents, schedule.timesteps[index].view(1),
-                                    {name: t[p:p + 1] for name, t in conditioning.items()})
+        velocity = adapter.velocity(
+            pipe.transformer,
+            latents,
+            schedule.timesteps[index].view(1),
+            {name: t[p : p + 1] for name, t in conditioning.items()},
+        )
         latents = euler_step(latents, velocity, schedule.sigmas, index)
     torch.testing.assert_close(adapter.decode(latents)[0], rollouts.images[g, 1], rtol=1e-4, atol=1e-4)
 

@@ -15,33 +15,39 @@ from trl_flow_egrpo.checkpoints import CheckpointError
 from trl_flow_egrpo.data import iteration_prompt_indices
 from trl_flow_egrpo.tracking import image_grid
 
-
 # --------------------------------------------------------------------------------------------- bad config
 
-@pytest.mark.parametrize("field, value, allowed", [
-    ("max_grad_norm", -1.0, "a finite number > 0, or None"),
-    ("max_grad_norm", 0.0, "a finite number > 0, or None"),
-    ("entropy_threshold", math.nan, "a finite number >= 0"),
-    ("entropy_threshold", math.inf, "a finite number >= 0"),
-    ("height", 0, ">= 1"),
-    ("width", -16, ">= 1"),
-    ("save_steps", -1, ">= 0"),
-    ("max_sequence_length", 0, ">= 1"),
-    ("warmup_steps", -5, ">= 0"),
-    ("learning_rate", math.nan, "a finite number > 0"),
-    ("learning_rate", math.inf, "a finite number > 0"),
-    ("save_total_limit", 0, ">= 1 .*or None to keep all"),
-    ("noise_level", math.inf, "a finite number > 0"),
-    ("beta", -0.1, "a finite number >= 0"),
-])
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("max_grad_norm", -1.0, "a finite number > 0, or None"),
+        ("max_grad_norm", 0.0, "a finite number > 0, or None"),
+        ("entropy_threshold", math.nan, "a finite number >= 0"),
+        ("entropy_threshold", math.inf, "a finite number >= 0"),
+        ("height", 0, ">= 1"),
+        ("width", -16, ">= 1"),
+        ("save_steps", -1, ">= 0"),
+        ("max_sequence_length", 0, ">= 1"),
+        ("warmup_steps", -5, ">= 0"),
+        ("learning_rate", math.nan, "a finite number > 0"),
+        ("learning_rate", math.inf, "a finite number > 0"),
+        ("save_total_limit", 0, ">= 1 .*or None to keep all"),
+        ("noise_level", math.inf, "a finite number > 0"),
+        ("beta", -0.1, "a finite number >= 0"),
+    ],
+)
 def test_damaging_config_values_are_refused_naming_field_value_and_range(tmp_path, field, value, allowed):
     with pytest.raises(ValueError, match=rf"^{field}={value!r} is not allowed: {field} must be {allowed}"):
         tiny_config(tmp_path, **{field: value})
 
 
 def test_image_size_must_be_a_multiple_of_the_family_factor(tmp_path):
-    with pytest.raises(ValueError, match=r"height=72: Flux needs image sizes that are positive multiples of 16.*"
-                                         r"EGRPOConfig.height to e.g. 64 or 80"):
+    with pytest.raises(
+        ValueError,
+        match=r"height=72: Flux needs image sizes that are positive multiples of 16.*"
+        r"EGRPOConfig.height to e.g. 64 or 80",
+    ):
         tiny_trainer(tmp_path, height=72)
 
 
@@ -53,6 +59,7 @@ def test_the_newest_checkpoint_is_never_pruned(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- damaged checkpoints
+
 
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
@@ -121,6 +128,7 @@ def test_verify_accepts_intact_checkpoints(saved_run):
 
 # --------------------------------------------------------------------------------------------- data and rewards
 
+
 @pytest.mark.parametrize("dataset", [PROMPTS, [{"prompt": prompt, "style": "photo"} for prompt in PROMPTS]])
 def test_plain_lists_are_accepted_as_datasets(tmp_path, dataset):
     seen = set()
@@ -140,17 +148,22 @@ def test_a_list_of_other_things_is_a_clear_error(tmp_path):
 
 def test_prompt_indices_cover_each_epoch_once_across_processes():
     size, per_process, processes = 7, 2, 2
-    stream = [i for iteration in range(7) for rank in range(processes)
-              for i in iteration_prompt_indices(iteration, size, per_process, rank, processes, seed=3)]
-    epochs = [stream[e * size:(e + 1) * size] for e in range(len(stream) // size)]
+    stream = [
+        i
+        for iteration in range(7)
+        for rank in range(processes)
+        for i in iteration_prompt_indices(iteration, size, per_process, rank, processes, seed=3)
+    ]
+    epochs = [stream[e * size : (e + 1) * size] for e in range(len(stream) // size)]
     assert all(sorted(epoch) == list(range(size)) for epoch in epochs)
     assert epochs[0] != epochs[1]
     assert iteration_prompt_indices(0, size, 3, shuffle=False) == [0, 1, 2]
 
 
 def test_zero_std_fraction_counts_groups_without_signal(tmp_path):
-    constant = tiny_trainer(tmp_path / "constant", reward_fns=[lambda images, prompts: np.ones(len(images))],
-                            max_steps=1).step()
+    constant = tiny_trainer(
+        tmp_path / "constant", reward_fns=[lambda images, prompts: np.ones(len(images))], max_steps=1
+    ).step()
     assert constant["zero_std_fraction"] == 1.0
     varied = tiny_trainer(tmp_path / "varied", max_steps=1).step()
     assert varied["zero_std_fraction"] == 0.0
@@ -172,6 +185,7 @@ def test_trainer_state_json_is_plain_json(saved_run):
 
 
 # --------------------------------------------------------------------------------------------- memory
+
 
 def test_model_rewards_run_half_precision_on_gpu_and_float32_on_cpu():
     from trl_flow_egrpo.rewards import HPSv2Reward

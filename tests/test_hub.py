@@ -15,12 +15,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from datasets import Dataset
-from helpers import PROMPTS, tiny_trainer
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl, constants
 from huggingface_hub.cli.hf import app as hf_cli
 from huggingface_hub.utils import filter_repo_objects
 from peft import get_peft_model_state_dict
 
+from helpers import PROMPTS, tiny_trainer
 from trl_flow_egrpo import format_merge_plan, hub, plan_merges, shifted_sigmas
 from trl_flow_egrpo.adapters.flux import FluxAdapter
 from trl_flow_egrpo.adapters.sd3 import SD3Adapter
@@ -66,29 +66,44 @@ class FakeHub:
             return IDENTITY
 
         def create_repo(api, repo_id, *, private=None, exist_ok=False, **kwargs):
-            fake.calls.append(("create_repo", repo_id, {"private": private, "exist_ok": exist_ok,
-                                                        "token": api.token}))
+            fake.calls.append(("create_repo", repo_id, {"private": private, "exist_ok": exist_ok, "token": api.token}))
             return RepoUrl(f"https://huggingface.co/{repo_id}")
 
-        def upload_folder(api, *, repo_id, folder_path, commit_message=None, allow_patterns=None,
-                          ignore_patterns=None, path_in_repo=None, **kwargs):
+        def upload_folder(
+            api,
+            *,
+            repo_id,
+            folder_path,
+            commit_message=None,
+            allow_patterns=None,
+            ignore_patterns=None,
+            path_in_repo=None,
+            **kwargs,
+        ):
             # Like the real method: extend the caller's pattern list in place, then filter relative paths.
             if fake.fail_uploads:
                 raise ConnectionError("the connection was reset")
             ignore_patterns += [".git/**"]
-            files = [path.relative_to(folder_path).as_posix() for path in Path(folder_path).rglob("*")
-                     if path.is_file()]
-            uploaded = sorted(filter_repo_objects(files, allow_patterns=allow_patterns,
-                                                  ignore_patterns=ignore_patterns))
+            files = [
+                path.relative_to(folder_path).as_posix() for path in Path(folder_path).rglob("*") if path.is_file()
+            ]
+            uploaded = sorted(
+                filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+            )
             for relative in uploaded:
                 target = fake.root / repo_id / (path_in_repo or "") / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(Path(folder_path) / relative, target)
-            fake.calls.append(("upload_folder", repo_id, {"message": commit_message, "files": uploaded,
-                                                          "token": api.token}))
+            fake.calls.append(
+                ("upload_folder", repo_id, {"message": commit_message, "files": uploaded, "token": api.token})
+            )
             oid = f"{len(fake.calls):040x}"
-            return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}",
-                              commit_message=commit_message, commit_description="", oid=oid)
+            return CommitInfo(
+                commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}",
+                commit_message=commit_message,
+                commit_description="",
+                oid=oid,
+            )
 
         def snapshot_download(repo_id, revision=None, token=None, allow_patterns=None, **kwargs):
             fake.calls.append(("snapshot_download", repo_id, {"revision": revision}))
@@ -124,8 +139,7 @@ class _LocalHubHandler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         status, body = self.server.create
-        self._answer(status, body or {"url": f"{self.server.url}/{payload['organization']}/{payload['name']}"},
-                     payload)
+        self._answer(status, body or {"url": f"{self.server.url}/{payload['organization']}/{payload['name']}"}, payload)
 
     def _answer(self, status, body, payload=None):
         self.server.requests.append((self.command, self.path, self.headers.get("Authorization"), payload))
@@ -179,12 +193,18 @@ def test_preflight_falls_back_on_hf_token(local_hub, monkeypatch):
     assert {auth for _, _, auth, _ in local_hub.requests} == {f"Bearer {ENV_TOKEN}"}
 
 
-@pytest.mark.parametrize("whoami, create, expected", [
-    ((401, {"error": "Invalid credentials in Authorization header"}), (200, None), "rejected the token"),
-    ((200, {"name": "someone", "auth": {"accessToken": {"role": "read"}}}), (200, None), "read-only"),
-    ((200, IDENTITY), (403, {"error": "You don't have the rights to create a model under this namespace"}),
-     f"'{REPO_ID}' cannot be created"),
-])
+@pytest.mark.parametrize(
+    "whoami, create, expected",
+    [
+        ((401, {"error": "Invalid credentials in Authorization header"}), (200, None), "rejected the token"),
+        ((200, {"name": "someone", "auth": {"accessToken": {"role": "read"}}}), (200, None), "read-only"),
+        (
+            (200, IDENTITY),
+            (403, {"error": "You don't have the rights to create a model under this namespace"}),
+            f"'{REPO_ID}' cannot be created",
+        ),
+    ],
+)
 def test_preflight_refuses_a_token_that_cannot_push(local_hub, whoami, create, expected):
     local_hub.whoami, local_hub.create = whoami, create
     with pytest.raises(hub.HubError, match=expected) as failure:
@@ -225,10 +245,15 @@ def _rejected_token(request, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", ENV_TOKEN)
 
 
-@pytest.mark.parametrize("situation, expected", [
-    (_offline, "HF_HUB_OFFLINE"), (_no_token, "no token"), (_unreachable, "cannot be reached"),
-    (_rejected_token, "rejected the token"),
-])
+@pytest.mark.parametrize(
+    "situation, expected",
+    [
+        (_offline, "HF_HUB_OFFLINE"),
+        (_no_token, "no token"),
+        (_unreachable, "cannot be reached"),
+        (_rejected_token, "rejected the token"),
+    ],
+)
 def test_trainer_checks_the_hub_before_any_model_work(situation, expected, request, monkeypatch, tmp_path):
     situation(request, monkeypatch, tmp_path)
     pipeline = build_tiny_flux_pipeline(seed=0)
@@ -241,9 +266,10 @@ def test_trainer_resolves_the_repo_namespace_at_construction(tmp_path, monkeypat
     fake = FakeHub(tmp_path / "remote").install(monkeypatch)
     trainer = tiny_trainer(tmp_path / "run", push_to_hub=True, hub_model_id="tiny-egrpo", hub_private=True)
     assert trainer.hub_repo_id == "someone/tiny-egrpo"
-    assert fake.calls == [("whoami", None, {"token": ENV_TOKEN}),
-                          ("create_repo", "someone/tiny-egrpo", {"private": True, "exist_ok": True,
-                                                                 "token": ENV_TOKEN})]
+    assert fake.calls == [
+        ("whoami", None, {"token": ENV_TOKEN}),
+        ("create_repo", "someone/tiny-egrpo", {"private": True, "exist_ok": True, "token": ENV_TOKEN}),
+    ]
 
 
 def test_a_failed_push_says_where_the_model_is_and_how_to_upload_it(tmp_path, monkeypatch):
@@ -278,10 +304,18 @@ def pushed(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as monkeypatch:
             fake = FakeHub(tmp / "remote").install(monkeypatch)
-            trainer = tiny_trainer(tmp / "run", max_steps=1, save_steps=1, eval_steps=1,
-                                   eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:4]}),
-                                   eval_reward_fns=[BrightnessReward()], push_to_hub=True, hub_model_id=REPO_ID,
-                                   hub_private=True, hub_token=TOKEN)
+            trainer = tiny_trainer(
+                tmp / "run",
+                max_steps=1,
+                save_steps=1,
+                eval_steps=1,
+                eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:4]}),
+                eval_reward_fns=[BrightnessReward()],
+                push_to_hub=True,
+                hub_model_id=REPO_ID,
+                hub_private=True,
+                hub_token=TOKEN,
+            )
             fake.at_construction = list(fake.calls)
             trainer.train()
     finally:
@@ -296,7 +330,7 @@ def test_push_to_hub_uploads_a_loadable_lora_with_its_card(pushed):
     assert [call[0] for call in fake.at_construction] == ["whoami", "create_repo"]
     assert fake.at_construction[0][2] == {"token": TOKEN}
     assert fake.at_construction[1][2] == {"private": True, "exist_ok": True, "token": TOKEN}
-    uploads = [call for call in fake.calls[len(fake.at_construction):] if call[0] == "upload_folder"]
+    uploads = [call for call in fake.calls[len(fake.at_construction) :] if call[0] == "upload_folder"]
     assert len(uploads) == 1 and uploads[0][1] == REPO_ID
     uploaded = uploads[0][2]["files"]
     assert uploads[0][2]["token"] == TOKEN
@@ -343,8 +377,14 @@ def test_resume_from_a_checkpoint_on_the_hub(pushed, tmp_path, monkeypatch):
 def test_upload_folder_filters_and_returns_the_commit_url(tmp_path, monkeypatch):
     fake = FakeHub(tmp_path / "remote").install(monkeypatch)
     folder = tmp_path / "out"
-    for relative in ("README.md", "pytorch_lora_weights.safetensors", "checkpoint-5/optimizer.bin",
-                     "checkpoint-6.tmp/optimizer.bin", "logs/events.out", "transformer/config.json"):
+    for relative in (
+        "README.md",
+        "pytorch_lora_weights.safetensors",
+        "checkpoint-5/optimizer.bin",
+        "checkpoint-6.tmp/optimizer.bin",
+        "logs/events.out",
+        "transformer/config.json",
+    ):
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         (folder / relative).write_text("x")
 
@@ -364,12 +404,18 @@ def test_upload_folder_filters_and_returns_the_commit_url(tmp_path, monkeypatch)
 def _card(**overrides):
     sigmas = shifted_sigmas(16, 3.0)
     values = dict(
-        base_model="black-forest-labs/FLUX.1-dev", repo_id="someone/flux-egrpo",
+        base_model="black-forest-labs/FLUX.1-dev",
+        repo_id="someone/flux-egrpo",
         config_dict=EGRPOConfig(hub_token=TOKEN, reward_weights=[0.7, 0.3]).to_dict(),
         merge_plan_table=format_merge_plan(plan_merges(sigmas, 0.7, 2.2, 8), sigmas),
-        reward_names=["hps_v2.1", "clip_score"], reward_weights=[0.7, 0.3], eval_reward_names=["pickscore"],
+        reward_names=["hps_v2.1", "clip_score"],
+        reward_weights=[0.7, 0.3],
+        eval_reward_names=["pickscore"],
         metrics={"eval/hps_v2.1/mean": 0.391, "eval/hps_v2.1/std": 0.01, "eval/pickscore/mean": 23.2},
-        image_grid_path="eval_grid.png", adapter=FluxAdapter, use_lora=True)
+        image_grid_path="eval_grid.png",
+        adapter=FluxAdapter,
+        use_lora=True,
+    )
     values.update(overrides)
     return hub.build_model_card(**values)
 
@@ -379,8 +425,15 @@ def test_model_card_has_every_section():
     assert card.data.base_model == "black-forest-labs/FLUX.1-dev"
     assert card.data.pipeline_tag == "text-to-image"
     assert card.data.license_name == "flux-1-dev-non-commercial-license"
-    for heading in ("## Usage", "## Rewards", "## Merge plan", "## Evaluation", "## Training configuration",
-                    "## Framework versions", "## Citation"):
+    for heading in (
+        "## Usage",
+        "## Rewards",
+        "## Merge plan",
+        "## Evaluation",
+        "## Training configuration",
+        "## Framework versions",
+        "## Citation",
+    ):
         assert heading in card.text, heading
     assert 'pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev"' in card.text
     assert 'pipe.load_lora_weights("someone/flux-egrpo")' in card.text
@@ -419,25 +472,31 @@ def test_model_card_takes_the_classes_from_the_adapter():
     card = _card(adapter=SD3Adapter, base_model="stabilityai/stable-diffusion-3.5-medium", use_lora=False)
     assert "sd3" in card.data.tags and "flux" not in card.data.tags
     assert 'SD3Transformer2DModel.from_pretrained("someone/flux-egrpo"' in card.text
-    assert ('StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium", transformer='
-            in card.text)
+    assert (
+        'StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium", transformer=' in card.text
+    )
     assert card.data.license_name == "stabilityai-ai-community"
-
 
 
 def test_model_card_calls_the_pipeline_with_the_familys_arguments():
     from trl_flow_egrpo.adapters.qwenimage import QwenImageAdapter
     from trl_flow_egrpo.adapters.wan import WanAdapter
 
-    qwen = _card(adapter=QwenImageAdapter, base_model="Qwen/Qwen-Image",
-                 config_dict=EGRPOConfig(guidance_scale=4.0, shift=None).to_dict())
+    qwen = _card(
+        adapter=QwenImageAdapter,
+        base_model="Qwen/Qwen-Image",
+        config_dict=EGRPOConfig(guidance_scale=4.0, shift=None).to_dict(),
+    )
     # Qwen-Image's guidance is true_cfg_scale, and its negative pass runs only when a negative prompt is given.
     assert "true_cfg_scale=4.0" in qwen.text and "negative_prompt=''" in qwen.text
     assert "guidance_scale" not in qwen.text.split("```python")[1].split("```")[0]
     assert "pipe.scheduler =" not in qwen.text  # no static shift: the pipeline's own scheduler
 
-    wan = _card(adapter=WanAdapter, base_model="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-                config_dict=EGRPOConfig(num_frames=33, shift=None, negative_prompt="blurry").to_dict())
+    wan = _card(
+        adapter=WanAdapter,
+        base_model="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        config_dict=EGRPOConfig(num_frames=33, shift=None, negative_prompt="blurry").to_dict(),
+    )
     # The trainer samples Euler steps; the released Wan scheduler is UniPC.
     assert "pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=pipe.scheduler.config.flow_shift)" in wan.text
     assert "num_frames=33" in wan.text and "negative_prompt='blurry'" in wan.text
@@ -448,10 +507,12 @@ def test_model_card_calls_the_pipeline_with_the_familys_arguments():
     assert "shift=3.0, use_dynamic_shifting=False" in flux  # static shift 3.0: the Euler scheduler with that shift
     assert "negative_prompt" not in flux and "guidance_scale" not in flux  # FLUX.1-dev's default guidance
 
+
 def test_every_save_pushes_the_checkpoint_and_resumes_from_it(tmp_path, monkeypatch):
     fake = FakeHub(tmp_path / "remote").install(monkeypatch)
-    trainer = tiny_trainer(tmp_path / "run", max_steps=2, save_steps=1, push_to_hub=True, hub_model_id=REPO_ID,
-                           hub_strategy="every_save")
+    trainer = tiny_trainer(
+        tmp_path / "run", max_steps=2, save_steps=1, push_to_hub=True, hub_model_id=REPO_ID, hub_strategy="every_save"
+    )
     trainer.train()
     uploads = [call for call in fake.calls if call[0] == "upload_folder"]
     assert len(uploads) == 5  # model + checkpoint at iterations 1 and 2, then the final model

@@ -1,17 +1,60 @@
 """The math of METHOD.md sections 1-6 against closed forms and the reference tables."""
 
+import itertools
 import math
 
 import pytest
 import torch
 
-from trl_flow_egrpo import euler_step, group_advantages, plan_merges, ppo_clip_loss, sde_step, shifted_sigmas, step_entropy
+from trl_flow_egrpo import (
+    euler_step,
+    group_advantages,
+    plan_merges,
+    ppo_clip_loss,
+    sde_step,
+    shifted_sigmas,
+    step_entropy,
+)
 from trl_flow_egrpo.sde import diffusion_coefficient, gaussian_kl
 
 SIGMAS = shifted_sigmas(16, 3.0)
-REFERENCE_SIGMAS = [1.0, .9783, .9545, .9286, .9, .8684, .8333, .7941, .75, .7, .6429, .5769, .5, .4091, .3, .1667, 0]
-REFERENCE_ENTROPY = [2.893, 2.989, 2.137, 1.763, 1.542, 1.392, 1.281, 1.193, 1.120, 1.056, .997, .937, .872, .795,
-                     .692, .528]
+REFERENCE_SIGMAS = [
+    1.0,
+    0.9783,
+    0.9545,
+    0.9286,
+    0.9,
+    0.8684,
+    0.8333,
+    0.7941,
+    0.75,
+    0.7,
+    0.6429,
+    0.5769,
+    0.5,
+    0.4091,
+    0.3,
+    0.1667,
+    0,
+]
+REFERENCE_ENTROPY = [
+    2.893,
+    2.989,
+    2.137,
+    1.763,
+    1.542,
+    1.392,
+    1.281,
+    1.193,
+    1.120,
+    1.056,
+    0.997,
+    0.937,
+    0.872,
+    0.795,
+    0.692,
+    0.528,
+]
 
 
 def test_schedule_matches_method_table():
@@ -28,7 +71,7 @@ def test_step_entropy_matches_method_table():
 def test_step_entropy_grows_with_merge_length():
     for k in range(15):
         values = [step_entropy(SIGMAS, k, length, 0.7) for length in range(1, 17 - k)]
-        assert all(b > a for a, b in zip(values, values[1:]))
+        assert all(b > a for a, b in itertools.pairwise(values))
 
 
 def test_step_entropy_closed_form():
@@ -39,11 +82,14 @@ def test_step_entropy_closed_form():
     assert step_entropy(SIGMAS, k, length, a) == pytest.approx(math.exp(entropy), rel=1e-9)
 
 
-@pytest.mark.parametrize("tau, expected", [
-    (0.0, [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1), (7, 1)]),
-    (2.2, [(0, 1), (1, 1), (2, 2), (3, 2), (4, 2), (5, 3), (6, 3), (7, 3)]),
-    (2.6, [(0, 1), (1, 1), (2, 2), (3, 3), (4, 3), (5, 4), (6, 4), (7, 4)]),
-])
+@pytest.mark.parametrize(
+    "tau, expected",
+    [
+        (0.0, [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1), (7, 1)]),
+        (2.2, [(0, 1), (1, 1), (2, 2), (3, 2), (4, 2), (5, 3), (6, 3), (7, 3)]),
+        (2.6, [(0, 1), (1, 1), (2, 2), (3, 3), (4, 3), (5, 4), (6, 4), (7, 4)]),
+    ],
+)
 def test_overlap_plans_match_method_table(tau, expected):
     plan = plan_merges(SIGMAS, 0.7, tau, 8)
     assert [(s.start, s.length) for s in plan] == expected
@@ -62,7 +108,10 @@ def test_partition_plan_matches_method_table():
 def test_fixed_and_no_merging():
     assert [(s.start, s.length) for s in plan_merges(SIGMAS, 0.7, 2.2, 4, merge=4)] == [(0, 4), (1, 4), (2, 4), (3, 4)]
     assert [(s.start, s.length) for s in plan_merges(SIGMAS, 0.7, 2.2, 8, merge=None)] == [(k, 1) for k in range(8)]
-    assert [(s.start, s.length) for s in plan_merges(SIGMAS, 0.7, 2.2, 8, merge=6, windows="partition")] == [(0, 6), (6, 6)]
+    assert [(s.start, s.length) for s in plan_merges(SIGMAS, 0.7, 2.2, 8, merge=6, windows="partition")] == [
+        (0, 6),
+        (6, 6),
+    ]
 
 
 def test_merge_lengths_are_capped_at_the_end_of_the_schedule():
@@ -71,13 +120,16 @@ def test_merge_lengths_are_capped_at_the_end_of_the_schedule():
     assert [s.length for s in plan_merges(SIGMAS, 0.7, 0.0, 16, merge=6)][-3:] == [3, 2, 1]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_active_steps=17), "num_active_steps"),
-    (dict(num_active_steps=0), "num_active_steps"),
-    (dict(merge=0), "fixed merge length"),
-    (dict(merge="sometimes"), "merge must be"),
-    (dict(windows="sliding"), "windows"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_active_steps=17), "num_active_steps"),
+        (dict(num_active_steps=0), "num_active_steps"),
+        (dict(merge=0), "fixed merge length"),
+        (dict(merge="sometimes"), "merge must be"),
+        (dict(windows="sliding"), "windows"),
+    ],
+)
 def test_plan_rejects_bad_arguments(kwargs, message):
     arguments = dict(sigmas=SIGMAS, noise_level=0.7, entropy_threshold=2.2, num_active_steps=8) | kwargs
     with pytest.raises(ValueError, match=message):
@@ -137,7 +189,9 @@ def test_per_sample_indices_equal_separate_steps():
     index, length = torch.tensor([0, 5, 7]), torch.tensor([1, 3, 2])
     batched = sde_step(x, v, SIGMAS, index, length, 0.7, noise=noise)
     for i in range(3):
-        single = sde_step(x[i:i + 1], v[i:i + 1], SIGMAS, int(index[i]), int(length[i]), 0.7, noise=noise[i:i + 1])
+        single = sde_step(
+            x[i : i + 1], v[i : i + 1], SIGMAS, int(index[i]), int(length[i]), 0.7, noise=noise[i : i + 1]
+        )
         torch.testing.assert_close(batched.sample[i], single.sample[0])
         torch.testing.assert_close(batched.log_prob[i], single.log_prob[0])
 

@@ -53,4 +53,5 @@ def test_min_versions_are_the_declared_lower_bounds():
         "ci/min-versions.txt and the lower bounds in pyproject.toml disagree; change both together "
         f"(only in pyproject: {sorted(expected.keys() - constrained.keys())}, "
         f"only in ci/min-versions.txt: {sorted(constrained.keys() - expected.keys())}, "
-        f"different: {sorted(n for n in expected.keys() & constrained.keys() if expected[n] != constrained[n])})")
+        f"different: {sorted(n for n in expected.keys() & constrained.keys() if expected[n] != constrained[n])})"
+    )

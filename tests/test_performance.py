@@ -30,8 +30,12 @@ def restore_attention_backend():
 
 
 def test_phase_peaks_of_a_whole_step_are_the_largest_phase_values():
-    metrics = {"memory/sampling_peak_allocated_gib": 3.0, "memory/update_peak_allocated_gib": 5.0,
-               "memory/update_peak_reserved_gib": 6.0, "time/update": 9.0}
+    metrics = {
+        "memory/sampling_peak_allocated_gib": 3.0,
+        "memory/update_peak_allocated_gib": 5.0,
+        "memory/update_peak_reserved_gib": 6.0,
+        "time/update": 9.0,
+    }
     assert acceleration.PhasePeakMemory.overall(metrics) == 5.0
     assert acceleration.PhasePeakMemory.overall(metrics, "reserved") == 6.0
     assert acceleration.PhasePeakMemory.overall({"time/update": 1.0}) is None
@@ -66,8 +70,9 @@ def test_no_mfu_without_a_known_peak_on_cpu(tmp_path):
 
 def test_throughput_metrics_formula():
     metrics = throughput_metrics(100, 4.0, 6, 3.0, flops_per_row=10**12, peak_tflops=50.0)
-    assert metrics == pytest.approx({"time/sampling_rows_per_s": 25.0, "time/update_rows_per_s": 2.0,
-                                     "time/sampling_mfu": 0.5})
+    assert metrics == pytest.approx(
+        {"time/sampling_rows_per_s": 25.0, "time/update_rows_per_s": 2.0, "time/sampling_mfu": 0.5}
+    )
     assert "time/sampling_mfu" not in throughput_metrics(100, 4.0, 6, 3.0, flops_per_row=10**12)
 
 
@@ -78,8 +83,9 @@ def test_flops_per_row_on_meta_equal_a_real_forward_of_the_base_model(tmp_path):
     latents = rollouts.step_latents[first]
     timesteps = trainer.schedule.timesteps[rollouts.step_start[first]]
     conditioning = select_rows(rollouts.conditioning, rollouts.step_prompt[first])
-    counted = acceleration.transformer_flops_per_row(trainer.adapter, trainer.unwrapped_model, latents, timesteps,
-                                                     conditioning)
+    counted = acceleration.transformer_flops_per_row(
+        trainer.adapter, trainer.unwrapped_model, latents, timesteps, conditioning
+    )
     model = trainer.unwrapped_model
     model.disable_adapters()
     # The math kernel (matmuls) because FlopCounterMode has no formula for the CPU's fused attention kernel.
@@ -90,20 +96,30 @@ def test_flops_per_row_on_meta_equal_a_real_forward_of_the_base_model(tmp_path):
 
 
 def test_lora_input_cast_is_off_under_mixed_precision_and_changes_no_value(tmp_path):
-    trainer = tiny_trainer(tmp_path, max_steps=1, mixed_precision="bf16", rollout_batch_size=7,
-                           per_device_train_batch_size=3, optimizer_step="iteration")
+    trainer = tiny_trainer(
+        tmp_path,
+        max_steps=1,
+        mixed_precision="bf16",
+        rollout_batch_size=7,
+        per_device_train_batch_size=3,
+        optimizer_step="iteration",
+    )
     model = trainer.unwrapped_model
     layers = lora_layers(model)
     assert layers and not any(layer.cast_input_dtype_enabled for layer in layers)
     assert any("LoRA input cast off" in line for line in trainer.speed_switches)
     rollouts = trainer.generate(["a red apple", "a rose"])
     steps = torch.arange(len(rollouts.step_start))
-    inputs = (rollouts.step_latents, trainer.schedule.timesteps[rollouts.step_start],
-              select_rows(rollouts.conditioning, rollouts.step_prompt[steps]))
+    inputs = (
+        rollouts.step_latents,
+        trainer.schedule.timesteps[rollouts.step_start],
+        select_rows(rollouts.conditioning, rollouts.step_prompt[steps]),
+    )
 
     def velocity():
         with torch.no_grad(), trainer.accelerator.autocast():
             return trainer.adapter.velocity(model, *inputs)
+
     without_cast = velocity()
     acceleration.set_lora_input_cast(model, True)
     with_cast = velocity()
@@ -118,10 +134,19 @@ def test_lora_input_cast_stays_on_without_mixed_precision(tmp_path):
 
 
 def test_attention_backend_is_set_logged_and_on_policy(tmp_path, caplog, restore_attention_backend):
-    trainer = tiny_trainer(tmp_path, max_steps=1, attention_backend="_native_math", rollout_batch_size=7,
-                           per_device_train_batch_size=3, optimizer_step="iteration")
-    backends = {module.processor._attention_backend for module in trainer.unwrapped_model.modules()
-                if hasattr(getattr(module, "processor", None), "_attention_backend")}
+    trainer = tiny_trainer(
+        tmp_path,
+        max_steps=1,
+        attention_backend="_native_math",
+        rollout_batch_size=7,
+        per_device_train_batch_size=3,
+        optimizer_step="iteration",
+    )
+    backends = {
+        module.processor._attention_backend
+        for module in trainer.unwrapped_model.modules()
+        if hasattr(getattr(module, "processor", None), "_attention_backend")
+    }
     assert backends == {"_native_math"}
     with caplog.at_level(logging.INFO, logger="trl_flow_egrpo.trainer"):
         trainer._log_start()
@@ -160,8 +185,7 @@ def test_optimizer_is_adamw_from_the_config_and_unfused_on_cpu(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fused AdamW is a CUDA kernel; no GPU here")
 def test_optimizer_is_fused_on_cuda(tmp_path):
-    optimizer = acceleration.build_optimizer([torch.nn.Parameter(torch.zeros(3, device="cuda"))],
-                                             tiny_config(tmp_path))
+    optimizer = acceleration.build_optimizer([torch.nn.Parameter(torch.zeros(3, device="cuda"))], tiny_config(tmp_path))
     assert optimizer.param_groups[0]["fused"]
 
 
@@ -170,8 +194,15 @@ def test_compiled_transformer_samples_and_trains_on_policy(tmp_path):
     """Regional compilation (inductor's C++ code on the CPU: minutes for the first compile) of the blocks that
     both sample and train: the first optimizer step's ratios stay 1 (sampling batches of 7 rows, training
     batches of 3 groups, so the compiled graphs differ in shape and in grad mode)."""
-    trainer = tiny_trainer(tmp_path, max_steps=1, compile_transformer=True, mixed_precision="bf16",
-                           rollout_batch_size=7, per_device_train_batch_size=3, optimizer_step="iteration")
+    trainer = tiny_trainer(
+        tmp_path,
+        max_steps=1,
+        compile_transformer=True,
+        mixed_precision="bf16",
+        rollout_batch_size=7,
+        per_device_train_batch_size=3,
+        optimizer_step="iteration",
+    )
     blocks = acceleration.repeated_blocks(trainer.unwrapped_model)
     assert blocks and all(block._compiled_call_impl is not None for block in blocks)
     assert any("torch.compile of" in line for line in trainer.speed_switches)

@@ -12,8 +12,9 @@ from trl_flow_egrpo.tiny import build_tiny_flux_pipeline, build_tiny_sd3_pipelin
 
 
 def _adapter(pipeline=None, **kwargs):
-    return get_adapter(pipeline or build_tiny_flux_pipeline(seed=0), height=64, width=64, max_sequence_length=32,
-                       **kwargs)
+    return get_adapter(
+        pipeline or build_tiny_flux_pipeline(seed=0), height=64, width=64, max_sequence_length=32, **kwargs
+    )
 
 
 def _assert_same(a, b):
@@ -36,12 +37,15 @@ def test_cached_embeddings_equal_fresh_ones_and_are_encoded_once(tmp_path):
 
 
 def test_cache_keys_separate_models_and_settings(tmp_path):
-    keys = {PromptEncoder(_adapter(), "cpu").model_key(),
-            PromptEncoder(_adapter(build_tiny_flux_pipeline(seed=1)), "cpu").model_key(),  # other weights
-            PromptEncoder(get_adapter(build_tiny_flux_pipeline(seed=0), height=64, width=64, max_sequence_length=16),
-                          "cpu").model_key(),
-            PromptEncoder(_adapter(build_tiny_sd3_pipeline()), "cpu").model_key(),
-            PromptEncoder(_adapter(build_tiny_sd3_pipeline(), negative_prompt="blurry"), "cpu").model_key()}
+    keys = {
+        PromptEncoder(_adapter(), "cpu").model_key(),
+        PromptEncoder(_adapter(build_tiny_flux_pipeline(seed=1)), "cpu").model_key(),  # other weights
+        PromptEncoder(
+            get_adapter(build_tiny_flux_pipeline(seed=0), height=64, width=64, max_sequence_length=16), "cpu"
+        ).model_key(),
+        PromptEncoder(_adapter(build_tiny_sd3_pipeline()), "cpu").model_key(),
+        PromptEncoder(_adapter(build_tiny_sd3_pipeline(), negative_prompt="blurry"), "cpu").model_key(),
+    }
     assert len(keys) == 5
     assert PromptEncoder(_adapter(), "cpu").model_key() == PromptEncoder(_adapter(), "cpu").model_key()
 

@@ -288,8 +288,11 @@ def test_load_pipeline_hands_the_quantization_config_to_from_pretrained(monkeypa
     from trl_flow_egrpo import registry
 
     seen = {}
-    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained",
-                        lambda name, **kwargs: seen.update(name=name, **kwargs) or "pipeline")
+    monkeypatch.setattr(
+        diffusers.DiffusionPipeline,
+        "from_pretrained",
+        lambda name, **kwargs: seen.update(name=name, **kwargs) or "pipeline",
+    )
     marker = object()  # what examples/hpd.py passes for quantization='nf4' (building the real one needs bitsandbytes)
     assert registry.load_pipeline("some/model", torch.bfloat16, quantization_config=marker) == "pipeline"
     assert seen == {"name": "some/model", "torch_dtype": torch.bfloat16, "quantization_config": marker}

@@ -19,7 +19,6 @@ from trl_flow_egrpo.rewards.remote import RemoteReward, RemoteRewardError
 from trl_flow_egrpo.serve import protocol
 from trl_flow_egrpo.serve.launch import RewardServerProcess
 from trl_flow_egrpo.serve.protocol import CONTENT_TYPE, dequantize, quantize
-
 from trl_flow_egrpo.serve.server import BatchScorer, RewardFailure, load_reward
 
 TOKEN = "test-token-0123456789"
@@ -29,8 +28,17 @@ PROMPTS = ["a red apple", "a fire truck", "a cat on a mat", "sunset over the sea
 
 def start_server(name: str, log_dir: Path, *args: str, token: str | None = None, port: int = 0):
     """A reward server subprocess (one torch thread, offline, warnings only), starting in the background."""
-    return RewardServerProcess(name, "--log-level", "warning", *args, port=port, token=token, log_dir=log_dir,
-                               env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, startup_timeout=STARTUP_SECONDS)
+    return RewardServerProcess(
+        name,
+        "--log-level",
+        "warning",
+        *args,
+        port=port,
+        token=token,
+        log_dir=log_dir,
+        env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        startup_timeout=STARTUP_SECONDS,
+    )
 
 
 def post(url: str, body: bytes, token: str | None = TOKEN, path: str = "/score") -> tuple[int, str]:
@@ -63,6 +71,7 @@ def random_images(batch: int, height: int, width: int, seed: int = 0) -> torch.T
 
 def locally_quantized(reward):
     """``reward`` applied to the images as the server sees them: the local reference of a remote score."""
+
     def score(images, prompts, **columns):
         return reward(dequantize(quantize(images)), prompts, **columns)
 
@@ -90,10 +99,25 @@ def servers(tmp_path_factory, pickscore_files):
         pytest.importorskip(package)  # fallback only: the dev extra installs the server extra
     started = {}
     try:
-        started["color"] = start_server("color", tmp_path_factory.mktemp("color"), "--max-request-mb", "1",
-                                        "--max-batch", "16", "--batch-size", "8", token=TOKEN)
-        started["pickscore"] = start_server("pickscore", tmp_path_factory.mktemp("pickscore_server"),
-                                            "--reward-kwargs", json.dumps(pickscore_files), "--device", "cpu")
+        started["color"] = start_server(
+            "color",
+            tmp_path_factory.mktemp("color"),
+            "--max-request-mb",
+            "1",
+            "--max-batch",
+            "16",
+            "--batch-size",
+            "8",
+            token=TOKEN,
+        )
+        started["pickscore"] = start_server(
+            "pickscore",
+            tmp_path_factory.mktemp("pickscore_server"),
+            "--reward-kwargs",
+            json.dumps(pickscore_files),
+            "--device",
+            "cpu",
+        )
         started["killable"] = start_server("color", tmp_path_factory.mktemp("killable"), token=TOKEN)
         started["unknown"] = start_server("no_such_reward", tmp_path_factory.mktemp("unknown"))
         yield started
@@ -113,6 +137,7 @@ def pickscore_server(servers):
 
 
 # --------------------------------------------------------------------------------------------- remote == local
+
 
 @pytest.mark.parametrize("encoding", ["raw", "png"])
 def test_remote_weight_free_scores_equal_the_local_reward_on_the_quantized_images(color_server, encoding):
@@ -153,7 +178,7 @@ def test_batches_over_the_server_limits_are_split_and_concurrent_clients_share_o
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    for images, scores in zip(batches, results):
+    for images, scores in zip(batches, results, strict=True):
         torch.testing.assert_close(scores, locally_quantized(ColorReward())(images, [""] * 40), rtol=0, atol=1e-6)
 
 
@@ -176,13 +201,17 @@ def test_request_round_trip_keeps_images_prompts_and_columns():
 
 # --------------------------------------------------------------------------------------------- refusals
 
+
 def test_missing_or_wrong_token_gets_401_and_a_clear_client_error(color_server):
     body = protocol.encode_request(quantize(random_images(1, 8, 8)), ["a"], {})
     assert post(color_server.url, body, token=None)[0] == 401
     assert post(color_server.url, body, token="wrong")[0] == 401
     for token in (None, "wrong"):
-        with pytest.raises(RemoteRewardError, match=rf"at {color_server.url}/health refused the token \(HTTP 401.*"
-                                                    r"token is missing or wrong"):
+        with pytest.raises(
+            RemoteRewardError,
+            match=rf"at {color_server.url}/health refused the token \(HTTP 401.*"
+            r"token is missing or wrong",
+        ):
             RemoteReward(color_server.url, token=token, retries=0)(random_images(1, 8, 8), ["a"])
 
 
@@ -191,12 +220,15 @@ def test_the_client_reads_the_token_from_the_environment(color_server, monkeypat
     assert RemoteReward(color_server.url).name == "color"
 
 
-@pytest.mark.parametrize("body, message", [
-    (b"", "not a scoring request"),
-    (b"\x80\x04\x95pickle", "not a scoring request"),
-    (protocol.MAGIC + b"\x00\x00\x00\x05{bad}", "header is not valid JSON"),
-    (protocol.MAGIC + b"\xff\xff\xff\xff{}", "header length"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"", "not a scoring request"),
+        (b"\x80\x04\x95pickle", "not a scoring request"),
+        (protocol.MAGIC + b"\x00\x00\x00\x05{bad}", "header is not valid JSON"),
+        (protocol.MAGIC + b"\xff\xff\xff\xff{}", "header length"),
+    ],
+)
 def test_malformed_payloads_get_400_with_a_message(color_server, body, message):
     status, detail = post(color_server.url, body)
     assert status == 400 and message in detail, (status, detail)
@@ -206,22 +238,25 @@ def _with_header(images: torch.Tensor, **changes) -> bytes:
     """A valid request for ``images`` whose header fields are then replaced by ``changes``."""
     body = protocol.encode_request(images, ["p"] * len(images), {})
     length = int.from_bytes(body[4:8], "big")
-    header = {**json.loads(body[8:8 + length]), **changes}
+    header = {**json.loads(body[8 : 8 + length]), **changes}
     header_bytes = json.dumps(header).encode()
-    return protocol.MAGIC + len(header_bytes).to_bytes(4, "big") + header_bytes + body[8 + length:]
+    return protocol.MAGIC + len(header_bytes).to_bytes(4, "big") + header_bytes + body[8 + length :]
 
 
-@pytest.mark.parametrize("changes, status, message", [
-    ({"shape": [1, 3, 8, 16]}, 400, "take 384 bytes, but 192 follow"),
-    ({"shape": [1, 4, 8, 8]}, 400, "shape must be [B, 3, H, W]"),
-    ({"prompts": ["a", "b"]}, 400, "prompts must be a list of 1 strings"),
-    ({"columns": {"seed": [1, 2]}}, 400, "columns must map each column name to a list of 1 values"),
-    ({"version": 99}, 400, "Protocol version 99 is not supported"),
-    ({"encoding": "pickle"}, 400, "encoding must be one of"),
-    ({"encoding": "png", "png_lengths": [192]}, 400, "Image 0 is not a readable PNG"),
-    ({"shape": [17, 3, 1, 1]}, 413, "at most 16 per request"),
-    ({"shape": [1, 3, 1000, 1000]}, 413, "at most 1000000 per request"),
-])
+@pytest.mark.parametrize(
+    "changes, status, message",
+    [
+        ({"shape": [1, 3, 8, 16]}, 400, "take 384 bytes, but 192 follow"),
+        ({"shape": [1, 4, 8, 8]}, 400, "shape must be [B, 3, H, W]"),
+        ({"prompts": ["a", "b"]}, 400, "prompts must be a list of 1 strings"),
+        ({"columns": {"seed": [1, 2]}}, 400, "columns must map each column name to a list of 1 values"),
+        ({"version": 99}, 400, "Protocol version 99 is not supported"),
+        ({"encoding": "pickle"}, 400, "encoding must be one of"),
+        ({"encoding": "png", "png_lengths": [192]}, 400, "Image 0 is not a readable PNG"),
+        ({"shape": [17, 3, 1, 1]}, 413, "at most 16 per request"),
+        ({"shape": [1, 3, 1000, 1000]}, 413, "at most 1000000 per request"),
+    ],
+)
 def test_invalid_headers_are_refused_naming_the_problem(color_server, changes, status, message):
     got_status, detail = post(color_server.url, _with_header(quantize(random_images(1, 8, 8)), **changes))
     assert got_status == status and message in detail, (got_status, detail)
@@ -230,8 +265,11 @@ def test_invalid_headers_are_refused_naming_the_problem(color_server, changes, s
 def test_oversize_requests_are_refused_and_the_server_keeps_serving(color_server):
     status, detail = post(color_server.url, b"\0" * 1_200_000)
     assert status == 413 and "larger than this server's limit of 1000000 bytes" in detail
-    with pytest.raises(RemoteRewardError, match=r"One 600 x 600 image takes 1080000 bytes, over the limit of 1000000 "
-                                                r"bytes .*--max-request-mb"):
+    with pytest.raises(
+        RemoteRewardError,
+        match=r"One 600 x 600 image takes 1080000 bytes, over the limit of 1000000 "
+        r"bytes .*--max-request-mb",
+    ):
         RemoteReward(color_server.url, token=TOKEN)(random_images(1, 600, 600), ["a"])
     assert health(color_server.url)["status"] == "ok"
 
@@ -240,8 +278,11 @@ def test_client_errors_name_the_url_after_the_retries(tmp_path):
     with FreePort() as port:  # a port nothing listens on
         url = f"http://127.0.0.1:{port}"
     start = time.monotonic()
-    with pytest.raises(RemoteRewardError, match=rf"Remote reward at {url}/health failed after 3 attempt\(s\) "
-                                                r"\(ConnectionRefusedError.*is running and reachable"):
+    with pytest.raises(
+        RemoteRewardError,
+        match=rf"Remote reward at {url}/health failed after 3 attempt\(s\) "
+        r"\(ConnectionRefusedError.*is running and reachable",
+    ):
         RemoteReward(url, retries=2, backoff=0.05)(random_images(1, 8, 8), ["a"])
     assert time.monotonic() - start >= 0.05 + 0.1  # backoff 0.05 then 0.1 s
     with pytest.raises(ValueError, match="not an http:// or https:// URL"):
@@ -265,12 +306,16 @@ class FreePort:
 
 
 def test_a_server_that_cannot_start_says_why(servers):
-    with pytest.raises(RuntimeError, match=r"(?s)exited with code 1:.*cannot serve 'no_such_reward': ValueError: "
-                                           r"Unknown reward 'no_such_reward'. Known rewards: hps, clip"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"(?s)exited with code 1:.*cannot serve 'no_such_reward': ValueError: "
+        r"Unknown reward 'no_such_reward'. Known rewards: hps, clip",
+    ):
         servers["unknown"].ready()
 
 
 # --------------------------------------------------------------------------------------------- the batching worker
+
 
 class RecordingReward:
     """Colour reward that records the batch size of each call, refuses prompts containing "bad", and can
@@ -306,7 +351,7 @@ def test_queued_compatible_requests_are_scored_together_and_a_bad_one_fails_alon
         bad = scorer.submit(_batch(1, prompt="bad"))
         reward.release.set()
         assert len(first.result(timeout=30)) == 2
-        for future, seed in zip(queued, (1, 2, 3)):
+        for future, seed in zip(queued, (1, 2, 3), strict=True):
             expected = ColorReward()(dequantize(_batch(2, seed=seed).images), ["ok"] * 2)
             torch.testing.assert_close(torch.tensor(future.result(timeout=30)), expected, rtol=0, atol=1e-6)
         assert len(other_size.result(timeout=30)) == 2
@@ -349,6 +394,7 @@ def test_non_finite_scores_and_crashes_of_the_reward_become_422_and_500():
 
 # --------------------------------------------------------------------------------------------- the command
 
+
 def test_load_reward_by_name_or_module_callable():
     assert isinstance(load_reward("color", {"target": [0, 1, 0]}), ColorReward)
     assert isinstance(load_reward("trl_flow_egrpo.rewards:BrightnessReward"), BrightnessReward)
@@ -361,14 +407,17 @@ def test_load_reward_by_name_or_module_callable():
         load_reward("trl_flow_egrpo.scoring:reward_name", {"x": 1})
 
 
-@pytest.mark.parametrize("argv, code, message", [
-    (["serve-reward", "color", "--reward-kwargs", "{bad"], 2, "--reward-kwargs is not valid JSON"),
-    (["serve-reward", "color", "--reward-kwargs", "[1]"], 2, "--reward-kwargs must be a JSON object"),
-    (["serve-reward", "color", "--batch-size", "0"], 2, "--batch-size must be >= 1"),
-    (["serve-reward", "color", "--host", "0.0.0.0"], 2, "needs a token: set $TRL_EGRPO_REWARD_TOKEN"),
-    (["serve-reward", "nope"], 1, "cannot serve 'nope': ValueError: Unknown reward 'nope'"),
-    (["serve-reward", "color", "--reward-kwargs", '{"target": [2, 0, 0]}'], 1, "target must be three RGB values"),
-])
+@pytest.mark.parametrize(
+    "argv, code, message",
+    [
+        (["serve-reward", "color", "--reward-kwargs", "{bad"], 2, "--reward-kwargs is not valid JSON"),
+        (["serve-reward", "color", "--reward-kwargs", "[1]"], 2, "--reward-kwargs must be a JSON object"),
+        (["serve-reward", "color", "--batch-size", "0"], 2, "--batch-size must be >= 1"),
+        (["serve-reward", "color", "--host", "0.0.0.0"], 2, "needs a token: set $TRL_EGRPO_REWARD_TOKEN"),
+        (["serve-reward", "nope"], 1, "cannot serve 'nope': ValueError: Unknown reward 'nope'"),
+        (["serve-reward", "color", "--reward-kwargs", '{"target": [2, 0, 0]}'], 1, "target must be three RGB values"),
+    ],
+)
 def test_command_line_errors_are_clear(argv, code, message, capsys, monkeypatch):
     monkeypatch.delenv(protocol.TOKEN_ENV, raising=False)
     with pytest.raises(SystemExit) as exit_info:
@@ -379,17 +428,20 @@ def test_command_line_errors_are_clear(argv, code, message, capsys, monkeypatch)
 
 # --------------------------------------------------------------------------------------------- training
 
+
 def test_async_training_on_a_remote_reward_equals_training_on_the_local_one(color_server, tmp_path):
     remote = RemoteReward(color_server.url, token=TOKEN)
     remote_history = tiny_trainer(tmp_path / "remote", [remote], max_steps=1, async_rewards=True).train().log_history
-    local_history = tiny_trainer(tmp_path / "local", [locally_quantized(ColorReward())], max_steps=1,
-                                 async_rewards=True).train().log_history
+    local_history = (
+        tiny_trainer(tmp_path / "local", [locally_quantized(ColorReward())], max_steps=1, async_rewards=True)
+        .train()
+        .log_history
+    )
     for key in ("reward/weighted_mean", "reward/color/std", "loss", "advantage/std", "grad_norm"):
         assert remote_history[0][key] == local_history[0][key], key
 
 
-def test_a_server_killed_mid_run_ends_the_run_clearly_and_a_resume_continues_exactly(servers, color_server,
-                                                                                      tmp_path):
+def test_a_server_killed_mid_run_ends_the_run_clearly_and_a_resume_continues_exactly(servers, color_server, tmp_path):
     keys = ["loss", "ratio/mean", "reward/weighted_mean", "reward/color/mean", "grad_norm", "advantage/std"]
     baseline = tiny_trainer(tmp_path / "baseline", [RemoteReward(color_server.url, token=TOKEN)], max_steps=3)
     history = baseline.train().log_history
@@ -421,5 +473,7 @@ def test_a_server_killed_mid_run_ends_the_run_clearly_and_a_resume_continues_exa
     assert len(resumed_history) == 3
     for key in keys:
         assert resumed_history[2][key] == history[2][key], key
-    for a, b in zip(baseline.optimizer.param_groups[0]["params"], resumed.optimizer.param_groups[0]["params"]):
+    for a, b in zip(
+        baseline.optimizer.param_groups[0]["params"], resumed.optimizer.param_groups[0]["params"], strict=True
+    ):
         assert torch.equal(a, b)

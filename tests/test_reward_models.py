@@ -23,7 +23,6 @@ import torch.nn.functional as F
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach for the Hub; a miss fails fast instead of retrying
 
 import reward_fixtures as fixtures  # noqa: E402
-
 from trl_flow_egrpo.rewards import CLIPScoreReward, HPSv2Reward, ImageRewardReward, PickScoreReward  # noqa: E402
 from trl_flow_egrpo.rewards._common import (  # noqa: E402
     EXTRA_HINT,
@@ -32,9 +31,9 @@ from trl_flow_egrpo.rewards._common import (  # noqa: E402
     resize_center_crop_normalize,
     resize_longest_pad_normalize,
 )
-from trl_flow_egrpo.scoring import check_scores  # noqa: E402
 from trl_flow_egrpo.rewards.image_reward import official_key_to_module_key  # noqa: E402
 from trl_flow_egrpo.rewards.pickscore import _clip_processor_preprocess  # noqa: E402
+from trl_flow_egrpo.scoring import check_scores  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "a red car on the tree", "the blue sky", "a dog", "cats of the sky"]
 # Heights x widths: square, portrait, landscape, extreme ratios, up- and downscaling, odd crop margins.
@@ -46,8 +45,8 @@ def sample_images(height: int, width: int, count: int = 1, seed: int = 0, sharp:
     """``[count, 3, H, W]`` floats in [0, 1] on the uint8 grid (so PIL sees exactly the same image).
 
     By default smooth gradients plus noise, like a decoded image: the noise makes resampling differences
-    visible, the gradients give the models something besides noise. ``sharp=True`` gives full-range noise instead, whose bicubic overshoot
-    shows whether intermediate results saturate as in PIL.
+    visible, the gradients give the models something besides noise. ``sharp=True`` gives full-range noise
+    instead, whose bicubic overshoot shows whether intermediate results saturate as in PIL.
     """
     generator = torch.Generator().manual_seed(seed)
     if sharp:
@@ -115,8 +114,7 @@ def image_reward_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hps(open_clip_checkpoints):
     """HPSv2.1 reward on the tiny open_clip checkpoint (batches of 2)."""
-    return HPSv2Reward(checkpoint=str(open_clip_checkpoints[0]), model_name=fixtures.TINY_OPEN_CLIP_NAME,
-                       batch_size=2)
+    return HPSv2Reward(checkpoint=str(open_clip_checkpoints[0]), model_name=fixtures.TINY_OPEN_CLIP_NAME, batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -136,15 +134,22 @@ def image_reward(image_reward_files):
 
 
 def test_package_imports_without_open_clip_and_the_open_clip_rewards_say_what_to_install():
-    code = ("import sys; sys.modules['open_clip'] = None\n"
-            "import trl_flow_egrpo.rewards as rewards\n"
-            "for cls in (rewards.HPSv2Reward, rewards.CLIPScoreReward):\n"
-            "    try:\n"
-            "        cls()\n"
-            "    except ImportError as error:\n"
-            "        print(error)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    code = (
+        "import sys; sys.modules['open_clip'] = None\n"
+        "import trl_flow_egrpo.rewards as rewards\n"
+        "for cls in (rewards.HPSv2Reward, rewards.CLIPScoreReward):\n"
+        "    try:\n"
+        "        cls()\n"
+        "    except ImportError as error:\n"
+        "        print(error)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2 and all(EXTRA_HINT in line for line in lines), result.stdout
@@ -217,8 +222,11 @@ def official_hps_transform(size: int, mean, std):
             new_height, new_width = round(height * scale), round(width * scale)
             pixels = TF.resize(pixels, [new_height, new_width], InterpolationMode.BICUBIC)
             pad_height, pad_width = size - new_height, size - new_width
-            pixels = TF.pad(pixels, [pad_width // 2, pad_height // 2, pad_width - pad_width // 2,
-                                     pad_height - pad_height // 2], fill=0)
+            pixels = TF.pad(
+                pixels,
+                [pad_width // 2, pad_height // 2, pad_width - pad_width // 2, pad_height - pad_height // 2],
+                fill=0,
+            )
         return Normalize(mean, std)(pixels)
 
     return transform
@@ -253,9 +261,15 @@ def test_preprocessing_matches_image_reward_transform(size, sharp):
     """ImageReward: the torchvision pipeline of the official ``ImageReward._transform(224)``."""
     from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
-    official_transform = Compose([Resize(224, interpolation=InterpolationMode.BICUBIC), CenterCrop(224),
-                                  lambda image: image.convert("RGB"), ToTensor(),
-                                  Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)])
+    official_transform = Compose(
+        [
+            Resize(224, interpolation=InterpolationMode.BICUBIC),
+            CenterCrop(224),
+            lambda image: image.convert("RGB"),
+            ToTensor(),
+            Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+        ]
+    )
     image = sample_images(*size, sharp=sharp)
     ours = resize_center_crop_normalize(image, 224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)[0]
     assert_matches_uint8_pipeline(ours, official_transform(to_pil(image[0])), OPENAI_CLIP_STD)
@@ -312,7 +326,7 @@ def official_hps_scores(model, images: torch.Tensor, prompts: list[str]) -> torc
     tokenizer = open_clip.get_tokenizer(fixtures.TINY_OPEN_CLIP_NAME)
     scores = []
     with torch.no_grad():
-        for image, prompt in zip(images, prompts):
+        for image, prompt in zip(images, prompts, strict=True):
             outputs = model(preprocess(to_pil(image)).unsqueeze(0), tokenizer([prompt]))
             logits_per_image = outputs["image_features"] @ outputs["text_features"].T
             scores.append(torch.diagonal(logits_per_image)[0])
@@ -337,8 +351,13 @@ def test_hps_loads_the_official_layout_and_scores_like_the_official_scorer(hps, 
     # Resampled and padded inputs: the official pipeline resamples floats too, so the scores agree as closely.
     for seed, size in enumerate([(48, 80), (80, 48), (720, 1280), (1024, 576), (300, 500), (64, 64)], start=1):
         resized = sample_images(*size, count=5, seed=seed)
-        torch.testing.assert_close(hps(resized, PROMPTS), official_hps_scores(official_model, resized, PROMPTS),
-                                   atol=1e-5, rtol=0, msg=lambda message: f"{size}: {message}")
+        torch.testing.assert_close(
+            hps(resized, PROMPTS),
+            official_hps_scores(official_model, resized, PROMPTS),
+            atol=1e-5,
+            rtol=0,
+            msg=lambda message, size=size: f"{size}: {message}",
+        )
     assert hps._preprocess == dict(size=32, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
 
 
@@ -346,7 +365,7 @@ def test_hps_batched_equals_one_by_one_and_loads_once(hps):
     images = sample_images(40, 56, count=5, seed=2)
     batched = hps(images, PROMPTS)
     model = hps._model
-    one_by_one = torch.cat([hps(images[i:i + 1], PROMPTS[i:i + 1]) for i in range(5)])
+    one_by_one = torch.cat([hps(images[i : i + 1], PROMPTS[i : i + 1]) for i in range(5)])
     torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=0)
     assert hps._model is model
 
@@ -377,8 +396,9 @@ def test_hps_rejects_unknown_versions_and_missing_files(tmp_path):
 
 
 def test_hps_in_bfloat16_returns_float32_close_to_float32(hps, open_clip_checkpoints):
-    bf16 = HPSv2Reward(checkpoint=str(open_clip_checkpoints[0]), model_name=fixtures.TINY_OPEN_CLIP_NAME,
-                       dtype="bfloat16")
+    bf16 = HPSv2Reward(
+        checkpoint=str(open_clip_checkpoints[0]), model_name=fixtures.TINY_OPEN_CLIP_NAME, dtype="bfloat16"
+    )
     images = sample_images(32, 32, count=3)
     scores = bf16(images, PROMPTS[:3])
     assert scores.dtype == torch.float32
@@ -425,7 +445,7 @@ def official_pickscore_scores(model_dir, processor_dir, images: torch.Tensor, pr
     model = CLIPModel.from_pretrained(model_dir).eval()
     scores = []
     with torch.no_grad():
-        for image, prompt in zip(images, prompts):
+        for image, prompt in zip(images, prompts, strict=True):
             image_inputs = processor(images=[to_pil(image)], return_tensors="pt")
             text_inputs = processor(text=prompt, padding=True, truncation=True, max_length=77, return_tensors="pt")
             image_embs = model.visual_projection(model.vision_model(**image_inputs).pooler_output)
@@ -443,17 +463,17 @@ def test_pickscore_scores_like_the_published_snippet(pickscore, pickscore_dirs):
     with torch.no_grad():
         logit_scale = pickscore._model.logit_scale.exp()
     assert bool((scores.abs() <= logit_scale).all())
-    torch.testing.assert_close(scores, official_pickscore_scores(*pickscore_dirs, exact, PROMPTS),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(scores, official_pickscore_scores(*pickscore_dirs, exact, PROMPTS), atol=1e-4, rtol=0)
     resized = sample_images(300, 260, count=5, seed=5)
-    torch.testing.assert_close(pickscore(resized, PROMPTS),
-                               official_pickscore_scores(*pickscore_dirs, resized, PROMPTS), atol=0.05, rtol=0)
+    torch.testing.assert_close(
+        pickscore(resized, PROMPTS), official_pickscore_scores(*pickscore_dirs, resized, PROMPTS), atol=0.05, rtol=0
+    )
 
 
 def test_pickscore_batched_equals_one_by_one(pickscore):
     """Prompts of different lengths are padded together in a batch; the scores must not notice."""
     images = sample_images(240, 224, count=5, seed=6)
-    one_by_one = torch.cat([pickscore(images[i:i + 1], PROMPTS[i:i + 1]) for i in range(5)])
+    one_by_one = torch.cat([pickscore(images[i : i + 1], PROMPTS[i : i + 1]) for i in range(5)])
     torch.testing.assert_close(pickscore(images, PROMPTS), one_by_one, atol=1e-4, rtol=0)
 
 
@@ -474,13 +494,15 @@ def test_pickscore_takes_either_return_type_of_the_feature_methods(pickscore_dir
             if returns == "tensor":
                 return embeddings
             return BaseModelOutputWithPooling(last_hidden_state=output.last_hidden_state, pooler_output=embeddings)
+
         return get_features
 
     monkeypatch.setattr(model, "get_image_features", features_as(model.vision_model, model.visual_projection))
     monkeypatch.setattr(model, "get_text_features", features_as(model.text_model, model.text_projection))
     images = sample_images(224, 224, count=3, seed=9)
-    torch.testing.assert_close(reward(images, PROMPTS[:3]),
-                               official_pickscore_scores(*pickscore_dirs, images, PROMPTS[:3]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        reward(images, PROMPTS[:3]), official_pickscore_scores(*pickscore_dirs, images, PROMPTS[:3]), atol=1e-4, rtol=0
+    )
 
 
 def test_pickscore_rejects_processors_it_cannot_reproduce():
@@ -495,13 +517,21 @@ def test_pickscore_rejects_processors_it_cannot_reproduce():
 # ImageReward.
 
 
-def reference_image_reward(sd: dict, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           vision_heads: int, text_heads: int, med: dict) -> torch.Tensor:
+def reference_image_reward(
+    sd: dict,
+    pixels: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    vision_heads: int,
+    text_heads: int,
+    med: dict,
+) -> torch.Tensor:
     """ImageReward's forward written directly on the official state dict, after BLIP's vit.py and med.py.
 
     Independent of transformers: it checks that the key mapping puts every tensor where the official code
     uses it, with the official LayerNorm epsilons, attention masks and head.
     """
+
     def ln(x, name, eps):
         return F.layer_norm(x, x.shape[-1:], sd[f"{name}.weight"], sd[f"{name}.bias"], eps)
 
@@ -535,8 +565,10 @@ def reference_image_reward(sd: dict, pixels: torch.Tensor, input_ids: torch.Tens
     padding = (1.0 - attention_mask[:, None, None, :].float()) * -10000.0
 
     def bert_attention(hidden, context, name, mask):
-        q, k, v = (heads(lin(src, f"{name}.self.{p}"), text_heads)
-                   for p, src in (("query", hidden), ("key", context), ("value", context)))
+        q, k, v = (
+            heads(lin(src, f"{name}.self.{p}"), text_heads)
+            for p, src in (("query", hidden), ("key", context), ("value", context))
+        )
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask
         out = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).flatten(2)
         return ln(lin(out, f"{name}.output.dense") + hidden, f"{name}.output.LayerNorm", eps)
@@ -561,16 +593,23 @@ def test_image_reward_key_mapping_covers_the_official_layout_exactly(image_rewar
     official = torch.load(image_reward_files["checkpoint"], weights_only=True)
     model = ImageRewardReward(**image_reward_files).model(torch.device("cpu"))
     unused = {key for key in official if official_key_to_module_key(key) is None}
-    assert unused == {"blip.vision_proj.weight", "blip.vision_proj.bias", "blip.text_proj.weight",
-                      "blip.text_proj.bias", "blip.text_encoder.embeddings.position_ids"}
+    assert unused == {
+        "blip.vision_proj.weight",
+        "blip.vision_proj.bias",
+        "blip.text_proj.weight",
+        "blip.text_proj.bias",
+        "blip.text_encoder.embeddings.position_ids",
+    }
     mapped = {official_key_to_module_key(key): key for key in official if key not in unused}
     assert set(mapped) == set(model.state_dict())
     for module_key, official_key in mapped.items():
         assert torch.equal(model.state_dict()[module_key], official[official_key]), official_key
     assert mapped["vision.encoder.layers.1.self_attn.projection.weight"] == (
-        "blip.visual_encoder.blocks.1.attn.proj.weight")
+        "blip.visual_encoder.blocks.1.attn.proj.weight"
+    )
     assert mapped["text.encoder.layer.0.crossattention.self.key.weight"] == (
-        "blip.text_encoder.encoder.layer.0.crossattention.self.key.weight")
+        "blip.text_encoder.encoder.layer.0.crossattention.self.key.weight"
+    )
     assert mapped["head.4.bias"] == "mlp.layers.7.bias"
     with pytest.raises(KeyError):
         official_key_to_module_key("blip.itm_head.weight")
@@ -581,8 +620,10 @@ def test_image_reward_refuses_checkpoints_that_lack_a_weight(image_reward_files,
     del state_dict["blip.visual_encoder.blocks.0.attn.qkv.bias"]
     torch.save(state_dict, tmp_path / "ImageReward.pt")
     reward = ImageRewardReward(**{**image_reward_files, "checkpoint": str(tmp_path / "ImageReward.pt")})
-    with pytest.raises(ValueError, match="official ImageReward layout.*no value to 1 model weights.*"
-                                         "vision.encoder.layers.0.self_attn.qkv.bias"):
+    with pytest.raises(
+        ValueError,
+        match="official ImageReward layout.*no value to 1 model weights.*vision.encoder.layers.0.self_attn.qkv.bias",
+    ):
         reward(sample_images(224, 224), PROMPTS[:1])
 
 
@@ -618,14 +659,21 @@ def test_image_reward_scores_like_the_official_model(image_reward, image_reward_
     assert {"[DEC]", "[ENC]"} <= set(tokenizer.all_special_tokens)
     pixels = (exact - torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
     med = json.loads(Path(image_reward_files["med_config"]).read_text())
-    expected = reference_image_reward(torch.load(image_reward_files["checkpoint"], weights_only=True), pixels,
-                                      text.input_ids, text.attention_mask, vision_heads=4, text_heads=4, med=med)
+    expected = reference_image_reward(
+        torch.load(image_reward_files["checkpoint"], weights_only=True),
+        pixels,
+        text.input_ids,
+        text.attention_mask,
+        vision_heads=4,
+        text_heads=4,
+        med=med,
+    )
     torch.testing.assert_close(scores, expected, atol=1e-4, rtol=0)
 
 
 def test_image_reward_batched_equals_one_by_one(image_reward):
     images = sample_images(180, 260, count=5, seed=8)
-    one_by_one = torch.cat([image_reward(images[i:i + 1], PROMPTS[i:i + 1]) for i in range(5)])
+    one_by_one = torch.cat([image_reward(images[i : i + 1], PROMPTS[i : i + 1]) for i in range(5)])
     torch.testing.assert_close(image_reward(images, PROMPTS), one_by_one, atol=1e-4, rtol=0)
 
 
@@ -640,7 +688,8 @@ def test_image_reward_downloads_the_official_files(monkeypatch, image_reward_fil
         return local[name]
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    reward = ImageRewardReward(tokenizer=image_reward_files["tokenizer"],
-                               vision_config=image_reward_files["vision_config"])
+    reward = ImageRewardReward(
+        tokenizer=image_reward_files["tokenizer"], vision_config=image_reward_files["vision_config"]
+    )
     assert np.isfinite(reward(sample_images(224, 224), PROMPTS[:1]).numpy()).all()
     assert sorted(requested) == [("THUDM/ImageReward", "ImageReward.pt"), ("THUDM/ImageReward", "med_config.json")]

@@ -12,13 +12,12 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
+from helpers import assert_training_raises_the_reward  # noqa: E402
 from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer, plan_merges  # noqa: E402
 from trl_flow_egrpo.adapters import SD3Adapter, get_adapter  # noqa: E402
 from trl_flow_egrpo.rewards import ColorReward  # noqa: E402
 from trl_flow_egrpo.rollout import sample_rollouts  # noqa: E402
 from trl_flow_egrpo.tiny import build_tiny_sd3_pipeline  # noqa: E402
-
-from helpers import assert_training_raises_the_reward  # noqa: E402
 
 PROMPTS = ["a red apple", "a fire truck", "a cat on a mat", "sunset over the sea", "a rose", "a bowl of cherries"]
 EVAL_PROMPTS = ["a red apple", "a rose", "a car", "the sea", "a cat", "a bowl of cherries", "fire", "a house"]
@@ -34,14 +33,36 @@ def pipeline_sigmas(num_steps: int) -> np.ndarray:
 
 def sd3_trainer(output_dir, pipeline=None, **overrides) -> EGRPOTrainer:
     """An EGRPOTrainer on the tiny SD3 pipeline: 64x64, 4 steps (2 trained), 6 rollouts per group, float32."""
-    values = dict(output_dir=str(output_dir), height=SIZE, width=SIZE, max_sequence_length=SEQUENCE_LENGTH,
-                  num_inference_steps=4, num_active_steps=2, num_generations=6, prompts_per_device=2,
-                  guidance_scale=1.0, negative_prompt=NEGATIVE, mixed_precision="no", learning_rate=3e-2,
-                  clip_range=1e-2, lora_r=8, lora_alpha=8, rollout_batch_size=64, per_device_train_batch_size=4,
-                  save_steps=0, max_steps=1, disable_tqdm=True, seed=0)
+    values = dict(
+        output_dir=str(output_dir),
+        height=SIZE,
+        width=SIZE,
+        max_sequence_length=SEQUENCE_LENGTH,
+        num_inference_steps=4,
+        num_active_steps=2,
+        num_generations=6,
+        prompts_per_device=2,
+        guidance_scale=1.0,
+        negative_prompt=NEGATIVE,
+        mixed_precision="no",
+        learning_rate=3e-2,
+        clip_range=1e-2,
+        lora_r=8,
+        lora_alpha=8,
+        rollout_batch_size=64,
+        per_device_train_batch_size=4,
+        save_steps=0,
+        max_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
     values.update(overrides)
-    return EGRPOTrainer(EGRPOConfig(**values), pipeline or build_tiny_sd3_pipeline(seed=0), [ColorReward()],
-                        Dataset.from_dict({"prompt": PROMPTS}))
+    return EGRPOTrainer(
+        EGRPOConfig(**values),
+        pipeline or build_tiny_sd3_pipeline(seed=0),
+        [ColorReward()],
+        Dataset.from_dict({"prompt": PROMPTS}),
+    )
 
 
 @torch.no_grad()
@@ -62,12 +83,21 @@ def test_dynamic_shift_schedule_is_the_pipelines():
     # SD3 checkpoints ship static-shift schedulers; one with dynamic shifting must get the pipeline's mu.
     pipe = build_tiny_sd3_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=4,
-                                                     max_image_seq_len=64)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64
+    )
     adapter = get_adapter(pipe, height=SIZE, width=SIZE, guidance_scale=1.0, max_sequence_length=SEQUENCE_LENGTH)
     schedule = adapter.schedule(4, shift=None)
-    pipe("a cat", num_inference_steps=4, sigmas=pipeline_sigmas(4), height=SIZE, width=SIZE, guidance_scale=1.0,
-         max_sequence_length=SEQUENCE_LENGTH, output_type="latent")
+    pipe(
+        "a cat",
+        num_inference_steps=4,
+        sigmas=pipeline_sigmas(4),
+        height=SIZE,
+        width=SIZE,
+        guidance_scale=1.0,
+        max_sequence_length=SEQUENCE_LENGTH,
+        output_type="latent",
+    )
     torch.testing.assert_close(schedule.sigmas, pipe.scheduler.sigmas.float(), rtol=0, atol=1e-7)
     assert not torch.allclose(schedule.sigmas, adapter.schedule(4, shift=3.0).sigmas)  # mu mattered
 
@@ -76,8 +106,14 @@ def test_dynamic_shift_schedule_is_the_pipelines():
 def test_anchor_trajectory_is_the_pipelines_sample(guidance_scale):
     pipe = build_tiny_sd3_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    adapter = get_adapter(pipe, height=SIZE, width=SIZE, guidance_scale=guidance_scale,
-                          max_sequence_length=SEQUENCE_LENGTH, negative_prompt=NEGATIVE)
+    adapter = get_adapter(
+        pipe,
+        height=SIZE,
+        width=SIZE,
+        guidance_scale=guidance_scale,
+        max_sequence_length=SEQUENCE_LENGTH,
+        negative_prompt=NEGATIVE,
+    )
     num_steps = 6
     schedule = adapter.schedule(num_steps, shift=None)  # the tiny scheduler's own static shift 3 ...
     torch.testing.assert_close(schedule.sigmas, adapter.schedule(num_steps, shift=3.0).sigmas, rtol=0, atol=0)
@@ -85,14 +121,32 @@ def test_anchor_trajectory_is_the_pipelines_sample(guidance_scale):
     noise = adapter.initial_noise(len(prompts), torch.Generator().manual_seed(0))
     plan = plan_merges(schedule.sigmas, 0.7, 2.2, 3, "adaptive", "overlap")
     # Batches of 5 rows mix anchors and branches at different timesteps, as in training.
-    rollouts = sample_rollouts(adapter, pipe.transformer, schedule, plan, adapter.encode_prompts(prompts), noise,
-                               num_generations=2, noise_level=0.7, generator=torch.Generator().manual_seed(1),
-                               batch_size=5)
+    rollouts = sample_rollouts(
+        adapter,
+        pipe.transformer,
+        schedule,
+        plan,
+        adapter.encode_prompts(prompts),
+        noise,
+        num_generations=2,
+        noise_level=0.7,
+        generator=torch.Generator().manual_seed(1),
+        batch_size=5,
+    )
 
     def pipeline_sample(output_type):
-        return pipe(prompts, negative_prompt=[NEGATIVE] * len(prompts), num_inference_steps=num_steps,
-                    sigmas=pipeline_sigmas(num_steps), guidance_scale=guidance_scale, height=SIZE, width=SIZE,
-                    latents=noise.clone(), max_sequence_length=SEQUENCE_LENGTH, output_type=output_type).images
+        return pipe(
+            prompts,
+            negative_prompt=[NEGATIVE] * len(prompts),
+            num_inference_steps=num_steps,
+            sigmas=pipeline_sigmas(num_steps),
+            guidance_scale=guidance_scale,
+            height=SIZE,
+            width=SIZE,
+            latents=noise.clone(),
+            max_sequence_length=SEQUENCE_LENGTH,
+            output_type=output_type,
+        ).images
 
     torch.testing.assert_close(rollouts.anchor_latents, pipeline_sample("latent"), rtol=0, atol=1e-5)
     torch.testing.assert_close(rollouts.anchor_images, pipeline_sample("pt"), rtol=0, atol=1e-5)
@@ -103,8 +157,7 @@ def test_anchor_trajectory_is_the_pipelines_sample(guidance_scale):
 @pytest.mark.parametrize("guidance_scale", GUIDANCE)
 def test_on_policy_ratios_are_one(tmp_path, guidance_scale):
     # Training micro-batches (3 groups) differ from sampling batches (7 rows): ratios must still be 1.
-    trainer = sd3_trainer(tmp_path, guidance_scale=guidance_scale, rollout_batch_size=7,
-                          per_device_train_batch_size=3)
+    trainer = sd3_trainer(tmp_path, guidance_scale=guidance_scale, rollout_batch_size=7, per_device_train_batch_size=3)
     metrics = trainer.step()
     assert metrics["ratio/on_policy_max_abs_dev"] < 1e-5
     assert metrics["transformer_evaluations"] == 2 * trainer.evaluations_per_prompt()
@@ -127,11 +180,20 @@ def test_saved_lora_loads_into_a_fresh_pipeline(tmp_path):
 
     def pipeline_images(pipe):
         pipe.set_progress_bar_config(disable=True)
-        return pipe(prompts, negative_prompt=[NEGATIVE] * len(prompts), num_inference_steps=4,
-                    sigmas=pipeline_sigmas(4), guidance_scale=4.5, height=SIZE, width=SIZE,
-                    latents=torch.cat([trainer.adapter.initial_noise(1, torch.Generator().manual_seed(5 + i))
-                                       for i in range(len(prompts))]),
-                    max_sequence_length=SEQUENCE_LENGTH, output_type="pt").images
+        return pipe(
+            prompts,
+            negative_prompt=[NEGATIVE] * len(prompts),
+            num_inference_steps=4,
+            sigmas=pipeline_sigmas(4),
+            guidance_scale=4.5,
+            height=SIZE,
+            width=SIZE,
+            latents=torch.cat(
+                [trainer.adapter.initial_noise(1, torch.Generator().manual_seed(5 + i)) for i in range(len(prompts))]
+            ),
+            max_sequence_length=SEQUENCE_LENGTH,
+            output_type="pt",
+        ).images
 
     fresh = build_tiny_sd3_pipeline(seed=0)
     fresh.load_lora_weights(str(tmp_path / "lora"))

@@ -30,6 +30,7 @@ def render(prompts, seed=0):
 
 # --- grammar and data ----------------------------------------------------------------------------------------------
 
+
 def test_split_holds_out_compositions_unseen_in_training():
     train, heldout = split_prompts()
     assert (len(train), len(heldout)) == (2652, 288)
@@ -65,6 +66,7 @@ def test_rendering_is_deterministic_and_jittered():
 
 # --- rewards -------------------------------------------------------------------------------------------------------
 
+
 def test_rewards_score_ground_truth_one():
     train, heldout = split_prompts()
     prompts = train[:60] + heldout + train[60::20]
@@ -75,13 +77,16 @@ def test_rewards_score_ground_truth_one():
     assert purity.min() >= 0.99 and (purity == 1).float().mean() > 0.95  # small triangles: an anti-aliased pixel
 
 
-@pytest.mark.parametrize("drawn, described, composition, count, purity", [
-    ("a red circle top left", "a blue circle top left", 0.0, 1.0, 0.0),  # wrong colour
-    ("a red circle top left", "a red circle bottom right", 0.0, 1.0, 0.0),  # wrong place
-    ("a red circle top left", "a red circle top left and a green square centre", 0.5, 0.5, 0.5),  # one missing
-    ("a red circle top left and a green square centre", "a red circle top left", 1.0, 0.0, 1.0),  # an extra object
-    ("a yellow triangle top right and a yellow circle bottom left", "a yellow triangle top right", 1.0, 0.0, 1.0),
-])
+@pytest.mark.parametrize(
+    "drawn, described, composition, count, purity",
+    [
+        ("a red circle top left", "a blue circle top left", 0.0, 1.0, 0.0),  # wrong colour
+        ("a red circle top left", "a red circle bottom right", 0.0, 1.0, 0.0),  # wrong place
+        ("a red circle top left", "a red circle top left and a green square centre", 0.5, 0.5, 0.5),  # one missing
+        ("a red circle top left and a green square centre", "a red circle top left", 1.0, 0.0, 1.0),  # an extra object
+        ("a yellow triangle top right and a yellow circle bottom left", "a yellow triangle top right", 1.0, 0.0, 1.0),
+    ],
+)
 def test_rewards_score_wrong_images_lower(drawn, described, composition, count, purity):
     images = render([drawn] * 4)
     assert CompositionReward()(images, [described] * 4).tolist() == [composition] * 4
@@ -133,6 +138,7 @@ def test_rewards_refuse_bad_input():
 
 # --- tokenizers and text encoders ----------------------------------------------------------------------------------
 
+
 def test_grammar_words_are_single_tokens_and_prompts_distinguishable():
     pipeline = load_testbed_pipeline(build_if_missing=False)
     for word in WORDS:
@@ -148,6 +154,7 @@ def test_grammar_words_are_single_tokens_and_prompts_distinguishable():
 
 # --- training determinism ------------------------------------------------------------------------------------------
 
+
 def test_training_is_deterministic_from_the_seed():
     from benchmarks.testbed.model import build_untrained_pipeline
     from benchmarks.testbed.train import Recipe, encode_latents, encode_prompt_table, pack, train_transformer, train_vae
@@ -162,8 +169,15 @@ def test_training_is_deterministic_from_the_seed():
         images = render(prompts, seed)
         train_vae(pipeline.vae, images, recipe, generator)
         embeds, pooled = encode_prompt_table(pipeline, prompts, recipe.max_sequence_length)
-        train_transformer(pipeline, pack(pipeline, encode_latents(pipeline.vae, images)), torch.arange(6), embeds,
-                          pooled, recipe, generator)
+        train_transformer(
+            pipeline,
+            pack(pipeline, encode_latents(pipeline.vae, images)),
+            torch.arange(6),
+            embeds,
+            pooled,
+            recipe,
+            generator,
+        )
         return {**pipeline.vae.state_dict(), **pipeline.transformer.state_dict()}
 
     first, again, other = trained_weights(0), trained_weights(0), trained_weights(1)
@@ -173,11 +187,14 @@ def test_training_is_deterministic_from_the_seed():
 
 # --- the committed pipeline ----------------------------------------------------------------------------------------
 
+
 def test_committed_checkpoint_is_small_and_loads_as_flux_pipeline():
     from diffusers import FluxPipeline
 
-    assert sum(os.path.getsize(os.path.join(root, name))
-               for root, _, files in os.walk(CHECKPOINT_DIR) for name in files) < 5e6
+    assert (
+        sum(os.path.getsize(os.path.join(root, name)) for root, _, files in os.walk(CHECKPOINT_DIR) for name in files)
+        < 5e6
+    )
     assert isinstance(load_testbed_pipeline(build_if_missing=False), FluxPipeline)
     with pytest.raises(FileNotFoundError, match="build.py"):
         load_testbed_pipeline("/nonexistent/testbed", build_if_missing=False)
@@ -234,10 +251,12 @@ def test_pretrained_beats_its_random_initialization_on_heldout_prompts():
 def test_egrpo_step_on_the_testbed_is_on_policy(tmp_path):
     from trl_flow_egrpo import EGRPOTrainer
 
-    config = egrpo_config(str(tmp_path), max_steps=1, num_inference_steps=8, num_active_steps=2,
-                            prompts_per_device=2, seed=0)
-    trainer = EGRPOTrainer(config, load_testbed_pipeline(build_if_missing=False), [CompositionReward()],
-                           train_prompts()[60:70])
+    config = egrpo_config(
+        str(tmp_path), max_steps=1, num_inference_steps=8, num_active_steps=2, prompts_per_device=2, seed=0
+    )
+    trainer = EGRPOTrainer(
+        config, load_testbed_pipeline(build_if_missing=False), [CompositionReward()], train_prompts()[60:70]
+    )
     metrics = trainer.step()
     assert metrics["ratio/on_policy_max_abs_dev"] < 1e-5
     assert 0 <= metrics["reward/composition/mean"] <= 1
@@ -267,8 +286,12 @@ def heldout_gain(algorithm: str, learning_rate: float | None = None) -> tuple[fl
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import learning_efficiency
 
-    mode = learning_efficiency.Mode(budget=LEARNING_BUDGET, eval_points=1, seeds=(0,),
-                                    num_eval_prompts=learning_efficiency.MODES["quick"].num_eval_prompts)
+    mode = learning_efficiency.Mode(
+        budget=LEARNING_BUDGET,
+        eval_points=1,
+        seeds=(0,),
+        num_eval_prompts=learning_efficiency.MODES["quick"].num_eval_prompts,
+    )
     backend = learning_efficiency.testbed_backend(learning_efficiency.REPO, mode.num_eval_prompts)
     fields = dict(algorithm=algorithm, seed=0)
     if learning_rate is not None:

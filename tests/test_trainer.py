@@ -8,8 +8,16 @@ import pytest
 import torch
 from datasets import Dataset
 
-from helpers import (PROMPTS, assert_reward_rose, assert_training_raises_the_reward, plain_pipeline_images,
-                     record_calls, record_optimizer_steps, tiny_config, tiny_trainer)
+from helpers import (
+    PROMPTS,
+    assert_reward_rose,
+    assert_training_raises_the_reward,
+    plain_pipeline_images,
+    record_calls,
+    record_optimizer_steps,
+    tiny_config,
+    tiny_trainer,
+)
 from trl_flow_egrpo import EGRPOTrainer, checkpoints
 from trl_flow_egrpo.rewards import BrightnessReward, ColorReward
 from trl_flow_egrpo.tiny import build_tiny_flux_pipeline
@@ -24,8 +32,9 @@ def _checkpoint_dirs(path):
 def test_on_policy_ratios_are_one(tmp_path):
     # One optimizer step per iteration, so every ratio is taken at the sampling policy. Training micro-batches
     # (3 groups) differ from sampling batches (7 rows): the ratios must still be 1.
-    trainer = tiny_trainer(tmp_path, rollout_batch_size=7, per_device_train_batch_size=3, max_steps=1,
-                           optimizer_step="iteration")
+    trainer = tiny_trainer(
+        tmp_path, rollout_batch_size=7, per_device_train_batch_size=3, max_steps=1, optimizer_step="iteration"
+    )
     metrics = trainer.step()
     assert metrics["ratio/on_policy_max_abs_dev"] < 1e-5
     assert abs(metrics["ratio/min"] - 1) < 1e-5 and abs(metrics["ratio/max"] - 1) < 1e-5
@@ -92,8 +101,14 @@ def test_full_fine_tuning_saves_the_gathered_weights(tmp_path):
 def test_kl_penalty_is_zero_at_the_base_model_and_grows_with_updates(tmp_path, use_peft):
     # One optimizer step per iteration: the first iteration's loss is computed at the base model (a LoRA
     # starts at it, a full fine-tune's frozen reference is a copy of it), later ones after updates.
-    trainer = tiny_trainer(tmp_path, beta=0.1, max_steps=3, optimizer_step="iteration", use_peft=use_peft,
-                           learning_rate=1e-2 if use_peft else 1e-3)
+    trainer = tiny_trainer(
+        tmp_path,
+        beta=0.1,
+        max_steps=3,
+        optimizer_step="iteration",
+        use_peft=use_peft,
+        learning_rate=1e-2 if use_peft else 1e-3,
+    )
     kls = [trainer.step()["kl_to_reference"] for _ in range(3)]
     assert kls[0] == pytest.approx(0.0, abs=1e-10)
     assert kls[1] > 1e-8 and kls[2] > 1e-8, kls
@@ -111,17 +126,21 @@ def test_resume_continues_exactly(tmp_path):
     keys = ["loss", "ratio/mean", "reward/weighted_mean", "grad_norm", "advantage/std"]
     uninterrupted = tiny_trainer(tmp_path / "a", max_steps=4, save_steps=2)
     history = uninterrupted.train().log_history
-    assert checkpoints.list_checkpoints(str(tmp_path / "a")) == [str(tmp_path / "a" / "checkpoint-2"),
-                                                                 str(tmp_path / "a" / "checkpoint-4")]
+    assert checkpoints.list_checkpoints(str(tmp_path / "a")) == [
+        str(tmp_path / "a" / "checkpoint-2"),
+        str(tmp_path / "a" / "checkpoint-4"),
+    ]
     resumed = tiny_trainer(tmp_path / "b", max_steps=4, resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     # A fresh start would reproduce the uninterrupted run too (same seed): only 2 iterations may run.
     iterations_run = record_calls(resumed, "step")
     resumed_history = resumed.train().log_history
     assert len(iterations_run) == 2 and len(resumed_history) == 4
-    for expected, actual in zip(history[2:], resumed_history[2:]):
+    for expected, actual in zip(history[2:], resumed_history[2:], strict=True):
         for key in keys:
             assert actual[key] == expected[key], key
-    for a, b in zip(uninterrupted.optimizer.param_groups[0]["params"], resumed.optimizer.param_groups[0]["params"]):
+    for a, b in zip(
+        uninterrupted.optimizer.param_groups[0]["params"], resumed.optimizer.param_groups[0]["params"], strict=True
+    ):
         assert torch.equal(a, b)
 
 
@@ -171,13 +190,16 @@ def _inf(images, prompts, **columns):
     return np.full(len(images), np.inf)
 
 
-@pytest.mark.parametrize("reward, message", [
-    (_wrong_length, r"Reward '_wrong_length' returned \(\d+,\) values for \d+ images"),
-    (_nan, "Reward '_nan' returned NaN or inf"),
-    (_inf, "Reward '_inf' returned NaN or inf"),
-    (lambda images, prompts: "good", "not a sequence of numbers"),
-    (lambda images, prompts: ["0.5"] * len(images), r"not a sequence of numbers \(e.g. '0.5'\)"),
-])
+@pytest.mark.parametrize(
+    "reward, message",
+    [
+        (_wrong_length, r"Reward '_wrong_length' returned \(\d+,\) values for \d+ images"),
+        (_nan, "Reward '_nan' returned NaN or inf"),
+        (_inf, "Reward '_inf' returned NaN or inf"),
+        (lambda images, prompts: "good", "not a sequence of numbers"),
+        (lambda images, prompts: ["0.5"] * len(images), r"not a sequence of numbers \(e.g. '0.5'\)"),
+    ],
+)
 def test_bad_reward_output_is_a_clear_error_and_writes_nothing(tmp_path, reward, message):
     trainer = tiny_trainer(tmp_path, reward_fns=[reward], save_steps=1)
     with pytest.raises(ValueError, match=message):
@@ -185,24 +207,36 @@ def test_bad_reward_output_is_a_clear_error_and_writes_nothing(tmp_path, reward,
     assert _checkpoint_dirs(tmp_path) == []
 
 
-@pytest.mark.parametrize("dataset, message", [
-    (Dataset.from_dict({"prompt": []}), "train_dataset is empty"),
-    (Dataset.from_dict({"caption": ["a cat"]}), r"no prompt column 'prompt' \(columns: \['caption'\]\).*prompt_column"),
-])
+@pytest.mark.parametrize(
+    "dataset, message",
+    [
+        (Dataset.from_dict({"prompt": []}), "train_dataset is empty"),
+        (
+            Dataset.from_dict({"caption": ["a cat"]}),
+            r"no prompt column 'prompt' \(columns: \['caption'\]\).*prompt_column",
+        ),
+    ],
+)
 def test_bad_dataset_is_a_clear_error(tmp_path, dataset, message):
     with pytest.raises(ValueError, match=message):
         tiny_trainer(tmp_path, dataset=dataset)
     assert not os.path.exists(tmp_path / "logs")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(num_generations=1), "num_generations must be >= 2"),
-    (dict(num_active_steps=20), r"num_active_steps=20 is not allowed: num_active_steps must be between 1 and "
-                                r"num_inference_steps \(8\)"),
-    (dict(noise_level=0.0), "noise_level=0.0 is not allowed: noise_level must be a finite number > 0"),
-    (dict(merge="often"), "merge must be"),
-    (dict(reward_aggregation="max"), "reward_aggregation"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_generations=1), "num_generations must be >= 2"),
+        (
+            dict(num_active_steps=20),
+            r"num_active_steps=20 is not allowed: num_active_steps must be between 1 and "
+            r"num_inference_steps \(8\)",
+        ),
+        (dict(noise_level=0.0), "noise_level=0.0 is not allowed: noise_level must be a finite number > 0"),
+        (dict(merge="often"), "merge must be"),
+        (dict(reward_aggregation="max"), "reward_aggregation"),
+    ],
+)
 def test_bad_config_is_a_clear_error(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(tmp_path, **overrides)
@@ -221,7 +255,7 @@ def test_reward_receives_dataset_columns(tmp_path):
     seen = {}
 
     def reward(images, prompts, style, **columns):
-        seen["pairs"] = set(zip(prompts, style))
+        seen["pairs"] = set(zip(prompts, style, strict=True))
         return torch.zeros(len(images))
 
     dataset = Dataset.from_dict({"prompt": ["a", "b", "c"], "style": ["x", "y", "z"]})
@@ -254,13 +288,21 @@ def test_second_inner_epoch_updates_again_off_policy(tmp_path):
     assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["reward/weighted_mean"])
 
 
-@pytest.mark.parametrize("optimizer_step, num_inner_epochs", [("active_step", 1), ("active_step", 2),
-                                                              ("iteration", 1), ("iteration", 2)])
+@pytest.mark.parametrize(
+    "optimizer_step, num_inner_epochs", [("active_step", 1), ("active_step", 2), ("iteration", 1), ("iteration", 2)]
+)
 def test_learning_rate_schedule_spans_every_optimizer_step(tmp_path, optimizer_step, num_inner_epochs):
     max_steps, learning_rate = 2, 1e-2
-    trainer = tiny_trainer(tmp_path, optimizer_step=optimizer_step, num_inner_epochs=num_inner_epochs,
-                           max_steps=max_steps, learning_rate=learning_rate, lr_scheduler_type="linear",
-                           prompts_per_device=1, num_generations=2)
+    trainer = tiny_trainer(
+        tmp_path,
+        optimizer_step=optimizer_step,
+        num_inner_epochs=num_inner_epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type="linear",
+        prompts_per_device=1,
+        num_generations=2,
+    )
     steps_per_iteration = (len(trainer.merge_plan) if optimizer_step == "active_step" else 1) * num_inner_epochs
     assert len(trainer.merge_plan) > 1  # active_step and iteration then differ
     used = record_optimizer_steps(trainer)
@@ -268,8 +310,9 @@ def test_learning_rate_schedule_spans_every_optimizer_step(tmp_path, optimizer_s
     # A linear decay over all max_steps * steps_per_iteration optimizer steps: step j uses L * (1 - j / N).
     total = max_steps * steps_per_iteration
     assert used == pytest.approx([learning_rate * (1 - j / total) for j in range(total)], rel=1e-12, abs=0)
-    assert logged == pytest.approx([learning_rate * (1 - k / max_steps) for k in range(1, max_steps + 1)],
-                                   rel=1e-12, abs=1e-15)
+    assert logged == pytest.approx(
+        [learning_rate * (1 - k / max_steps) for k in range(1, max_steps + 1)], rel=1e-12, abs=1e-15
+    )
 
 
 def _image_and_prompt_reward(images, prompts, **columns):
@@ -292,17 +335,29 @@ def _sync_and_async_iterations(tmp_path, monkeypatch, **overrides) -> tuple[dict
         batch_sizes = []
 
         def reward(images, prompts, **columns):
-            batch_sizes.append(len(images))
+            batch_sizes.append(len(images))  # noqa: B023 (called only by this iteration's trainer.step())
             return _image_and_prompt_reward(images, prompts)
 
-        trainer = tiny_trainer(tmp_path / f"async_{async_rewards}", reward_fns=[reward], async_rewards=async_rewards,
-                               **{"prompts_per_device": 3, "max_steps": 1, **overrides})
+        trainer = tiny_trainer(
+            tmp_path / f"async_{async_rewards}",
+            reward_fns=[reward],
+            async_rewards=async_rewards,
+            **{"prompts_per_device": 3, "max_steps": 1, **overrides},
+        )
         updates = record_calls(trainer, "update")
         metrics = trainer.step()
         (rollouts, advantages), _ = updates[-1]
         (rewards, *_), _ = rewards_seen[-1]
-        runs.append(dict(trainer=trainer, rollouts=rollouts, advantages=advantages, rewards=rewards, metrics=metrics,
-                         batch_sizes=batch_sizes))
+        runs.append(
+            dict(
+                trainer=trainer,
+                rollouts=rollouts,
+                advantages=advantages,
+                rewards=rewards,
+                metrics=metrics,
+                batch_sizes=batch_sizes,
+            )
+        )
     return runs[0], runs[1]
 
 
@@ -329,8 +384,9 @@ def test_async_rewards_score_every_rollout_with_its_own_image_and_prompt(tmp_pat
 
 def test_async_rewards_reproduce_the_synchronous_iteration(tmp_path, monkeypatch):
     # One transformer row per call: both modes then run identical computations, batch composition aside.
-    sync, overlapped = _sync_and_async_iterations(tmp_path, monkeypatch, rollout_batch_size=1, prompts_per_device=2,
-                                                  num_generations=2, num_active_steps=2)
+    sync, overlapped = _sync_and_async_iterations(
+        tmp_path, monkeypatch, rollout_batch_size=1, prompts_per_device=2, num_generations=2, num_active_steps=2
+    )
     for field in ("step_latents", "samples", "log_probs", "images", "anchor_images"):
         torch.testing.assert_close(getattr(overlapped["rollouts"], field), getattr(sync["rollouts"], field), msg=field)
     torch.testing.assert_close(overlapped["rewards"], sync["rewards"])
@@ -344,19 +400,25 @@ def test_async_rewards_reproduce_the_synchronous_iteration(tmp_path, monkeypatch
 def test_two_rewards_log_both_and_raise_the_weighted_objective(tmp_path, aggregation):
     rewards = [ColorReward(), BrightnessReward()]
     weights = [1.0, 0.5]
-    trainer = tiny_trainer(tmp_path, reward_fns=rewards, reward_weights=weights, reward_aggregation=aggregation,
-                           max_steps=8, num_generations=6)
+    trainer = tiny_trainer(
+        tmp_path,
+        reward_fns=rewards,
+        reward_weights=weights,
+        reward_aggregation=aggregation,
+        max_steps=8,
+        num_generations=6,
+    )
 
     def objective():
         images = trainer.sample_images(EVAL_PROMPTS, seed=7)
-        return sum(w * r(images, EVAL_PROMPTS) for w, r in zip(weights, rewards))
+        return sum(w * r(images, EVAL_PROMPTS) for w, r in zip(weights, rewards, strict=True))
 
     before = objective()
     history = trainer.train().log_history
     assert_reward_rose(before, objective(), min_gain=0.0)
     for name in ("color", "brightness"):
         assert all(f"reward/{name}/mean" in m and f"reward/{name}/std" in m for m in history)
-    expected = sum(w * history[-1][f"reward/{n}/mean"] for w, n in zip(weights, ["color", "brightness"]))
+    expected = sum(w * history[-1][f"reward/{n}/mean"] for w, n in zip(weights, ["color", "brightness"], strict=True))
     assert history[-1]["reward/weighted_mean"] == pytest.approx(expected, rel=1e-5)
 
 

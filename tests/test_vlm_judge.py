@@ -99,9 +99,12 @@ class JudgeHandler(BaseHTTPRequestHandler):
             p = min(max(red, 1e-9), 1 - 1e-9)
             candidates = [("Yes", 0.75 * p), (" yes", 0.25 * p), ("No", 1 - p)]
             choice["message"]["content"] = "Yes" if p >= 0.5 else "No"
-            top = [{"token": t, "logprob": math.log(q)} for t, q in candidates][:body["top_logprobs"]]
-            choice["logprobs"] = {"content": [{"token": choice["message"]["content"],
-                                               "logprob": math.log(max(p, 1 - p)), "top_logprobs": top}]}
+            top = [{"token": t, "logprob": math.log(q)} for t, q in candidates][: body["top_logprobs"]]
+            choice["logprobs"] = {
+                "content": [
+                    {"token": choice["message"]["content"], "logprob": math.log(max(p, 1 - p)), "top_logprobs": top}
+                ]
+            }
         return {"id": "cmpl-test", "object": "chat.completion", "model": MODEL, "choices": [choice]}
 
     def answer(self, status: int, payload: dict) -> None:
@@ -145,21 +148,32 @@ def test_yes_probability_scores_and_the_question_sent(judge):
     reward = VLMJudgeReward(judge.base_url, MODEL, "Is this {prompt} ({style})? Answer Yes or No.")
     scores = reward(images, PROMPTS, style=["photo", "painting", "sketch"])
     torch.testing.assert_close(scores, expected_red(images), rtol=1e-6, atol=1e-6)
-    questions = sorted(part["text"] for body in judge.requests for part in body["messages"][-1]["content"]
-                       if part["type"] == "text")
-    assert questions == ["Is this a blue sky (painting)? Answer Yes or No.", "Is this a red apple (photo)? Answer Yes "
-                         "or No.", "Is this a rose (sketch)? Answer Yes or No."]
+    questions = sorted(
+        part["text"] for body in judge.requests for part in body["messages"][-1]["content"] if part["type"] == "text"
+    )
+    assert questions == [
+        "Is this a blue sky (painting)? Answer Yes or No.",
+        "Is this a red apple (photo)? Answer Yes or No.",
+        "Is this a rose (sketch)? Answer Yes or No.",
+    ]
     body = judge.requests[0]
-    assert (body["model"], body["max_tokens"], body["logprobs"], body["top_logprobs"], body["temperature"]) == \
-        (MODEL, 1, True, 20, 0.0)
+    assert (body["model"], body["max_tokens"], body["logprobs"], body["top_logprobs"], body["temperature"]) == (
+        MODEL,
+        1,
+        True,
+        20,
+        0.0,
+    )
 
 
 def test_number_scores(judge):
     images = images_with_red([0.2, 0.7, 1.0])
-    reward = VLMJudgeReward(judge.base_url, MODEL, "Rate {prompt} from 0 to 10.", score="number", number_range=(0, 10),
-                            image_format="jpeg")
-    torch.testing.assert_close(reward(images, PROMPTS), 10 * torch.tensor([mean_red_jpeg(i) for i in images]),
-                               rtol=1e-5, atol=1e-5)
+    reward = VLMJudgeReward(
+        judge.base_url, MODEL, "Rate {prompt} from 0 to 10.", score="number", number_range=(0, 10), image_format="jpeg"
+    )
+    torch.testing.assert_close(
+        reward(images, PROMPTS), 10 * torch.tensor([mean_red_jpeg(i) for i in images]), rtol=1e-5, atol=1e-5
+    )
     assert judge.requests[0]["max_tokens"] == 16 and "logprobs" not in judge.requests[0]
 
 
@@ -172,8 +186,11 @@ def mean_red_jpeg(image: torch.Tensor) -> float:
 
 def test_an_endpoint_without_logprobs_gets_a_clear_error(judge):
     judge.omit_logprobs = True
-    with pytest.raises(VLMJudgeError, match=rf"{judge.base_url}/chat/completions returned no log-probabilities for "
-                                            r"model 'tiny-judge'.*or use score='number'"):
+    with pytest.raises(
+        VLMJudgeError,
+        match=rf"{judge.base_url}/chat/completions returned no log-probabilities for "
+        r"model 'tiny-judge'.*or use score='number'",
+    ):
         VLMJudgeReward(judge.base_url, MODEL)(images_with_red([0.5]), ["a"])
 
 
@@ -181,7 +198,8 @@ def test_server_errors_are_retried_with_backoff(judge):
     judge.failures_before_success = 2
     start = time.monotonic()
     scores = VLMJudgeReward(judge.base_url, MODEL, retries=2, backoff=0.05, max_concurrency=1)(
-        images_with_red([0.3]), ["a"])
+        images_with_red([0.3]), ["a"]
+    )
     assert time.monotonic() - start >= 0.05 + 0.1
     torch.testing.assert_close(scores, expected_red(images_with_red([0.3])), rtol=1e-6, atol=1e-6)
     assert len(judge.requests) == 3
@@ -205,8 +223,11 @@ def test_errors_name_the_endpoint_and_the_fix(judge):
         VLMJudgeReward(judge.base_url, MODEL, api_key="wrong")(images_with_red([0.3]), ["a"])
     assert VLMJudgeReward(judge.base_url, MODEL, api_key="secret")(images_with_red([0.3]), ["a"]).shape == (1,)
     judge.max_logprobs = 5
-    with pytest.raises(VLMJudgeError, match=r"refused the request for model 'tiny-judge' \(HTTP 400\): top_logprobs "
-                                            r"must be <= 5"):
+    with pytest.raises(
+        VLMJudgeError,
+        match=r"refused the request for model 'tiny-judge' \(HTTP 400\): top_logprobs "
+        r"must be <= 5",
+    ):
         VLMJudgeReward(judge.base_url, MODEL, api_key="secret")(images_with_red([0.3]), ["a"])
     with pytest.raises(VLMJudgeError, match=r"HTTP 404\): The model `other` does not exist"):
         VLMJudgeReward(judge.base_url, "other", api_key="secret", top_logprobs=5)(images_with_red([0.3]), ["a"])
@@ -241,8 +262,13 @@ def test_bad_arguments_and_templates_are_refused():
 
 
 def test_score_parsers():
-    assert yes_probability([{"token": " YES", "logprob": math.log(0.5)}, {"token": "yes", "logprob": math.log(0.25)},
-                            {"token": "No", "logprob": math.log(0.25)}]) == pytest.approx(0.75)
+    assert yes_probability(
+        [
+            {"token": " YES", "logprob": math.log(0.5)},
+            {"token": "yes", "logprob": math.log(0.25)},
+            {"token": "No", "logprob": math.log(0.25)},
+        ]
+    ) == pytest.approx(0.75)
     assert yes_probability([{"token": "No", "logprob": 0.0}]) == 0.0
     assert first_number("Score: 7.5/10") == 7.5 and first_number("-3") == -3.0 and first_number("none") is None
 

@@ -24,14 +24,22 @@ logger = logging.getLogger(__name__)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """``torch.compile`` modes accepted by ``compile_mode``."""
 
-BF16_DENSE_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.5), ("H100", 989.4), ("A100", 312.0),
-                     ("L40S", 362.1), ("RTX 4090", 165.2))
+BF16_DENSE_TFLOPS = (
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.5),
+    ("H100", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("RTX 4090", 165.2),
+)
 """bf16 dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets (H100 = the SXM part), by
 device-name substring, first match first (the RTX 4090's with float32 accumulation). Unknown devices get no
 MFU unless ``peak_tflops`` is configured."""
 
 
 # --- attention backend ------------------------------------------------------------------------------------
+
 
 def attention_backends() -> tuple[str, ...]:
     """The attention backend names of the installed diffusers' dispatcher (``AttentionBackendName``), sorted."""
@@ -44,10 +52,12 @@ def check_attention_backend(name: str) -> None:
     """Raise a ``ValueError`` naming the allowed values when ``name`` is not a diffusers attention backend."""
     allowed = attention_backends()
     if name not in allowed:
-        raise ValueError(f"attention_backend={name!r} is not allowed: attention_backend must be None (the "
-                         f"model's default, PyTorch SDPA) or one of the installed diffusers' backends {allowed}. "
-                         "'native' is PyTorch SDPA with its own kernel choice; '_native_flash', '_native_cudnn', "
-                         "'_native_efficient' force one SDPA kernel.")
+        raise ValueError(
+            f"attention_backend={name!r} is not allowed: attention_backend must be None (the "
+            f"model's default, PyTorch SDPA) or one of the installed diffusers' backends {allowed}. "
+            "'native' is PyTorch SDPA with its own kernel choice; '_native_flash', '_native_cudnn', "
+            "'_native_efficient' force one SDPA kernel."
+        )
 
 
 def set_attention_backend(model: torch.nn.Module, name: str) -> None:
@@ -59,16 +69,21 @@ def set_attention_backend(model: torch.nn.Module, name: str) -> None:
     """
     check_attention_backend(name)
     if not callable(getattr(model, "set_attention_backend", None)):
-        raise ValueError(f"attention_backend={name!r} but {type(model).__name__} has no set_attention_backend: "
-                         "it is not a diffusers model with the attention dispatcher. Set attention_backend=None.")
+        raise ValueError(
+            f"attention_backend={name!r} but {type(model).__name__} has no set_attention_backend: "
+            "it is not a diffusers model with the attention dispatcher. Set attention_backend=None."
+        )
     try:
         model.set_attention_backend(name)
     except RuntimeError as error:  # diffusers' requirement check: the backend's package is missing
-        raise ValueError(f"attention_backend={name!r} cannot run here: {error} Install what it needs or choose "
-                         "'native' (PyTorch SDPA).") from error
+        raise ValueError(
+            f"attention_backend={name!r} cannot run here: {error} Install what it needs or choose "
+            "'native' (PyTorch SDPA)."
+        ) from error
 
 
 # --- regional compilation ---------------------------------------------------------------------------------
+
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The blocks regional compilation compiles: the modules whose class is named in the model's
@@ -93,14 +108,17 @@ def compile_repeated_blocks(model: torch.nn.Module, mode: str = "default") -> in
         raise ValueError(f"compile_mode={mode!r} is not allowed: compile_mode must be one of {COMPILE_MODES}.")
     blocks = repeated_blocks(model)
     if not blocks:
-        raise ValueError(f"compile_transformer=True but {type(model).__name__} has no repeated blocks (no "
-                         "_repeated_blocks and no ModuleList) to compile. Set compile_transformer=False.")
+        raise ValueError(
+            f"compile_transformer=True but {type(model).__name__} has no repeated blocks (no "
+            "_repeated_blocks and no ModuleList) to compile. Set compile_transformer=False."
+        )
     for block in blocks:
         block.compile(mode=mode)
     return len(blocks)
 
 
 # --- LoRA input cast --------------------------------------------------------------------------------------
+
 
 def set_lora_input_cast(model: torch.nn.Module, enabled: bool) -> int:
     """Turn peft's cast of each LoRA layer's input to the LoRA weights' dtype on or off; returns the layers set.
@@ -141,15 +159,23 @@ def apply_speed_switches(model: torch.nn.Module, config) -> list[str]:
 
 # --- optimizer --------------------------------------------------------------------------------------------
 
+
 def build_optimizer(parameters: list[torch.nn.Parameter], config) -> torch.optim.Optimizer:
     """The optimizer of ``parameters`` from ``config`` (an :class:`~trl_flow_egrpo.EGRPOConfig`): AdamW, with
     PyTorch's fused CUDA kernel (one launch for all tensors) when every parameter is on a CUDA device."""
     fused = bool(parameters) and all(parameter.is_cuda for parameter in parameters)
-    return torch.optim.AdamW(parameters, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                             eps=config.adam_epsilon, weight_decay=config.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(
+        parameters,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+        fused=fused or None,
+    )
 
 
 # --- efficiency -------------------------------------------------------------------------------------------
+
 
 def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
     """The dense bf16 peak (TFLOP/s) that MFU divides by: ``override`` if given, else the CUDA device's entry
@@ -162,8 +188,9 @@ def peak_tflops(device: torch.device, override: float | None = None) -> float | 
     return next((tflops for key, tflops in BF16_DENSE_TFLOPS if key in name), None)
 
 
-def transformer_flops_per_row(adapter, model: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
-                              conditioning) -> int:
+def transformer_flops_per_row(
+    adapter, model: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, conditioning
+) -> int:
     """FLOPs of one transformer row (``adapter.velocity`` on one sample), counted by ``FlopCounterMode`` on a
     meta-device model of ``model``'s configuration, so nothing is computed or allocated.
 
@@ -194,8 +221,9 @@ def transformer_flops_per_row(adapter, model: torch.nn.Module, latents: torch.Te
             adapter.velocity(meta_model, to_meta(latents), to_meta(timesteps), tree_map(to_meta, conditioning))
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
         # A metric must not stop a run: a model whose forward does not run on meta tensors logs no MFU.
-        logger.warning("No time/sampling_mfu: counting the FLOPs of a transformer row on the meta device failed (%s).",
-                       error)
+        logger.warning(
+            "No time/sampling_mfu: counting the FLOPs of a transformer row on the meta device failed (%s).", error
+        )
         return 0
     return counter.get_total_flops()
 
@@ -226,6 +254,7 @@ class PhasePeakMemory:
     @staticmethod
     def overall(metrics: dict[str, float], kind: str = "allocated") -> float | None:
         """The largest ``memory/<phase>_peak_<kind>_gib`` among ``metrics`` (an iteration's), or None."""
-        peaks = [value for key, value in metrics.items()
-                 if key.startswith("memory/") and key.endswith(f"_peak_{kind}_gib")]
+        peaks = [
+            value for key, value in metrics.items() if key.startswith("memory/") and key.endswith(f"_peak_{kind}_gib")
+        ]
         return max(peaks) if peaks else None

@@ -51,7 +51,9 @@ def group_advantages(
     if rewards.dim() == 2:
         rewards = rewards.unsqueeze(-1)
     if rewards.dim() != 3 or rewards.shape[1] < 2:
-        raise ValueError(f"rewards must be [num_groups, G(>=2)] or [num_groups, G, num_rewards], got {tuple(rewards.shape)}.")
+        raise ValueError(
+            f"rewards must be [num_groups, G(>=2)] or [num_groups, G, num_rewards], got {tuple(rewards.shape)}."
+        )
     num_rewards = rewards.shape[-1]
     weights = torch.ones(num_rewards) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     if weights.shape != (num_rewards,):

@@ -53,11 +53,11 @@ def placeholder_weights_requested(environ=os.environ) -> bool:
     (``ACCELERATE_USE_FSDP``, ``FSDP_CPU_RAM_EFFICIENT_LOADING``) and the rank from ``RANK``, because the pipeline
     is loaded before the trainer's ``Accelerator`` exists. Agrees with :func:`weights_arrive_from_main_process`.
     """
+
     def flag(name: str) -> bool:
         return environ.get(name, "false").lower() in ("1", "true", "yes")
 
-    return (flag("ACCELERATE_USE_FSDP") and flag("FSDP_CPU_RAM_EFFICIENT_LOADING")
-            and int(environ.get("RANK", "0")) != 0)
+    return flag("ACCELERATE_USE_FSDP") and flag("FSDP_CPU_RAM_EFFICIENT_LOADING") and int(environ.get("RANK", "0")) != 0
 
 
 def placeholder_model(model_class, config, dtype: torch.dtype) -> torch.nn.Module:
@@ -73,8 +73,7 @@ def placeholder_model(model_class, config, dtype: torch.dtype) -> torch.nn.Modul
     with init_empty_weights(include_buffers=False):
         model = model_class.from_config(config)
     for name, parameter in list(model.named_parameters()):
-        set_module_tensor_to_device(model, name, "cpu", value=torch.empty(parameter.shape, dtype=dtype),
-                                    dtype=dtype)
+        set_module_tensor_to_device(model, name, "cpu", value=torch.empty(parameter.shape, dtype=dtype), dtype=dtype)
     for name, buffer in list(model.named_buffers()):
         if buffer.is_floating_point():
             set_module_tensor_to_device(model, name, "cpu", value=buffer, dtype=dtype)
@@ -86,8 +85,9 @@ def micro_batches_per_optimizer_step(groups_per_step: int, micro_batch_size: int
     return -(-groups_per_step // micro_batch_size)
 
 
-def configure_deepspeed(accelerator, micro_batch_size: int, micro_batches_per_step: int,
-                        max_grad_norm: float | None) -> None:
+def configure_deepspeed(
+    accelerator, micro_batch_size: int, micro_batches_per_step: int, max_grad_norm: float | None
+) -> None:
     """Set, before ``accelerator.prepare``, the DeepSpeed values accelerate infers only from a dataloader.
 
     - ``train_micro_batch_size_per_gpu``: ``per_device_train_batch_size`` (groups per backward pass);
@@ -107,10 +107,18 @@ def configure_deepspeed(accelerator, micro_batch_size: int, micro_batches_per_st
     """
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     clipping = 0.0 if max_grad_norm is None else float(max_grad_norm)
-    required = {"gradient_accumulation_steps": (1, "the trainer accumulates micro-batches itself: set it to 1 or "
-                                                   "'auto', and per_device_train_batch_size for the micro-batch size"),
-                "gradient_clipping": (clipping, "EGRPOConfig.max_grad_norm decides the clipping: set it to 'auto' "
-                                                "or remove it, and set max_grad_norm instead")}
+    required = {
+        "gradient_accumulation_steps": (
+            1,
+            "the trainer accumulates micro-batches itself: set it to 1 or "
+            "'auto', and per_device_train_batch_size for the micro-batch size",
+        ),
+        "gradient_clipping": (
+            clipping,
+            "EGRPOConfig.max_grad_norm decides the clipping: set it to 'auto' "
+            "or remove it, and set max_grad_norm instead",
+        ),
+    }
     for key, (value, fix) in required.items():
         current = config.get(key, "auto")
         if current != "auto" and not math.isclose(float(current), value):
@@ -123,9 +131,11 @@ def configure_deepspeed(accelerator, micro_batch_size: int, micro_batches_per_st
     if config.get("zero_optimization", {}).get("stage") == 3:
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     if micro_batches_per_step > 1 and not _deepspeed_backward_honours_boundary():
-        raise ValueError(f"Under DeepSpeed, an optimizer step of {micro_batches_per_step} micro-batches needs "
-                         "accelerate >= 1.8 (older versions step the engine after every backward pass): upgrade "
-                         "accelerate, or set per_device_train_batch_size to the groups per optimizer step.")
+        raise ValueError(
+            f"Under DeepSpeed, an optimizer step of {micro_batches_per_step} micro-batches needs "
+            "accelerate >= 1.8 (older versions step the engine after every backward pass): upgrade "
+            "accelerate, or set per_device_train_batch_size to the groups per optimizer step."
+        )
 
 
 def _deepspeed_backward_honours_boundary() -> bool:

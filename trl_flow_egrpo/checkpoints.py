@@ -108,7 +108,7 @@ def prune(output_dir: str, keep: int | None) -> list[str]:
     if keep is None:
         return []
     checkpoints = list_checkpoints(output_dir)
-    doomed = checkpoints[:max(len(checkpoints) - max(keep, 1), 0)]
+    doomed = checkpoints[: max(len(checkpoints) - max(keep, 1), 0)]
     for path in doomed:
         shutil.rmtree(path)
     return doomed
@@ -124,11 +124,13 @@ def read_trainer_state(checkpoint: str) -> TrainerState:
     """Read ``trainer_state.json`` of a checkpoint (call :func:`verify` first for a clear error)."""
     with open(os.path.join(checkpoint, TRAINER_STATE)) as handle:
         saved = json.load(handle)
-    return TrainerState(iteration=saved["iteration"], log_history=saved["log_history"],
-                        eval_history=saved.get("eval_history", []))
+    return TrainerState(
+        iteration=saved["iteration"], log_history=saved["log_history"], eval_history=saved.get("eval_history", [])
+    )
 
 
 # ---------------------------------------------------------------------------------------------- verification
+
 
 def verify(checkpoint: str, process_index: int = 0) -> None:
     """Check that ``checkpoint`` is complete and undamaged, without loading it into a model.
@@ -144,8 +146,10 @@ def verify(checkpoint: str, process_index: int = 0) -> None:
         raise CheckpointError(f"Checkpoint {checkpoint} does not exist (or is not a directory).")
     state_file = os.path.join(checkpoint, TRAINER_STATE)
     if not os.path.isfile(state_file):
-        raise CheckpointError(f"{checkpoint} is not an E-GRPO checkpoint (no {TRAINER_STATE}). Pass a checkpoint-N "
-                              "directory written by EGRPOTrainer, or 'true' for the newest one in output_dir.")
+        raise CheckpointError(
+            f"{checkpoint} is not an E-GRPO checkpoint (no {TRAINER_STATE}). Pass a checkpoint-N "
+            "directory written by EGRPOTrainer, or 'true' for the newest one in output_dir."
+        )
     try:
         with open(state_file) as handle:
             saved = json.load(handle)
@@ -163,8 +167,10 @@ def verify(checkpoint: str, process_index: int = 0) -> None:
 
 
 def _damaged(checkpoint: str, file: str, problem: str) -> CheckpointError:
-    return CheckpointError(f"Checkpoint {checkpoint} is damaged: {file}: {problem}. Resume from an earlier "
-                           "checkpoint (resume_from_checkpoint=true skips damaged ones), or delete this one.")
+    return CheckpointError(
+        f"Checkpoint {checkpoint} is damaged: {file}: {problem}. Resume from an earlier "
+        "checkpoint (resume_from_checkpoint=true skips damaged ones), or delete this one."
+    )
 
 
 def _file_problem(path: str) -> str | None:
@@ -201,8 +207,7 @@ def _safetensors_problem(path: str, size: int) -> str | None:
             header = json.loads(handle.read(header_length))
         except ValueError:
             return "the header is not valid JSON"
-    data_length = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
-                      default=0)
+    data_length = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     if size != 8 + header_length + data_length:
         return f"the file is truncated ({size} bytes, its header describes {8 + header_length + data_length})"
     return None
@@ -223,8 +228,10 @@ def resolve(resume_from_checkpoint: str | bool, output_dir: str, process_index: 
         return str(resume_from_checkpoint)
     candidates = list_checkpoints(output_dir)
     if not candidates:
-        raise CheckpointError(f"resume_from_checkpoint=true but {output_dir} holds no checkpoint-N directory. "
-                              "Start without resume_from_checkpoint, or point it at a checkpoint.")
+        raise CheckpointError(
+            f"resume_from_checkpoint=true but {output_dir} holds no checkpoint-N directory. "
+            "Start without resume_from_checkpoint, or point it at a checkpoint."
+        )
     problems = []
     for checkpoint in reversed(candidates):
         try:
@@ -234,14 +241,23 @@ def resolve(resume_from_checkpoint: str | bool, output_dir: str, process_index: 
             problems.append(str(error))
             continue
         return checkpoint
-    raise CheckpointError(f"resume_from_checkpoint=true but every checkpoint in {output_dir} is damaged:\n"
-                          + "\n".join(problems))
+    raise CheckpointError(
+        f"resume_from_checkpoint=true but every checkpoint in {output_dir} is damaged:\n" + "\n".join(problems)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- saving, loading
 
-def save(accelerator, output_dir: str, state: TrainerState, config: dict, generator: torch.Generator,
-         save_total_limit: int | None, save_extra=None) -> str:
+
+def save(
+    accelerator,
+    output_dir: str,
+    state: TrainerState,
+    config: dict,
+    generator: torch.Generator,
+    save_total_limit: int | None,
+    save_extra=None,
+) -> str:
     """Write a resumable checkpoint of ``state.iteration`` atomically and prune old ones; every process
     calls this. ``save_extra(directory)``, if given, writes more files into the checkpoint (all processes
     call it, e.g. to gather a sharded LoRA). Returns the published directory."""
@@ -276,8 +292,10 @@ def load(accelerator, checkpoint: str, generator: torch.Generator) -> TrainerSta
     except CheckpointError:
         raise
     except Exception as error:  # whatever the loaders raise, the user needs the checkpoint's name
-        raise CheckpointError(f"Could not load checkpoint {checkpoint}: {type(error).__name__}: {error}. Resume "
-                              "from an earlier checkpoint, or check it was written with this configuration.") from error
+        raise CheckpointError(
+            f"Could not load checkpoint {checkpoint}: {type(error).__name__}: {error}. Resume "
+            "from an earlier checkpoint, or check it was written with this configuration."
+        ) from error
     return read_trainer_state(checkpoint)
 
 
@@ -298,9 +316,11 @@ def register_trainable_params_hooks(accelerator) -> None:
         params = load_file(os.path.join(input_dir, TRAINABLE_PARAMS))
         expected = {name for name, p in model.named_parameters() if p.requires_grad}
         if set(params) != expected:
-            raise CheckpointError(f"The checkpoint in {input_dir} was written for other trainable parameters (e.g. "
-                                  "another LoRA rank or target modules). Resume with the configuration it was "
-                                  "trained with.")
+            raise CheckpointError(
+                f"The checkpoint in {input_dir} was written for other trainable parameters (e.g. "
+                "another LoRA rank or target modules). Resume with the configuration it was "
+                "trained with."
+            )
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if name in params:

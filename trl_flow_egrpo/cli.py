@@ -23,36 +23,71 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trl-flow-egrpo", description="trl-flow-egrpo command-line tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
-        "serve-reward", help="serve a reward over HTTP for RemoteReward",
+        "serve-reward",
+        help="serve a reward over HTTP for RemoteReward",
         description="Serve one reward over HTTP (POST /score, GET /health) for trl_flow_egrpo.rewards.RemoteReward. "
-                    "Binds to 127.0.0.1 unless --host says otherwise.")
-    serve.add_argument("name", help="a built-in reward (hps, clip, pickscore, image_reward, color, brightness, "
-                                    "jpeg_compressibility, ...) or module:callable")
-    serve.add_argument("--reward-kwargs", default="{}", metavar="JSON",
-                       help='keyword arguments of the reward as a JSON object, e.g. \'{"checkpoint": "weights/hps.pt", '
-                            '"dtype": "float16"}\'')
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all, which "
-                            f"requires a token in ${TOKEN_ENV})")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
-                       help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    serve.add_argument("--device", default=None,
-                       help="device the reward scores on (default: cuda if available, else cpu)")
-    serve.add_argument("--batch-size", type=int, default=64,
-                       help="the most images per reward call; concurrent requests are merged up to it (default 64)")
-    serve.add_argument("--token-env", default=TOKEN_ENV, metavar="VAR",
-                       help=f"environment variable holding the bearer token clients must send (default {TOKEN_ENV}); "
-                            "unset or empty: no token")
-    serve.add_argument("--max-request-mb", type=float, default=512.0,
-                       help="the most megabytes (10^6 bytes) per request body and per request's decoded images "
-                            "(default 512)")
+        "Binds to 127.0.0.1 unless --host says otherwise.",
+    )
+    serve.add_argument(
+        "name",
+        help="a built-in reward (hps, clip, pickscore, image_reward, color, brightness, "
+        "jpeg_compressibility, ...) or module:callable",
+    )
+    serve.add_argument(
+        "--reward-kwargs",
+        default="{}",
+        metavar="JSON",
+        help='keyword arguments of the reward as a JSON object, e.g. \'{"checkpoint": "weights/hps.pt", '
+        '"dtype": "float16"}\'',
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all, which "
+        f"requires a token in ${TOKEN_ENV})",
+    )
+    serve.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"
+    )
+    serve.add_argument(
+        "--device", default=None, help="device the reward scores on (default: cuda if available, else cpu)"
+    )
+    serve.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="the most images per reward call; concurrent requests are merged up to it (default 64)",
+    )
+    serve.add_argument(
+        "--token-env",
+        default=TOKEN_ENV,
+        metavar="VAR",
+        help=f"environment variable holding the bearer token clients must send (default {TOKEN_ENV}); "
+        "unset or empty: no token",
+    )
+    serve.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=512.0,
+        help="the most megabytes (10^6 bytes) per request body and per request's decoded images (default 512)",
+    )
     serve.add_argument("--max-batch", type=int, default=1024, help="the most images per request (default 1024)")
-    serve.add_argument("--max-connections", type=int, default=64,
-                       help="concurrent connections served; beyond it requests get 503 and clients retry (default 64)")
-    serve.add_argument("--no-warmup", action="store_true",
-                       help="do not score a test image before serving (the model then loads on the first request)")
-    serve.add_argument("--insecure-no-token", action="store_true",
-                       help="allow a non-loopback --host without a token (anyone reaching the port can use the reward)")
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        help="concurrent connections served; beyond it requests get 503 and clients retry (default 64)",
+    )
+    serve.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="do not score a test image before serving (the model then loads on the first request)",
+    )
+    serve.add_argument(
+        "--insecure-no-token",
+        action="store_true",
+        help="allow a non-loopback --host without a token (anyone reaching the port can use the reward)",
+    )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -64,7 +99,7 @@ def serve_reward(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     try:
         reward_kwargs = json.loads(args.reward_kwargs)
     except ValueError as error:
-        parser.error(f"--reward-kwargs is not valid JSON ({error}): give an object like '{{\"dtype\": \"float16\"}}'.")
+        parser.error(f'--reward-kwargs is not valid JSON ({error}): give an object like \'{{"dtype": "float16"}}\'.')
     if not isinstance(reward_kwargs, dict):
         parser.error(f"--reward-kwargs must be a JSON object, got {args.reward_kwargs!r}.")
     for option in ("batch_size", "max_batch", "max_connections"):
@@ -74,8 +109,10 @@ def serve_reward(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         parser.error(f"--max-request-mb must be > 0, got {args.max_request_mb}.")
     token = os.environ.get(args.token_env) or None
     if token is None and not server.is_loopback(args.host) and not args.insecure_no_token:
-        parser.error(f"--host {args.host} accepts connections from other machines, so the server needs a token: set "
-                     f"${args.token_env} (and the same token on the clients), or pass --insecure-no-token.")
+        parser.error(
+            f"--host {args.host} accepts connections from other machines, so the server needs a token: set "
+            f"${args.token_env} (and the same token on the clients), or pass --insecure-no-token."
+        )
 
     try:
         reward = server.load_reward(args.name, reward_kwargs)
@@ -87,10 +124,20 @@ def serve_reward(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         parser.exit(1, f"trl-flow-egrpo serve-reward: cannot serve {args.name!r}: {type(error).__name__}: {error}\n")
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
-    print(f"Serving reward '{scorer.name}' on http://{url_host}:{port} (device {scorer.device}, batch size "
-          f"{scorer.batch_size}, {'token required' if token else 'no token'})", flush=True)
-    server.run(scorer, sock, token=token, max_request_bytes=int(args.max_request_mb * 1e6), max_images=args.max_batch,
-               max_connections=args.max_connections, log_level=args.log_level)
+    print(
+        f"Serving reward '{scorer.name}' on http://{url_host}:{port} (device {scorer.device}, batch size "
+        f"{scorer.batch_size}, {'token required' if token else 'no token'})",
+        flush=True,
+    )
+    server.run(
+        scorer,
+        sock,
+        token=token,
+        max_request_bytes=int(args.max_request_mb * 1e6),
+        max_images=args.max_batch,
+        max_connections=args.max_connections,
+        log_level=args.log_level,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,12 +35,12 @@ class EGRPOConfig:
 
     # --- output, logging, reproducibility -------------------------------------------------------
     output_dir: str = _doc("Where checkpoints, logs and the final model are written.", default="egrpo-output")
-    seed: int = _doc("Seed of the data order, initial noise and SDE noise (each process adds its rank).",
-                     default=42)
+    seed: int = _doc("Seed of the data order, initial noise and SDE noise (each process adds its rank).", default=42)
     max_steps: int = _doc("Number of E-GRPO iterations (sample rollouts, then update). Paper: 300.", default=300)
     logging_steps: int = _doc("Log metrics to the trackers every this many iterations.", default=1)
     log_with: str | None = _doc(
-        "Comma-separated accelerate trackers ('tensorboard', 'wandb', 'trackio', 'all'), or None.", default=None)
+        "Comma-separated accelerate trackers ('tensorboard', 'wandb', 'trackio', 'all'), or None.", default=None
+    )
     tracker_project_name: str = _doc("Project name handed to the trackers.", default="trl-flow-egrpo")
     run_name: str | None = _doc("Run name for the trackers (default: the output_dir's name).", default=None)
     disable_tqdm: bool = _doc("Hide the progress bar.", default=False)
@@ -50,13 +50,16 @@ class EGRPOConfig:
         "'e-grpo' (entropy-aware branching, the default), or a baseline of the GRPO family sharing everything "
         "else: 'flow-grpo' (G independent SDE trajectories per prompt), 'dance-grpo' (constant-noise SDE, one "
         "initial noise per group, random steps trained), 'mix-grpo' (SDE only in a sliding window of steps).",
-        default="e-grpo")
+        default="e-grpo",
+    )
     timestep_fraction: float | None = _doc(
         "Flow-GRPO / DanceGRPO: the fraction of each trajectory's steps that is trained (Flow-GRPO: the first "
         "ones; DanceGRPO: drawn at random per trajectory). None: the algorithm's default (0.99 / 0.6).",
-        default=None)
-    dance_eta: float = _doc("DanceGRPO: the constant diffusion coefficient eta of its SDE. DanceGRPO: 0.3.",
-                            default=0.3)
+        default=None,
+    )
+    dance_eta: float = _doc(
+        "DanceGRPO: the constant diffusion coefficient eta of its SDE. DanceGRPO: 0.3.", default=0.3
+    )
     mix_window_size: int = _doc("MixGRPO: SDE (and trained) steps in the window. MixGRPO: 4.", default=4)
     mix_shift_interval: int = _doc("MixGRPO: iterations between two moves of the window. MixGRPO: 25.", default=25)
     mix_window_stride: int = _doc("MixGRPO: steps the window moves later each time. MixGRPO: 1.", default=1)
@@ -65,24 +68,35 @@ class EGRPOConfig:
     num_inference_steps: int = _doc("T, sampling steps per rollout. Paper: 16.", default=16)
     shift: float | None = _doc(
         "Static time shift of the schedule (paper: 3.0). None keeps the pipeline scheduler's own shift "
-        "(e.g. FLUX.1-dev's resolution-dependent dynamic shift).", default=3.0)
+        "(e.g. FLUX.1-dev's resolution-dependent dynamic shift).",
+        default=3.0,
+    )
     noise_level: float = _doc("a, the SDE noise level of the stochastic step (> 0). Paper: 0.7.", default=0.7)
 
     # --- entropy-aware merging (METHOD.md section 3) ----------------------------------------------
     entropy_threshold: float = _doc(
         "tau: a step with exp(h) >= tau is trained alone; lower-entropy steps are merged with the next "
-        "intervals until the merged step's exp(h) reaches tau. 0 disables merging. Paper: 2.2.", default=2.2)
-    num_active_steps: int = _doc("Train the steps starting at the first this many schedule indices. Paper: 8.",
-                                 default=8)
+        "intervals until the merged step's exp(h) reaches tau. 0 disables merging. Paper: 2.2.",
+        default=2.2,
+    )
+    num_active_steps: int = _doc(
+        "Train the steps starting at the first this many schedule indices. Paper: 8.", default=8
+    )
     first_active_step: int = _doc(
         "Index of the first trained step (0 = the paper's 'first 8'; 8 with 8 active steps of 16 = its 'second "
-        "half' ablation).", default=0)
+        "half' ablation).",
+        default=0,
+    )
     merge: str = _doc(
         "'adaptive' (entropy-driven lengths), 'none' (every step alone), or an integer (fixed merge "
-        "length for all steps, the paper's ablation).", default="adaptive")
+        "length for all steps, the paper's ablation).",
+        default="adaptive",
+    )
     merge_windows: str = _doc(
         "'overlap': every active index starts a merged step (Algorithm 1); 'partition': the next merged "
-        "step starts where the previous one ended.", default="overlap")
+        "step starts where the previous one ended.",
+        default="overlap",
+    )
 
     # --- rollouts (METHOD.md section 4) -----------------------------------------------------------
     num_generations: int = _doc("G, rollouts per (prompt, merged step) group (>= 2). Paper code: 12.", default=12)
@@ -91,59 +105,80 @@ class EGRPOConfig:
     width: int = _doc("Image width in pixels. Authors' code: 720.", default=720)
     num_frames: int | None = _doc(
         "Video pipelines (Wan): frames per video, 4k + 1 (Wan's VAE compresses 4 frames into one latent frame). "
-        "None uses the family's default (Wan: 81); must stay None for image pipelines.", default=None)
+        "None uses the family's default (Wan: 81); must stay None for image pipelines.",
+        default=None,
+    )
     guidance_scale: float | None = _doc(
         "The model family's guidance: FLUX.1-dev's / FLUX.2 [dev]'s guidance embedding (3.5 / 4.0 by default) or "
         "the classifier-free guidance scale of SD3 (4.5), FLUX.2 [klein] base (4.0), Qwen-Image (its "
         "true_cfg_scale, 4.0) and Z-Image (ZImagePipeline's guidance_scale, 5.0; 0 turns guidance off, as "
-        "Z-Image-Turbo samples). None uses the family's default.", default=None)
+        "Z-Image-Turbo samples). None uses the family's default.",
+        default=None,
+    )
     negative_prompt: str = _doc(
         "Negative prompt for families with classifier-free guidance (SD3, FLUX.2 [klein] base, Qwen-Image, "
-        "Z-Image); refused where the pipeline has no negative pass.", default="")
+        "Z-Image); refused where the pipeline has no negative pass.",
+        default="",
+    )
     max_sequence_length: int = _doc("Text-encoder token length of the prompt encoding (at most 512).", default=512)
     rollout_batch_size: int = _doc(
         "Transformer rows per forward call while sampling (anchors and branches of all prompts and steps "
-        "share calls, with per-sample timesteps).", default=16)
+        "share calls, with per-sample timesteps).",
+        default=16,
+    )
     decode_batch_size: int | None = _doc(
         "Images per VAE decode call. Small by default: a 720x720 FLUX decode takes about 0.9 GiB per image. "
-        "None: rollout_batch_size.", default=4)
+        "None: rollout_batch_size.",
+        default=4,
+    )
     offload_text_encoders: bool = _doc(
         "Keep the text encoders in CPU memory between prompt encodings; they visit the GPU only to encode "
-        "(frees about 9 GiB for FLUX.1-dev's T5-XXL). No effect on CPU runs.", default=True)
+        "(frees about 9 GiB for FLUX.1-dev's T5-XXL). No effect on CPU runs.",
+        default=True,
+    )
     prompt_cache_dir: str | None = _doc(
         "Cache prompt embeddings on disk here, one file per prompt keyed by model and prompt: each prompt is "
         "encoded once, across iterations and runs (trl_flow_egrpo.prompts.PromptEncoder.warm precomputes a "
-        "dataset's). None: encode every time.", default=None)
+        "dataset's). None: encode every time.",
+        default=None,
+    )
 
     # --- policy update (METHOD.md sections 5-6) -----------------------------------------------------
     clip_range: float = _doc("PPO clip range epsilon on the ratio. Paper: 1e-4.", default=1e-4)
-    advantage_clip: float = _doc("A_max: advantages are clipped to [-A_max, A_max]. Reference code: 5.",
-                                 default=5.0)
+    advantage_clip: float = _doc("A_max: advantages are clipped to [-A_max, A_max]. Reference code: 5.", default=5.0)
     advantage_eps: float = _doc("Added to the group std when normalizing rewards.", default=1e-8)
     beta: float = _doc(
         "Weight of a KL penalty to the frozen base model (LoRA disabled; a frozen copy when full "
-        "fine-tuning). 0 = no penalty, as in the paper.", default=0.0)
+        "fine-tuning). 0 = no penalty, as in the paper.",
+        default=0.0,
+    )
     per_device_train_batch_size: int = _doc(
         "Groups per forward/backward micro-batch in the update (one forward per group serves its G "
-        "ratios). Gradients accumulate over all micro-batches of an optimizer step.", default=1)
+        "ratios). Gradients accumulate over all micro-batches of an optimizer step.",
+        default=1,
+    )
     optimizer_step: str = _doc(
         "'active_step': one optimizer step per merged step of the plan, over all groups of that step (the "
         "authors' code, which produced the paper's numbers; the PPO clip acts from the second step of an "
         "iteration on, so a clip fraction above 0 is expected). 'iteration': one optimizer step per iteration "
         "over all groups (Algorithm 1 read literally; with one inner epoch every ratio is then exactly 1 and "
-        "the clip never acts).", default="active_step")
+        "the clip never acts).",
+        default="active_step",
+    )
     num_inner_epochs: int = _doc("Passes over each iteration's rollouts (PPO epochs). Paper: 1.", default=1)
 
     # --- optimization -----------------------------------------------------------------------------
     learning_rate: float = _doc(
-        "AdamW learning rate. Default 1e-4 suits LoRA; the paper's full fine-tune uses 2e-6.", default=1e-4)
+        "AdamW learning rate. Default 1e-4 suits LoRA; the paper's full fine-tune uses 2e-6.", default=1e-4
+    )
     adam_beta1: float = _doc("AdamW beta1.", default=0.9)
     adam_beta2: float = _doc("AdamW beta2.", default=0.999)
     adam_epsilon: float = _doc("AdamW epsilon.", default=1e-8)
     weight_decay: float = _doc("AdamW weight decay. Paper: 1e-4.", default=1e-4)
     max_grad_norm: float | None = _doc("Gradient-norm clipping (> 0). Paper: 1.0. None disables it.", default=1.0)
-    lr_scheduler_type: str = _doc("transformers learning-rate schedule name ('constant', 'cosine', ...).",
-                                  default="constant")
+    lr_scheduler_type: str = _doc(
+        "transformers learning-rate schedule name ('constant', 'cosine', ...).", default="constant"
+    )
     warmup_steps: int = _doc("Learning-rate warm-up, in optimizer steps.", default=0)
 
     # --- model ------------------------------------------------------------------------------------
@@ -152,32 +187,38 @@ class EGRPOConfig:
     lora_alpha: int = _doc("LoRA alpha (scale = alpha / r).", default=64)
     lora_dropout: float = _doc("LoRA dropout.", default=0.0)
     lora_target_modules: list[str] | None = _doc(
-        "Module names the LoRA targets (default: the model family's attention and MLP projections).",
-        default=None)
-    mixed_precision: str = _doc("accelerate mixed precision: 'no', 'fp16' or 'bf16'. Paper: bf16.",
-                                default="bf16")
-    gradient_checkpointing: bool = _doc("Recompute activations in the backward pass to save memory.",
-                                        default=False)
+        "Module names the LoRA targets (default: the model family's attention and MLP projections).", default=None
+    )
+    mixed_precision: str = _doc("accelerate mixed precision: 'no', 'fp16' or 'bf16'. Paper: bf16.", default="bf16")
+    gradient_checkpointing: bool = _doc("Recompute activations in the backward pass to save memory.", default=False)
     allow_tf32: bool = _doc("Allow TF32 matmuls on Ampere+ GPUs.", default=True)
     quantization: str | None = _doc(
         "Store the frozen base transformer's linear weights quantized, LoRA on top in float32 (needs "
         "use_peft; docs/memory-24gb.md). 'int8-weight-only' or 'float8-weight-only' (torchao, applied by the "
         "trainer to the loaded transformer, layer by layer on its way to the GPU), 'nf4' (bitsandbytes: load the "
         "transformer with trl_flow_egrpo.quantization.nf4_pipeline_quantization_config(); the trainer checks "
-        "it). None: bf16/fp32 weights as loaded.", default=None)
+        "it). None: bf16/fp32 weights as loaded.",
+        default=None,
+    )
     optimizer: str = _doc(
         "'adamw' (torch AdamW, float32 state: 8 B per trained parameter) or 'adamw_8bit' (bitsandbytes' "
-        "8-bit AdamW, 2 B per trained parameter; the quantization extra).", default="adamw")
+        "8-bit AdamW, 2 B per trained parameter; the quantization extra).",
+        default="adamw",
+    )
 
     # --- rewards and data -------------------------------------------------------------------------
     reward_weights: list[float] | None = _doc("One weight per reward function (default: all 1).", default=None)
     reward_aggregation: str = _doc(
         "With several rewards: 'advantage' normalizes each reward in its group, then sums with the weights "
-        "(scale-free); 'sum' sums the weighted raw rewards, then normalizes.", default="advantage")
+        "(scale-free); 'sum' sums the weighted raw rewards, then normalizes.",
+        default="advantage",
+    )
     async_rewards: bool = _doc(
         "Score each prompt's images in a worker thread while the next prompt's rollouts are sampled. Sampling "
         "then runs prompt by prompt (smaller transformer batches): it pays only when scoring is slow and does "
-        "not compete for the same device (CPU-bound rewards, a reward model on another GPU).", default=False)
+        "not compete for the same device (CPU-bound rewards, a reward model on another GPU).",
+        default=False,
+    )
     prompt_column: str = _doc("Dataset column holding the prompts.", default="prompt")
     shuffle_dataset: bool = _doc("Shuffle the prompts each epoch (seeded).", default=True)
 
@@ -185,67 +226,87 @@ class EGRPOConfig:
     save_steps: int = _doc("Write a checkpoint every this many iterations (0: never).", default=50)
     save_total_limit: int | None = _doc(
         "Keep at most this many checkpoints (>= 1; the oldest are deleted, the newest never). None keeps all.",
-        default=None)
+        default=None,
+    )
     resume_from_checkpoint: str | None = _doc(
-        "Resume from this checkpoint directory, or 'true' for the latest one in output_dir.", default=None)
+        "Resume from this checkpoint directory, or 'true' for the latest one in output_dir.", default=None
+    )
 
     # --- evaluation -----------------------------------------------------------------------------------
     eval_steps: int = _doc(
         "Evaluate every this many iterations (0: never): deterministic ODE samples of the eval prompts with "
         "fixed seeds, scored by the training and evaluation rewards, logged as metrics and an image grid.",
-        default=0)
-    eval_seed: int = _doc("Seed of eval prompt i's initial noise is eval_seed + i (the same every evaluation).",
-                          default=0)
+        default=0,
+    )
+    eval_seed: int = _doc(
+        "Seed of eval prompt i's initial noise is eval_seed + i (the same every evaluation).", default=0
+    )
     eval_grid_images: int = _doc("Eval images shown in the logged image grid.", default=16)
 
     # --- Hugging Face Hub -------------------------------------------------------------------------
-    push_to_hub: bool = _doc("Push the trained model and its model card to the Hub (see hub_strategy).",
-                             default=False)
+    push_to_hub: bool = _doc("Push the trained model and its model card to the Hub (see hub_strategy).", default=False)
     hub_model_id: str | None = _doc("Hub repository 'user/name' (default: the output_dir's name).", default=None)
     hub_private: bool = _doc("Create the Hub repository as private.", default=False)
-    hub_strategy: str = _doc("'end': push once after training; 'every_save': also push at every checkpoint.",
-                             default="end")
+    hub_strategy: str = _doc(
+        "'end': push once after training; 'every_save': also push at every checkpoint.", default="end"
+    )
     hub_token: str | None = _doc("Hub token (default: the logged-in token / HF_TOKEN).", default=None)
 
     # --- speed (docs/performance.md) --------------------------------------------------------------------
     compile_transformer: bool = _doc(
         "torch.compile the transformer's repeated blocks (regional compilation) after the LoRA is added; the "
         "compiled model samples and trains, so on-policy ratios stay 1. Costs a compilation at the first "
-        "sampling and the first update (minutes for FLUX.1-dev), then runs faster on GPUs.", default=False)
+        "sampling and the first update (minutes for FLUX.1-dev), then runs faster on GPUs.",
+        default=False,
+    )
     compile_mode: str = _doc(
         "torch.compile mode of compile_transformer: 'default', 'max-autotune-no-cudagraphs' (slower compile, "
-        "autotuned matmuls), 'reduce-overhead' or 'max-autotune' (these two add CUDA graphs).", default="default")
+        "autotuned matmuls), 'reduce-overhead' or 'max-autotune' (these two add CUDA graphs).",
+        default="default",
+    )
     attention_backend: str | None = _doc(
         "diffusers attention dispatcher backend of the transformer: 'native' (PyTorch SDPA), '_native_flash', "
         "'_native_cudnn', '_native_efficient' (one SDPA kernel forced), 'flash' (flash-attn package), ... "
         "(trl_flow_egrpo.acceleration.attention_backends() lists them). None: the model's default (SDPA).",
-        default=None)
+        default=None,
+    )
     lora_input_cast: bool = _doc(
         "Keep peft's cast of every LoRA layer's input to float32. Under bf16/fp16 mixed precision the LoRA "
         "matmuls run in half precision anyway, so the cast is a copy that changes no value: False (default) "
-        "skips it, in sampling and update alike. Without mixed precision the cast always stays.", default=False)
+        "skips it, in sampling and update alike. Without mixed precision the cast always stays.",
+        default=False,
+    )
     peak_tflops: float | None = _doc(
         "The device's dense peak in TFLOP/s that the logged time/sampling_mfu divides by. None: looked up by CUDA "
-        "device name (H100, H200, A100, ...; no MFU for unknown devices and CPUs).", default=None)
+        "device name (H100, H200, A100, ...; no MFU for unknown devices and CPUs).",
+        default=None,
+    )
 
     def __post_init__(self):
         def refuse(name: str, allowed: str):
             raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: {name} must be {allowed}.")
 
         if self.num_generations < 2:
-            refuse("num_generations", ">= 2 (advantages are normalized within a group of G rollouts; the paper "
-                                      "uses 12)")
+            refuse(
+                "num_generations", ">= 2 (advantages are normalized within a group of G rollouts; the paper uses 12)"
+            )
         if not 1 <= self.num_active_steps <= self.num_inference_steps:
-            refuse("num_active_steps", f"between 1 and num_inference_steps ({self.num_inference_steps}): it counts "
-                                       "the trained steps among the sampling steps")
+            refuse(
+                "num_active_steps",
+                f"between 1 and num_inference_steps ({self.num_inference_steps}): it counts "
+                "the trained steps among the sampling steps",
+            )
         if not 0 <= self.first_active_step <= self.num_inference_steps - self.num_active_steps:
-            refuse("first_active_step", f"between 0 and num_inference_steps - num_active_steps "
-                                        f"({self.num_inference_steps - self.num_active_steps})")
+            refuse(
+                "first_active_step",
+                f"between 0 and num_inference_steps - num_active_steps "
+                f"({self.num_inference_steps - self.num_active_steps})",
+            )
         if not (math.isfinite(self.noise_level) and self.noise_level > 0):
             refuse("noise_level", "a finite number > 0 (the SDE noise of the one stochastic step)")
         if not (math.isfinite(self.entropy_threshold) and self.entropy_threshold >= 0):
             refuse("entropy_threshold", "a finite number >= 0 (0 disables merging; the paper uses 2.2)")
-        self.merge_length  # validates `merge`
+        _ = self.merge_length  # validates `merge`
         checks = {
             "merge_windows": ("overlap", "partition"),
             "optimizer_step": ("active_step", "iteration"),
@@ -256,9 +317,19 @@ class EGRPOConfig:
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 refuse(name, f"one of {allowed}")
-        for name in ("max_steps", "prompts_per_device", "rollout_batch_size", "per_device_train_batch_size",
-                     "num_inner_epochs", "logging_steps", "eval_grid_images", "num_inference_steps",
-                     "max_sequence_length", "height", "width"):
+        for name in (
+            "max_steps",
+            "prompts_per_device",
+            "rollout_batch_size",
+            "per_device_train_batch_size",
+            "num_inner_epochs",
+            "logging_steps",
+            "eval_grid_images",
+            "num_inference_steps",
+            "max_sequence_length",
+            "height",
+            "width",
+        ):
             if getattr(self, name) < 1:
                 refuse(name, ">= 1")
         if self.max_sequence_length > 512:
@@ -296,15 +367,20 @@ class EGRPOConfig:
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 refuse(name, "a finite number >= 0")
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
-            refuse("max_grad_norm", "a finite number > 0, or None to disable clipping (a negative norm flips the "
-                                    "gradient's sign)")
+            refuse(
+                "max_grad_norm",
+                "a finite number > 0, or None to disable clipping (a negative norm flips the gradient's sign)",
+            )
         if self.reward_weights is not None and not all(math.isfinite(w) for w in self.reward_weights):
             refuse("reward_weights", "finite numbers")
         if self.quantization not in QUANTIZATION_METHODS:
             refuse("quantization", f"one of {QUANTIZATION_METHODS}")
         if self.quantization is not None and not self.use_peft:
-            refuse("quantization", "None when fully fine-tuning (use_peft=False): quantized weights cannot be "
-                                   "trained; set use_peft=True to train a LoRA on the quantized base")
+            refuse(
+                "quantization",
+                "None when fully fine-tuning (use_peft=False): quantized weights cannot be "
+                "trained; set use_peft=True to train a LoRA on the quantized base",
+            )
         if self.optimizer not in OPTIMIZERS:
             refuse("optimizer", f"one of {OPTIMIZERS}")
 

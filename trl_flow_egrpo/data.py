@@ -38,8 +38,14 @@ HPD_BENCHMARK_STYLES = ("anime", "concept-art", "paintings", "photo")
 _FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_prompts(source: str, split: str = "train", prompt_column: str = "prompt", *,
-                 local_dir: str | None = None, cache_dir: str | None = None) -> datasets.Dataset:
+def load_prompts(
+    source: str,
+    split: str = "train",
+    prompt_column: str = "prompt",
+    *,
+    local_dir: str | None = None,
+    cache_dir: str | None = None,
+) -> datasets.Dataset:
     """Load prompts as a ``datasets.Dataset`` whose ``prompt_column`` holds the prompt strings.
 
     Args:
@@ -89,7 +95,8 @@ def _hpd_file(repo_id: str, filename: str, local_dir: str | None) -> str:
             raise FileNotFoundError(
                 f"{path} does not exist. local_dir must hold a copy of the Hub dataset {repo_id} laid out as on the "
                 f"Hub; fetch the file with `hf download {repo_id} {filename} --repo-type dataset --local-dir "
-                f"{local_dir}`.")
+                f"{local_dir}`."
+            )
         return path
     # Looked up on the module at call time, so that tests (and users) can redirect downloads.
     import huggingface_hub
@@ -105,20 +112,25 @@ def _unique_prompts(dataset: datasets.Dataset, prompt_column: str) -> datasets.D
 
 def _load_hpd(split: str, prompt_column: str, local_dir: str | None, cache_dir: str | None) -> datasets.Dataset:
     if split not in HPD_SPLIT_FILES:
-        raise ValueError(f"{HPD_REPO_ID} has the splits {sorted(HPD_SPLIT_FILES)}, got {split!r}. For the HPSv2 "
-                         f"benchmark styles load '{HPD_BENCHMARK_REPO_ID}' with split one of "
-                         f"{list(HPD_BENCHMARK_STYLES) + ['all']}.")
+        raise ValueError(
+            f"{HPD_REPO_ID} has the splits {sorted(HPD_SPLIT_FILES)}, got {split!r}. For the HPSv2 "
+            f"benchmark styles load '{HPD_BENCHMARK_REPO_ID}' with split one of "
+            f"{list(HPD_BENCHMARK_STYLES) + ['all']}."
+        )
     path = _hpd_file(HPD_REPO_ID, HPD_SPLIT_FILES[split], local_dir)
     dataset = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir)
     return _unique_prompts(dataset.select_columns(["prompt"]), prompt_column)
 
 
-def _load_hpd_benchmark(split: str, prompt_column: str, local_dir: str | None,
-                        cache_dir: str | None) -> datasets.Dataset:
+def _load_hpd_benchmark(
+    split: str, prompt_column: str, local_dir: str | None, cache_dir: str | None
+) -> datasets.Dataset:
     styles = HPD_BENCHMARK_STYLES if split == "all" else (split,)
     if not set(styles) <= set(HPD_BENCHMARK_STYLES):
-        raise ValueError(f"The {HPD_BENCHMARK_REPO_ID} benchmark has the styles {list(HPD_BENCHMARK_STYLES)} "
-                         f"(or 'all'), got split={split!r}.")
+        raise ValueError(
+            f"The {HPD_BENCHMARK_REPO_ID} benchmark has the styles {list(HPD_BENCHMARK_STYLES)} "
+            f"(or 'all'), got split={split!r}."
+        )
     parts = []
     for style in styles:
         path = _hpd_file(HPD_BENCHMARK_REPO_ID, f"benchmark/{style}.json", local_dir)
@@ -132,8 +144,10 @@ def _load_hpd_benchmark(split: str, prompt_column: str, local_dir: str | None,
 def _load_file(path: str, prompt_column: str, cache_dir: str | None) -> datasets.Dataset:
     extension = os.path.splitext(path)[1].lower()
     if extension not in (".txt", *_FILE_BUILDERS):
-        raise ValueError(f"Cannot read prompts from {path}: supported files are {sorted(['.txt', *_FILE_BUILDERS])} "
-                         "(.txt: one prompt per line).")
+        raise ValueError(
+            f"Cannot read prompts from {path}: supported files are {sorted(['.txt', *_FILE_BUILDERS])} "
+            "(.txt: one prompt per line)."
+        )
     if extension == ".txt":
         with open(path, encoding="utf-8") as handle:
             return datasets.Dataset.from_dict({prompt_column: [line.strip() for line in handle if line.strip()]})
@@ -146,9 +160,11 @@ def _load_file(path: str, prompt_column: str, cache_dir: str | None) -> datasets
 
 def _check_prompts(dataset: datasets.Dataset, prompt_column: str, source: str) -> None:
     if prompt_column not in dataset.column_names:
-        raise ValueError(f"{source} has no prompt column '{prompt_column}'; its columns are {dataset.column_names}. "
-                         "Choose the column with `prompt_column` (EGRPOConfig.prompt_column, `--prompt_column` in "
-                         "the example scripts).")
+        raise ValueError(
+            f"{source} has no prompt column '{prompt_column}'; its columns are {dataset.column_names}. "
+            "Choose the column with `prompt_column` (EGRPOConfig.prompt_column, `--prompt_column` in "
+            "the example scripts)."
+        )
     if len(dataset) == 0:
         raise ValueError(f"{source} holds no prompts.")
 
@@ -168,21 +184,29 @@ def as_prompt_dataset(data, prompt_column: str = "prompt", role: str = "train_da
             data = datasets.Dataset.from_list(list(data))
         elif data:
             kinds = sorted({type(row).__name__ for row in data})
-            raise ValueError(f"{role} is a list of {', '.join(kinds)}: pass prompt strings, dicts with a "
-                             f"'{prompt_column}' key, or a datasets.Dataset.")
+            raise ValueError(
+                f"{role} is a list of {', '.join(kinds)}: pass prompt strings, dicts with a "
+                f"'{prompt_column}' key, or a datasets.Dataset."
+            )
     if len(data) == 0:
-        raise ValueError(f"{role} is empty: pass a dataset with at least one prompt, e.g. "
-                         "Dataset.from_dict({'prompt': ['a photo of a cat']}).")
+        raise ValueError(
+            f"{role} is empty: pass a dataset with at least one prompt, e.g. "
+            "Dataset.from_dict({'prompt': ['a photo of a cat']})."
+        )
     columns = getattr(data, "column_names", None)
     if columns is None:
         first = data[0]
         if not isinstance(first, dict):
-            raise ValueError(f"{role}'s rows are {type(first).__name__}, not dicts: pass a datasets.Dataset, a list "
-                             "of prompt strings, or a list of dicts.")
+            raise ValueError(
+                f"{role}'s rows are {type(first).__name__}, not dicts: pass a datasets.Dataset, a list "
+                "of prompt strings, or a list of dicts."
+            )
         columns = list(first)
     if prompt_column not in columns:
-        raise ValueError(f"{role} has no prompt column '{prompt_column}' (columns: {columns}). Rename the column "
-                         f"(dataset.rename_column(..., '{prompt_column}')) or set EGRPOConfig.prompt_column.")
+        raise ValueError(
+            f"{role} has no prompt column '{prompt_column}' (columns: {columns}). Rename the column "
+            f"(dataset.rename_column(..., '{prompt_column}')) or set EGRPOConfig.prompt_column."
+        )
     return data
 
 
@@ -195,8 +219,15 @@ def epoch_order(epoch: int, size: int, seed: int, shuffle: bool = True) -> tuple
     return tuple(torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
 
 
-def iteration_prompt_indices(iteration: int, size: int, per_process: int, process_index: int = 0,
-                             num_processes: int = 1, seed: int = 0, shuffle: bool = True) -> list[int]:
+def iteration_prompt_indices(
+    iteration: int,
+    size: int,
+    per_process: int,
+    process_index: int = 0,
+    num_processes: int = 1,
+    seed: int = 0,
+    shuffle: bool = True,
+) -> list[int]:
     """Dataset indices of one process's prompts for ``iteration``.
 
     A pure function of its arguments, so resuming needs no data-loader state. Iteration ``i`` consumes
@@ -205,8 +236,10 @@ def iteration_prompt_indices(iteration: int, size: int, per_process: int, proces
     epoch ``q // size`` (:func:`epoch_order`). Every epoch visits every prompt exactly once.
     """
     first = (iteration * num_processes + process_index) * per_process
-    return [epoch_order(position // size, size, seed, shuffle)[position % size]
-            for position in range(first, first + per_process)]
+    return [
+        epoch_order(position // size, size, seed, shuffle)[position % size]
+        for position in range(first, first + per_process)
+    ]
 
 
 def padded_shard(size: int, process_index: int, num_processes: int) -> list[int]:

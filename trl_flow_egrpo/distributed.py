@@ -48,10 +48,12 @@ def single_process_cpu_launch_error(script: str, arguments: list[str], environ=o
     if not (cpu_launch and several_requested and not started):
         return None
     command = shlex.join(["torchrun", "--nproc_per_node", "2", script, *arguments])
-    return ("`accelerate launch --cpu --num_processes N` starts a single process here (accelerate runs several CPU "
-            "processes only under mpirun, with --mpirun_hostfile), so this run would silently use one process. "
-            f"Launch the processes with torchrun instead (N=2 shown):\n\n    {command}\n\n"
-            "or drop --num_processes for a single-process run.")
+    return (
+        "`accelerate launch --cpu --num_processes N` starts a single process here (accelerate runs several CPU "
+        "processes only under mpirun, with --mpirun_hostfile), so this run would silently use one process. "
+        f"Launch the processes with torchrun instead (N=2 shown):\n\n    {command}\n\n"
+        "or drop --num_processes for a single-process run."
+    )
 
 
 def set_cpu_threads(environ=os.environ) -> int | None:
@@ -69,6 +71,8 @@ def set_cpu_threads(environ=os.environ) -> int | None:
     if torch.cuda.is_available() or "OMP_NUM_THREADS" in environ:
         return None
     torch.set_num_threads(1)
-    logger.info("CPU run: 1 torch thread per process (fastest for the tiny pipelines; set OMP_NUM_THREADS to "
-                "choose another count).")
+    logger.info(
+        "CPU run: 1 torch thread per process (fastest for the tiny pipelines; set OMP_NUM_THREADS to "
+        "choose another count)."
+    )
     return 1

@@ -38,8 +38,10 @@ def failure_message(rank: int, error: BaseException) -> str:
 
 def stop_message(rank: int, published: str) -> str:
     """What a process stopped because of another's failure prints before exiting."""
-    return (f"E-GRPO: stopping rank {rank} because {published} (see that rank's output for the traceback). "
-            f"Exiting with code {EXIT_CODE}.")
+    return (
+        f"E-GRPO: stopping rank {rank} because {published} (see that rank's output for the traceback). "
+        f"Exiting with code {EXIT_CODE}."
+    )
 
 
 class FailureWatcher:
@@ -111,7 +113,7 @@ def propagate_failures(accelerator, poll_seconds: float = 1.0, wait_seconds: flo
         wait_seconds: at most how long the failing process waits for the others to read its failure.
     """
     distributed = torch.distributed
-    multiprocess = (accelerator.num_processes > 1 and distributed.is_available() and distributed.is_initialized())
+    multiprocess = accelerator.num_processes > 1 and distributed.is_available() and distributed.is_initialized()
     store = distributed.distributed_c10d._get_default_store() if multiprocess else None
     if store is None:  # one process, or a process group without a store (MPI)
         yield

@@ -29,8 +29,10 @@ class HubError(RuntimeError):
     failed; the message names the cause and the fix."""
 
 
-_HOW_TO_LOG_IN = ("log in with `hf auth login`, set the HF_TOKEN environment variable, or pass hub_token "
-                  "(a token with write access from https://huggingface.co/settings/tokens)")
+_HOW_TO_LOG_IN = (
+    "log in with `hf auth login`, set the HF_TOKEN environment variable, or pass hub_token "
+    "(a token with write access from https://huggingface.co/settings/tokens)"
+)
 _OR_NO_PUSH = "or set push_to_hub=False to train without uploading"
 
 DEFAULT_IGNORE_PATTERNS = ("checkpoint-*/**", "logs/**", "*.tmp/**")
@@ -43,15 +45,21 @@ _SECRET_FIELDS = ("hub_token",)
 # Licenses of well-known base models: a fine-tune is a derivative and inherits them.
 _BASE_LICENSES = {
     "black-forest-labs/FLUX.1-dev": dict(
-        license="other", license_name="flux-1-dev-non-commercial-license",
-        license_link="https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"),
+        license="other",
+        license_name="flux-1-dev-non-commercial-license",
+        license_link="https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
+    ),
     "black-forest-labs/FLUX.1-schnell": dict(license="apache-2.0"),
     "stabilityai/stable-diffusion-3.5-medium": dict(
-        license="other", license_name="stabilityai-ai-community",
-        license_link="https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/blob/main/LICENSE.md"),
+        license="other",
+        license_name="stabilityai-ai-community",
+        license_link="https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/blob/main/LICENSE.md",
+    ),
     "stabilityai/stable-diffusion-3.5-large": dict(
-        license="other", license_name="stabilityai-ai-community",
-        license_link="https://huggingface.co/stabilityai/stable-diffusion-3.5-large/blob/main/LICENSE.md"),
+        license="other",
+        license_name="stabilityai-ai-community",
+        license_link="https://huggingface.co/stabilityai/stable-diffusion-3.5-large/blob/main/LICENSE.md",
+    ),
 }
 
 CITATION = """@article{zhang2026egrpo,
@@ -61,8 +69,17 @@ CITATION = """@article{zhang2026egrpo,
   year    = {2026}
 }"""
 
-_FRAMEWORKS = ("trl-flow-egrpo", "torch", "diffusers", "transformers", "accelerate", "peft", "trl", "datasets",
-               "huggingface_hub")
+_FRAMEWORKS = (
+    "trl-flow-egrpo",
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "peft",
+    "trl",
+    "datasets",
+    "huggingface_hub",
+)
 
 _TEMPLATE = """---
 {{ card_data }}
@@ -153,9 +170,20 @@ No evaluation was run (pass an `eval_dataset` and set `eval_steps`, or call `tra
 """
 
 
-def build_model_card(*, base_model: str | None, repo_id: str, config_dict: dict, merge_plan_table: str,
-                     reward_names: list[str], reward_weights: list[float], eval_reward_names: list[str],
-                     metrics: dict[str, float], image_grid_path: str | None, adapter, use_lora: bool) -> ModelCard:
+def build_model_card(
+    *,
+    base_model: str | None,
+    repo_id: str,
+    config_dict: dict,
+    merge_plan_table: str,
+    reward_names: list[str],
+    reward_weights: list[float],
+    eval_reward_names: list[str],
+    metrics: dict[str, float],
+    image_grid_path: str | None,
+    adapter,
+    use_lora: bool,
+) -> ModelCard:
     """The model card (``README.md``) of an E-GRPO run.
 
     Args:
@@ -189,28 +217,41 @@ def build_model_card(*, base_model: str | None, repo_id: str, config_dict: dict,
     if use_lora:
         tags.append("lora")
     card_data = ModelCardData(
-        base_model=base_model if on_hub else None, library_name="diffusers", pipeline_tag="text-to-image",
-        tags=tags, **_BASE_LICENSES.get(base_model, {"license": "other"}))
+        base_model=base_model if on_hub else None,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=tags,
+        **_BASE_LICENSES.get(base_model, {"license": "other"}),
+    )
 
     config = {key: value for key, value in config_dict.items() if key not in _SECRET_FIELDS}
     shift = config.get("shift")
-    schedule = (f"{config.get('num_inference_steps')} steps, "
-                + (f"static shift {shift}" if shift is not None else "the scheduler's own shift"))
+    schedule = f"{config.get('num_inference_steps')} steps, " + (
+        f"static shift {shift}" if shift is not None else "the scheduler's own shift"
+    )
     return ModelCard.from_template(
-        card_data, template_str=_TEMPLATE,
-        repo_id=repo_id, base_model_text=_base_model_text(base_model, adapter.pipeline_class_names[0]),
+        card_data,
+        template_str=_TEMPLATE,
+        repo_id=repo_id,
+        base_model_text=_base_model_text(base_model, adapter.pipeline_class_names[0]),
         model_kind="A LoRA" if use_lora else "A full fine-tune",
-        max_steps=config.get("max_steps"), schedule=schedule,
+        max_steps=config.get("max_steps"),
+        schedule=schedule,
         usage=_usage(base_model, repo_id, adapter, use_lora, config),
         reward_aggregation=config.get("reward_aggregation"),
-        reward_rows=[{"name": name, "weight": f"{weight:g}", "source": describe_reward(name)}
-                     for name, weight in zip(reward_names, reward_weights)],
+        reward_rows=[
+            {"name": name, "weight": f"{weight:g}", "source": describe_reward(name)}
+            for name, weight in zip(reward_names, reward_weights, strict=True)
+        ],
         eval_rows=[{"name": name, "source": describe_reward(name)} for name in eval_reward_names],
-        entropy_threshold=config.get("entropy_threshold"), num_generations=config.get("num_generations"),
+        entropy_threshold=config.get("entropy_threshold"),
+        num_generations=config.get("num_generations"),
         merge_plan_table=merge_plan_table,
-        metric_rows=_metric_rows(metrics), image_grid_path=image_grid_path,
+        metric_rows=_metric_rows(metrics),
+        image_grid_path=image_grid_path,
         config_yaml=yaml.safe_dump(config, sort_keys=False).strip(),
-        versions=[(name, _version(name)) for name in _FRAMEWORKS], citation=CITATION,
+        versions=[(name, _version(name)) for name in _FRAMEWORKS],
+        citation=CITATION,
     )
 
 
@@ -231,13 +272,17 @@ def preflight(repo_id: str, *, token: str | None, private: bool) -> str:
     """
     where = f"the Hugging Face Hub ({constants.ENDPOINT})"
     if constants.HF_HUB_OFFLINE:
-        raise HubError(f"push_to_hub=True, but {where} is disabled in this process: HF_HUB_OFFLINE (or "
-                       f"TRANSFORMERS_OFFLINE) is set. Unset it to push to '{repo_id}', {_OR_NO_PUSH}.")
+        raise HubError(
+            f"push_to_hub=True, but {where} is disabled in this process: HF_HUB_OFFLINE (or "
+            f"TRANSFORMERS_OFFLINE) is set. Unset it to push to '{repo_id}', {_OR_NO_PUSH}."
+        )
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise HubError(f"push_to_hub=True, but '{repo_id}' is not a valid Hub repository id ({error}). Set "
-                       f"hub_model_id to 'namespace/name' (letters, digits, '-', '_', '.'), {_OR_NO_PUSH}.") from error
+        raise HubError(
+            f"push_to_hub=True, but '{repo_id}' is not a valid Hub repository id ({error}). Set "
+            f"hub_model_id to 'namespace/name' (letters, digits, '-', '_', '.'), {_OR_NO_PUSH}."
+        ) from error
     token = token or get_token()
     if token is None:
         raise HubError(f"push_to_hub=True, but no token for {where} was found: {_HOW_TO_LOG_IN}; {_OR_NO_PUSH}.")
@@ -246,34 +291,51 @@ def preflight(repo_id: str, *, token: str | None, private: bool) -> str:
         identity = api.whoami()
     except HfHubHTTPError as error:
         if error.response is not None and error.response.status_code == 401:
-            raise HubError(f"push_to_hub=True, but {where} rejected the token (401: invalid or expired): "
-                           f"{_HOW_TO_LOG_IN}; {_OR_NO_PUSH}.") from error
-        raise HubError(f"push_to_hub=True, but {where} answered with an error when checking the token: {error}. "
-                       f"Retry later, {_OR_NO_PUSH}.") from error
+            raise HubError(
+                f"push_to_hub=True, but {where} rejected the token (401: invalid or expired): "
+                f"{_HOW_TO_LOG_IN}; {_OR_NO_PUSH}."
+            ) from error
+        raise HubError(
+            f"push_to_hub=True, but {where} answered with an error when checking the token: {error}. "
+            f"Retry later, {_OR_NO_PUSH}."
+        ) from error
     except Exception as error:  # noqa: BLE001 - any transport failure (DNS, proxy, TLS, timeout) means the same
-        raise HubError(f"push_to_hub=True, but {where} cannot be reached ({type(error).__name__}: {error}). "
-                       f"Check the network connection and proxy (HF_ENDPOINT if you use a mirror), "
-                       f"{_OR_NO_PUSH}.") from error
+        raise HubError(
+            f"push_to_hub=True, but {where} cannot be reached ({type(error).__name__}: {error}). "
+            f"Check the network connection and proxy (HF_ENDPOINT if you use a mirror), "
+            f"{_OR_NO_PUSH}."
+        ) from error
     role = identity.get("auth", {}).get("accessToken", {}).get("role")
     if role == "read":
-        raise HubError(f"push_to_hub=True, but the token of '{identity.get('name')}' is read-only: {where} needs "
-                       f"a token with write access to create '{repo_id}'; {_HOW_TO_LOG_IN}; {_OR_NO_PUSH}.")
+        raise HubError(
+            f"push_to_hub=True, but the token of '{identity.get('name')}' is read-only: {where} needs "
+            f"a token with write access to create '{repo_id}'; {_HOW_TO_LOG_IN}; {_OR_NO_PUSH}."
+        )
     full_id = repo_id if "/" in repo_id else f"{identity['name']}/{repo_id}"
     try:
         return api.create_repo(full_id, private=private, exist_ok=True).repo_id
     except Exception as error:  # noqa: BLE001 - permission, quota, name clash: the Hub's message says which
-        raise HubError(f"push_to_hub=True, but the repository '{full_id}' cannot be created on {where} "
-                       f"({type(error).__name__}: {error}). Check that the token's owner '{identity.get('name')}' "
-                       f"may write to that namespace, choose another hub_model_id, {_OR_NO_PUSH}.") from error
+        raise HubError(
+            f"push_to_hub=True, but the repository '{full_id}' cannot be created on {where} "
+            f"({type(error).__name__}: {error}). Check that the token's owner '{identity.get('name')}' "
+            f"may write to that namespace, choose another hub_model_id, {_OR_NO_PUSH}."
+        ) from error
 
 
 LAST_CHECKPOINT = "last-checkpoint"
 """Folder of the model repository that ``hub_strategy="every_save"`` pushes each new checkpoint to."""
 
 
-def upload_folder(folder: str, repo_id: str, *, private: bool = False, token: str | None = None,
-                  commit_message: str = "Upload E-GRPO model", ignore_patterns: list[str] | None = None,
-                  path_in_repo: str | None = None) -> str:
+def upload_folder(
+    folder: str,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload E-GRPO model",
+    ignore_patterns: list[str] | None = None,
+    path_in_repo: str | None = None,
+) -> str:
     """Create the model repository ``repo_id`` if needed and upload ``folder`` to it in one commit.
 
     Args:
@@ -298,19 +360,27 @@ def upload_folder(folder: str, repo_id: str, *, private: bool = False, token: st
         api = HfApi(token=token)
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
         # A copy: HfApi.upload_folder appends its own patterns to the list it is given, in place.
-        commit = api.upload_folder(repo_id=repo.repo_id, folder_path=folder, commit_message=commit_message,
-                                   ignore_patterns=list(ignore), path_in_repo=path_in_repo)
+        commit = api.upload_folder(
+            repo_id=repo.repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            ignore_patterns=list(ignore),
+            path_in_repo=path_in_repo,
+        )
     except Exception as error:  # noqa: BLE001 - whatever failed, the files are safe on disk: say how to retry
         command = upload_command(folder, repo_id, ignore, private=private, path_in_repo=path_in_repo)
-        raise HubError(f"Uploading to the Hugging Face Hub repository '{repo_id}' failed "
-                       f"({type(error).__name__}: {error}).\nNothing is lost: the files are saved locally in "
-                       f"{os.path.abspath(folder)}. Upload them later with:\n\n"
-                       f"    {command}\n") from error
+        raise HubError(
+            f"Uploading to the Hugging Face Hub repository '{repo_id}' failed "
+            f"({type(error).__name__}: {error}).\nNothing is lost: the files are saved locally in "
+            f"{os.path.abspath(folder)}. Upload them later with:\n\n"
+            f"    {command}\n"
+        ) from error
     return str(commit.commit_url)
 
 
-def upload_command(folder: str, repo_id: str, ignore_patterns: list[str], *, private: bool = False,
-                   path_in_repo: str | None = None) -> str:
+def upload_command(
+    folder: str, repo_id: str, ignore_patterns: list[str], *, private: bool = False, path_in_repo: str | None = None
+) -> str:
     """The ``hf upload`` shell command that uploads ``folder`` as :func:`upload_folder` does.
 
     ``hf`` since huggingface_hub 1.0 takes one pattern per ``--exclude``; the argparse CLI before it took
@@ -324,8 +394,9 @@ def upload_command(folder: str, repo_id: str, ignore_patterns: list[str], *, pri
     return " ".join(shlex.quote(word) for word in words) + (" --private" if private else "")
 
 
-def download_checkpoint(repo_id: str, subfolder: str = LAST_CHECKPOINT, revision: str | None = None,
-                        token: str | None = None) -> str:
+def download_checkpoint(
+    repo_id: str, subfolder: str = LAST_CHECKPOINT, revision: str | None = None, token: str | None = None
+) -> str:
     """Download a checkpoint pushed to the Hub and return its local directory.
 
     With ``hub_strategy="every_save"`` the trainer pushes each new checkpoint to the ``last-checkpoint/``
@@ -347,8 +418,10 @@ def download_checkpoint(repo_id: str, subfolder: str = LAST_CHECKPOINT, revision
 def _base_model_text(base_model: str | None, pipeline_class: str) -> str:
     """How the card's first sentence names the base model: a Hub link, a local path, or a built pipeline."""
     if base_model is None:
-        return (f"a base `{pipeline_class}` that was built in memory (it has no Hub id or path, so load the "
-                "weights onto that same pipeline)")
+        return (
+            f"a base `{pipeline_class}` that was built in memory (it has no Hub id or path, so load the "
+            "weights onto that same pipeline)"
+        )
     if _is_hub_id(base_model):
         return f"[`{base_model}`](https://huggingface.co/{base_model})"
     return f"the local pipeline `{base_model}`"
@@ -375,28 +448,39 @@ def _usage(base_model: str | None, repo_id: str, adapter, use_lora: bool, config
         lines.append("from diffusers.utils import export_to_video")
     lines.append("")
     if not use_lora:
-        lines.append(f'transformer = {transformer_class}.from_pretrained("{repo_id}", subfolder="transformer", '
-                     "torch_dtype=torch.bfloat16)")
+        lines.append(
+            f'transformer = {transformer_class}.from_pretrained("{repo_id}", subfolder="transformer", '
+            "torch_dtype=torch.bfloat16)"
+        )
     if base_model is None:
-        lines.append(f"pipe = ...  # your base {pipeline_class}: the one this model was trained from (it was built "
-                     "in memory)")
+        lines.append(
+            f"pipe = ...  # your base {pipeline_class}: the one this model was trained from (it was built in memory)"
+        )
         lines.append(f'pipe.load_lora_weights("{repo_id}")' if use_lora else "pipe.transformer = transformer")
     elif use_lora:
-        lines += [f'pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16)',
-                  f'pipe.load_lora_weights("{repo_id}")']
+        lines += [
+            f'pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16)',
+            f'pipe.load_lora_weights("{repo_id}")',
+        ]
     else:
-        lines.append(f'pipe = {pipeline_class}.from_pretrained("{base_model}", transformer=transformer, '
-                     "torch_dtype=torch.bfloat16)")
+        lines.append(
+            f'pipe = {pipeline_class}.from_pretrained("{base_model}", transformer=transformer, '
+            "torch_dtype=torch.bfloat16)"
+        )
     if scheduler:
         lines += ["# The schedule the model was trained with:", f"pipe.scheduler = {scheduler}"]
     call = ", ".join(f"{name}={value!r}" for name, value in adapter.pipeline_call_arguments(config).items())
     lines.append('pipe.to("cuda")')
     if adapter.is_video:
-        lines += [f'video = pipe("a cat walking on the beach", {call}).frames[0]',
-                  'export_to_video(video, "sample.mp4", fps=16)']
+        lines += [
+            f'video = pipe("a cat walking on the beach", {call}).frames[0]',
+            'export_to_video(video, "sample.mp4", fps=16)',
+        ]
     else:
-        lines += [f'image = pipe("a photo of an astronaut riding a horse", {call}).images[0]',
-                  'image.save("sample.png")']
+        lines += [
+            f'image = pipe("a photo of an astronaut riding a horse", {call}).images[0]',
+            'image.save("sample.png")',
+        ]
     return "\n".join(lines)
 
 

@@ -86,8 +86,10 @@ def plan_merges(
     """
     num_steps = len(sigmas) - 1
     if not 1 <= num_active_steps <= num_steps - first_step or first_step < 0:
-        raise ValueError(f"num_active_steps must be between 1 and the number of inference steps ({num_steps}) minus "
-                         f"first_step ({first_step}), got {num_active_steps}.")
+        raise ValueError(
+            f"num_active_steps must be between 1 and the number of inference steps ({num_steps}) minus "
+            f"first_step ({first_step}), got {num_active_steps}."
+        )
     if windows not in ("overlap", "partition"):
         raise ValueError(f"windows must be 'overlap' or 'partition', got {windows!r}.")
     if isinstance(merge, int) and not isinstance(merge, bool):
@@ -119,6 +121,8 @@ def format_merge_plan(plan: list[MergeStep], sigmas: torch.Tensor) -> str:
     """The plan as a Markdown table (for logs and the model card)."""
     rows = ["| step | start k | length l | sigma_k -> sigma_{k+l} | exp(h) |", "|---|---|---|---|---|"]
     for i, step in enumerate(plan):
-        rows.append(f"| {i} | {step.start} | {step.length} | {float(sigmas[step.start]):.4f} -> "
-                    f"{float(sigmas[step.end]):.4f} | {step.entropy:.3f} |")
+        rows.append(
+            f"| {i} | {step.start} | {step.length} | {float(sigmas[step.start]):.4f} -> "
+            f"{float(sigmas[step.end]):.4f} | {step.entropy:.3f} |"
+        )
     return "\n".join(rows)

@@ -5,9 +5,15 @@ from __future__ import annotations
 import torch
 
 
-def rollout_metrics(rewards: torch.Tensor, anchor_rewards: torch.Tensor, group_step: torch.Tensor,
-                    advantages: torch.Tensor, reward_weights: torch.Tensor, reward_names: list[str],
-                    group_labels: list[str]) -> dict[str, float]:
+def rollout_metrics(
+    rewards: torch.Tensor,
+    anchor_rewards: torch.Tensor,
+    group_step: torch.Tensor,
+    advantages: torch.Tensor,
+    reward_weights: torch.Tensor,
+    reward_names: list[str],
+    group_labels: list[str],
+) -> dict[str, float]:
     """Reward and advantage statistics of one iteration.
 
     Args:
@@ -35,14 +41,25 @@ def rollout_metrics(rewards: torch.Tensor, anchor_rewards: torch.Tensor, group_s
         for i, label in enumerate(group_labels):
             metrics[f"reward/{name}/{label}"] = rewards[group_step == i][..., r].mean().item()
     metrics["zero_std_fraction"] = (advantages == 0).all(dim=1).float().mean().item()
-    metrics.update({"advantage/mean": advantages.mean().item(), "advantage/std": advantages.std().item(),
-                    "advantage/abs_max": advantages.abs().max().item()})
+    metrics.update(
+        {
+            "advantage/mean": advantages.mean().item(),
+            "advantage/std": advantages.std().item(),
+            "advantage/abs_max": advantages.abs().max().item(),
+        }
+    )
     return metrics
 
 
-def update_metrics(ratio: torch.Tensor, clipped: torch.Tensor, approx_kl: torch.Tensor, loss: torch.Tensor,
-                   grad_norm: torch.Tensor, on_policy_deviation: torch.Tensor, kl: torch.Tensor | None = None
-                   ) -> dict[str, float]:
+def update_metrics(
+    ratio: torch.Tensor,
+    clipped: torch.Tensor,
+    approx_kl: torch.Tensor,
+    loss: torch.Tensor,
+    grad_norm: torch.Tensor,
+    on_policy_deviation: torch.Tensor,
+    kl: torch.Tensor | None = None,
+) -> dict[str, float]:
     """Statistics of one iteration's policy update, from the values of all micro-batches (all processes).
 
     Args:
@@ -57,7 +74,9 @@ def update_metrics(ratio: torch.Tensor, clipped: torch.Tensor, approx_kl: torch.
     """
     metrics = {
         "loss": loss.mean().item(),
-        "ratio/mean": ratio.mean().item(), "ratio/min": ratio.min().item(), "ratio/max": ratio.max().item(),
+        "ratio/mean": ratio.mean().item(),
+        "ratio/min": ratio.min().item(),
+        "ratio/max": ratio.max().item(),
         "ratio/on_policy_max_abs_dev": on_policy_deviation.max().item(),
         "clip_fraction": clipped.float().mean().item(),
         "approx_kl": approx_kl.mean().item(),
@@ -68,8 +87,14 @@ def update_metrics(ratio: torch.Tensor, clipped: torch.Tensor, approx_kl: torch.
     return metrics
 
 
-def throughput_metrics(sampling_rows: int, sampling_seconds: float, update_rows: int, update_seconds: float,
-                       flops_per_row: int | None = None, peak_tflops: float | None = None) -> dict[str, float]:
+def throughput_metrics(
+    sampling_rows: int,
+    sampling_seconds: float,
+    update_rows: int,
+    update_seconds: float,
+    flops_per_row: int | None = None,
+    peak_tflops: float | None = None,
+) -> dict[str, float]:
     """Transformer throughput of one process's iteration, and the sampling phase's MFU when it is known.
 
     Args:
@@ -87,8 +112,10 @@ def throughput_metrics(sampling_rows: int, sampling_seconds: float, update_rows:
         FLOPs reach (decoding and the SDE count as time, not as FLOPs, so it is a lower bound of the
         transformer's own MFU).
     """
-    metrics = {"time/sampling_rows_per_s": sampling_rows / sampling_seconds,
-               "time/update_rows_per_s": update_rows / update_seconds}
+    metrics = {
+        "time/sampling_rows_per_s": sampling_rows / sampling_seconds,
+        "time/update_rows_per_s": update_rows / update_seconds,
+    }
     if flops_per_row and peak_tflops:
         metrics["time/sampling_mfu"] = sampling_rows * flops_per_row / sampling_seconds / (peak_tflops * 1e12)
     return metrics

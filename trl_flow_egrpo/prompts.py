@@ -29,8 +29,9 @@ class PromptEncoder:
             :meth:`model_key`, so several models (or sequence lengths) can share one directory.
     """
 
-    def __init__(self, adapter: ModelAdapter, device: torch.device | str, offload: bool = True,
-                 cache_dir: str | None = None):
+    def __init__(
+        self, adapter: ModelAdapter, device: torch.device | str, offload: bool = True, cache_dir: str | None = None
+    ):
         self.adapter = adapter
         self.device = torch.device(device)
         self.offload = offload and self.device.type != "cpu"
@@ -43,8 +44,11 @@ class PromptEncoder:
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
         """The pipeline's text encoders (components named ``text_encoder*``)."""
-        return [module for name, module in self.adapter.pipeline.components.items()
-                if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)]
+        return [
+            module
+            for name, module in self.adapter.pipeline.components.items()
+            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
+        ]
 
     def model_key(self) -> str:
         """What the embeddings depend on besides the prompt, hashed: the pipeline's name or path, the text
@@ -54,8 +58,10 @@ class PromptEncoder:
         description = {
             "pipeline": type(adapter.pipeline).__name__,
             "name_or_path": adapter.pipeline.config.get("_name_or_path"),
-            "encoders": [module.config.to_dict() if hasattr(module.config, "to_dict") else str(module.config)
-                         for module in self.text_encoders],
+            "encoders": [
+                module.config.to_dict() if hasattr(module.config, "to_dict") else str(module.config)
+                for module in self.text_encoders
+            ],
             "weights": [_fingerprint(module) for module in self.text_encoders],
             "max_sequence_length": adapter.max_sequence_length,
             "negative_prompt": adapter.negative_prompt,
@@ -73,10 +79,11 @@ class PromptEncoder:
         if missing:
             encoded = self._encode(missing)
             for i, prompt in enumerate(missing):
-                cached[prompt] = {name: tensor[i:i + 1] for name, tensor in encoded.items()}
+                cached[prompt] = {name: tensor[i : i + 1] for name, tensor in encoded.items()}
                 self._store(prompt, cached[prompt])
-        return {name: torch.cat([cached[prompt][name] for prompt in prompts]).to(self.device)
-                for name in cached[prompts[0]]}
+        return {
+            name: torch.cat([cached[prompt][name] for prompt in prompts]).to(self.device) for name in cached[prompts[0]]
+        }
 
     def warm(self, prompts, batch_size: int = 16) -> int:
         """Encode and cache every prompt of ``prompts`` not cached yet; returns how many were encoded."""
@@ -85,7 +92,7 @@ class PromptEncoder:
         before = self.num_encoded
         prompts = list(dict.fromkeys(prompts))
         for start in range(0, len(prompts), batch_size):
-            self(prompts[start:start + batch_size])
+            self(prompts[start : start + batch_size])
         return self.num_encoded - before
 
     def _encode(self, prompts: list[str]) -> Conditioning:
@@ -125,8 +132,11 @@ class PromptEncoder:
         path = self._path(prompt)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         staging = f"{path}.{os.getpid()}.tmp"  # written whole, then renamed: readers never see half a file
-        save_file({name: tensor.detach().contiguous().cpu() for name, tensor in rows.items()}, staging,
-                  metadata={"prompt": prompt})
+        save_file(
+            {name: tensor.detach().contiguous().cpu() for name, tensor in rows.items()},
+            staging,
+            metadata={"prompt": prompt},
+        )
         os.replace(staging, path)
 
 

@@ -42,14 +42,14 @@ REWARD_SOURCES: dict[str, str] = {
     "hps_v2.0": "HPSv2.0: open_clip ViT-H-14, checkpoint `HPS_v2_compressed.pt` of the Hub repo `xswu/HPSv2`",
     "clip_score": "CLIP score: cosine similarity of open_clip ViT-H-14 `laion2b_s32b_b79k` embeddings",
     "pickscore": "PickScore v1: `yuvalkirstain/PickScore_v1` with the `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` "
-                 "processor",
+    "processor",
     "image_reward": "ImageReward v1.0: `ImageReward.pt` of the Hub repo `THUDM/ImageReward`",
     "jpeg_compressibility": "JPEG compressibility (weight-free): minus the JPEG size in kB at quality 95",
     "jpeg_incompressibility": "JPEG incompressibility (weight-free): the JPEG size in kB at quality 95",
     "color": "Colour (weight-free): minus the distance of the mean RGB colour to a target (default red)",
     "brightness": "Brightness (weight-free): the mean pixel value",
     "temporal_consistency": "Temporal consistency of videos (weight-free): minus the mean absolute difference of "
-                            "consecutive frames",
+    "consecutive frames",
 }
 """A reward's logged name (its ``name`` attribute) -> what it is and which weights it uses by default."""
 
@@ -68,8 +68,10 @@ def build_reward(name: str, **kwargs) -> Callable:
     if name.startswith(VIDEO_FRAMES_PREFIX) and name.removeprefix(VIDEO_FRAMES_PREFIX) in REWARDS:
         return FrameAverageReward(build_reward(name.removeprefix(VIDEO_FRAMES_PREFIX), **kwargs))
     if name not in REWARDS:
-        raise ValueError(f"Unknown reward {name!r}. Known rewards: {', '.join(REWARDS)}. Custom rewards are any "
-                         "callable fn(images, prompts, **columns) passed to EGRPOTrainer directly.")
+        raise ValueError(
+            f"Unknown reward {name!r}. Known rewards: {', '.join(REWARDS)}. Custom rewards are any "
+            "callable fn(images, prompts, **columns) passed to EGRPOTrainer directly."
+        )
     return REWARDS[name](**kwargs)
 
 
@@ -82,11 +84,15 @@ def describe_reward(name: str) -> str:
     return REWARD_SOURCES.get(base, f"`{name}` (custom reward)")
 
 
-TINY_PIPELINES = {"tiny": "build_tiny_flux_pipeline", "tiny-sd3": "build_tiny_sd3_pipeline",
-                  "tiny-flux2": "build_tiny_flux2_pipeline", "tiny-flux2-klein": "build_tiny_flux2_klein_pipeline",
-                  "tiny-qwenimage": "build_tiny_qwenimage_pipeline",
-                  "tiny-wan": "build_tiny_wan_pipeline",
-                  "tiny-zimage": "build_tiny_zimage_pipeline"}
+TINY_PIPELINES = {
+    "tiny": "build_tiny_flux_pipeline",
+    "tiny-sd3": "build_tiny_sd3_pipeline",
+    "tiny-flux2": "build_tiny_flux2_pipeline",
+    "tiny-flux2-klein": "build_tiny_flux2_klein_pipeline",
+    "tiny-qwenimage": "build_tiny_qwenimage_pipeline",
+    "tiny-wan": "build_tiny_wan_pipeline",
+    "tiny-zimage": "build_tiny_zimage_pipeline",
+}
 """Pipeline names that build an embedded tiny pipeline (:mod:`trl_flow_egrpo.tiny`) instead of loading one."""
 
 
@@ -113,8 +119,10 @@ def load_pipeline(name: str, dtype, main_process_weights_only: bool = False, qua
     placeholder = main_process_weights_only and backends.placeholder_weights_requested()
     if name in TINY_PIPELINES:
         if quantization_config is not None:
-            raise ValueError(f"{name!r} is built in memory, so it cannot be loaded quantized: use "
-                             "quantization='int8-weight-only' (applied by the trainer) with the tiny pipelines.")
+            raise ValueError(
+                f"{name!r} is built in memory, so it cannot be loaded quantized: use "
+                "quantization='int8-weight-only' (applied by the trainer) with the tiny pipelines."
+            )
         from . import tiny
 
         pipeline = getattr(tiny, TINY_PIPELINES[name])(dtype=dtype)
@@ -125,10 +133,12 @@ def load_pipeline(name: str, dtype, main_process_weights_only: bool = False, qua
     import diffusers
 
     if not placeholder:
-        return diffusers.DiffusionPipeline.from_pretrained(name, torch_dtype=dtype,
-                                                           quantization_config=quantization_config)
+        return diffusers.DiffusionPipeline.from_pretrained(
+            name, torch_dtype=dtype, quantization_config=quantization_config
+        )
     _, class_name = diffusers.DiffusionPipeline.load_config(name)["transformer"]
     transformer_class = getattr(diffusers, class_name)
-    transformer = backends.placeholder_model(transformer_class,
-                                             transformer_class.load_config(name, subfolder="transformer"), dtype)
+    transformer = backends.placeholder_model(
+        transformer_class, transformer_class.load_config(name, subfolder="transformer"), dtype
+    )
     return diffusers.DiffusionPipeline.from_pretrained(name, torch_dtype=dtype, transformer=transformer)

@@ -88,18 +88,33 @@ def concat_rollouts(parts: list[Rollouts]) -> Rollouts:
         group_offsets.append(group_offsets[-1] + part.num_groups)
 
     def shifted(name: str, offsets: list[int]) -> torch.Tensor:
-        return torch.cat([getattr(part, name) + offset for part, offset in zip(parts, offsets)])
+        return torch.cat([getattr(part, name) + offset for part, offset in zip(parts, offsets, strict=True)])
 
     return Rollouts(
         num_prompts=sum(part.num_prompts for part in parts),
-        group_prompt=shifted("group_prompt", prompt_offsets), step_prompt=shifted("step_prompt", prompt_offsets),
+        group_prompt=shifted("group_prompt", prompt_offsets),
+        step_prompt=shifted("step_prompt", prompt_offsets),
         sample_group=shifted("sample_group", group_offsets),
-        **{name: torch.cat([getattr(part, name) for part in parts])
-           for name in ("group_step", "images", "anchor_images", "anchor_latents", "step_latents", "step_start",
-                        "step_length", "step_phase", "samples", "log_probs", "sample_member")},
+        **{
+            name: torch.cat([getattr(part, name) for part in parts])
+            for name in (
+                "group_step",
+                "images",
+                "anchor_images",
+                "anchor_latents",
+                "step_latents",
+                "step_start",
+                "step_length",
+                "step_phase",
+                "samples",
+                "log_probs",
+                "sample_member",
+            )
+        },
         conditioning={name: torch.cat([part.conditioning[name] for part in parts]) for name in parts[0].conditioning},
         num_evaluations=sum(part.num_evaluations for part in parts),
-        num_model_calls=sum(part.num_model_calls for part in parts))
+        num_model_calls=sum(part.num_model_calls for part in parts),
+    )
 
 
 def prompt_generators(generator: torch.Generator, num_prompts: int) -> list[torch.Generator]:
@@ -121,25 +136,39 @@ def prompt_noise(generators: list[torch.Generator], rows: torch.Tensor, shape, d
     return torch.stack([torch.randn(tuple(shape), generator=generators[row]) for row in rows.tolist()]).to(device)
 
 
-def batched_velocity(adapter: ModelAdapter, model, latents: torch.Tensor, timesteps: torch.Tensor,
-                     conditioning: Conditioning, prompt_rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+def batched_velocity(
+    adapter: ModelAdapter,
+    model,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    conditioning: Conditioning,
+    prompt_rows: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
     """Velocities for a batch of trajectories, in chunks of ``batch_size`` transformer rows."""
     chunks = []
     for begin in range(0, len(latents), batch_size):
         rows = slice(begin, begin + batch_size)
-        chunks.append(adapter.velocity(model, latents[rows], timesteps[rows],
-                                       select_rows(conditioning, prompt_rows[rows])))
+        chunks.append(
+            adapter.velocity(model, latents[rows], timesteps[rows], select_rows(conditioning, prompt_rows[rows]))
+        )
     return torch.cat(chunks)
 
 
 def decode_in_chunks(adapter: ModelAdapter, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Decode ``[N, ...]`` latents to images in chunks of ``batch_size``."""
-    return torch.cat([adapter.decode(latents[i:i + batch_size]) for i in range(0, len(latents), batch_size)])
+    return torch.cat([adapter.decode(latents[i : i + batch_size]) for i in range(0, len(latents), batch_size)])
 
 
 @torch.no_grad()
-def sample_ode(adapter: ModelAdapter, model, schedule: Schedule, conditioning: Conditioning,
-               initial_noise: torch.Tensor, batch_size: int) -> torch.Tensor:
+def sample_ode(
+    adapter: ModelAdapter,
+    model,
+    schedule: Schedule,
+    conditioning: Conditioning,
+    initial_noise: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
     """Deterministic (ODE, Euler) sampling of one trajectory per prompt; returns the final latents.
 
     This is the anchor trajectory alone: what the pipeline itself samples from the same noise, and what
@@ -156,8 +185,16 @@ def sample_ode(adapter: ModelAdapter, model, schedule: Schedule, conditioning: C
 
 
 @torch.no_grad()
-def sample_images(adapter: ModelAdapter, model, schedule: Schedule, prompts: list[str], seeds: list[int],
-                  batch_size: int, decode_batch_size: int | None = None, encode_prompts=None) -> torch.Tensor:
+def sample_images(
+    adapter: ModelAdapter,
+    model,
+    schedule: Schedule,
+    prompts: list[str],
+    seeds: list[int],
+    batch_size: int,
+    decode_batch_size: int | None = None,
+    encode_prompts=None,
+) -> torch.Tensor:
     """Deterministic (ODE) images ``[B, 3, H, W]`` in [0, 1], prompt ``i`` from the noise of ``seeds[i]``.
 
     Each prompt's noise comes from its own seeded CPU generator, so an image depends on its prompt, seed
@@ -254,20 +291,32 @@ def sample_rollouts(
             starts = index[anchors]
             groups = prompt[anchors] * len(plan) + plan_position[starts]
             lengths = group_length[groups]
-            step = sde_step(repeat(latents[anchors]), repeat(velocity[anchors]), sigmas, repeat(starts),
-                            repeat(lengths), noise_level,
-                            noise=prompt_noise(generators, repeat(prompt[anchors]), latent_shape, device))
+            step = sde_step(
+                repeat(latents[anchors]),
+                repeat(velocity[anchors]),
+                sigmas,
+                repeat(starts),
+                repeat(lengths),
+                noise_level,
+                noise=prompt_noise(generators, repeat(prompt[anchors]), latent_shape, device),
+            )
             branch_latents[groups] = latents[anchors]
             samples[groups] = step.sample.view(len(anchors), num_generations, *latent_shape)
             log_probs[groups] = step.log_prob.view(len(anchors), num_generations)
-            branches = (step.sample, repeat(starts + lengths), repeat(prompt[anchors]),
-                        (groups[:, None] * num_generations + members).flatten())
+            branches = (
+                step.sample,
+                repeat(starts + lengths),
+                repeat(prompt[anchors]),
+                (groups[:, None] * num_generations + members).flatten(),
+            )
         else:
             branches = None
 
         latents, index = euler_step(latents, velocity, sigmas, index), index + 1
         if branches is not None:
-            latents, index, prompt, row = (torch.cat(pair) for pair in zip((latents, index, prompt, row), branches))
+            latents, index, prompt, row = (
+                torch.cat(pair) for pair in zip((latents, index, prompt, row), branches, strict=True)
+            )
 
         finished = index == num_steps
         if bool(finished.any()):
@@ -279,26 +328,47 @@ def sample_rollouts(
 
     decode_batch_size = decode_batch_size or batch_size
     images = decode_in_chunks(adapter, torch.cat([final_latents, anchor_final]), decode_batch_size)
-    branch_images, anchor_images = images[:len(final_latents)], images[len(final_latents):]
+    branch_images, anchor_images = images[: len(final_latents)], images[len(final_latents) :]
     # One trained step per group: its G branches share the anchor latents they leave from.
     groups = torch.arange(num_groups, device=device)
     return Rollouts(
-        num_prompts=num_prompts, group_prompt=group_prompt, group_step=group_step,
+        num_prompts=num_prompts,
+        group_prompt=group_prompt,
+        group_step=group_step,
         images=branch_images.view(num_groups, num_generations, *branch_images.shape[1:]),
-        anchor_images=anchor_images, anchor_latents=anchor_final,
-        step_latents=branch_latents, step_start=group_start, step_length=group_length, step_prompt=group_prompt,
-        step_phase=group_step, samples=samples, log_probs=log_probs,
+        anchor_images=anchor_images,
+        anchor_latents=anchor_final,
+        step_latents=branch_latents,
+        step_start=group_start,
+        step_length=group_length,
+        step_prompt=group_prompt,
+        step_phase=group_step,
+        samples=samples,
+        log_probs=log_probs,
         sample_group=groups[:, None].expand(num_groups, num_generations).clone(),
         sample_member=members[None, :].expand(num_groups, num_generations).clone(),
-        conditioning=conditioning, num_evaluations=num_evaluations, num_model_calls=num_calls)
+        conditioning=conditioning,
+        num_evaluations=num_evaluations,
+        num_model_calls=num_calls,
+    )
 
 
 @torch.no_grad()
-def sample_trajectories(adapter: ModelAdapter, model, schedule: Schedule, conditioning: Conditioning,
-                        latents: torch.Tensor, row_prompt: torch.Tensor, step_distribution, stochastic: torch.Tensor,
-                        trained: torch.Tensor, generator: torch.Generator | list[torch.Generator], batch_size: int,
-                        first_index: int = 0,
-                        end_index: int | None = None):
+def sample_trajectories(
+    adapter: ModelAdapter,
+    model,
+    schedule: Schedule,
+    conditioning: Conditioning,
+    latents: torch.Tensor,
+    row_prompt: torch.Tensor,
+    step_distribution,
+    stochastic: torch.Tensor,
+    trained: torch.Tensor,
+    generator: torch.Generator | list[torch.Generator],
+    batch_size: int,
+    first_index: int = 0,
+    end_index: int | None = None,
+):
     """Advance ``N`` trajectories in lock step from schedule index ``first_index`` to ``end_index`` (default: the
     end of the schedule), drawing the
     ``stochastic`` steps from ``step_distribution`` and recording the ``trained`` ones (the trajectory
@@ -334,8 +404,9 @@ def sample_trajectories(adapter: ModelAdapter, model, schedule: Schedule, condit
             latents = euler_step(latents, velocity, sigmas, index)
             continue
         mean, std = step_distribution(latents, velocity, index, 1)
-        step = sample_gaussian_step(mean, std, noise=prompt_noise(generators, row_prompt, latents.shape[1:],
-                                                                  latents.device))
+        step = sample_gaussian_step(
+            mean, std, noise=prompt_noise(generators, row_prompt, latents.shape[1:], latents.device)
+        )
         rows = trained[:, index].nonzero().squeeze(1).to(latents.device)
         if len(rows):
             steps.append((index, rows, latents[rows], step.sample[rows], step.log_prob[rows]))
@@ -343,9 +414,17 @@ def sample_trajectories(adapter: ModelAdapter, model, schedule: Schedule, condit
     return latents, steps, num_evaluations, num_calls
 
 
-def trajectory_rollouts(steps: list, final_latents: torch.Tensor, adapter: ModelAdapter, num_prompts: int,
-                        num_generations: int, conditioning: Conditioning, num_evaluations: int, num_calls: int,
-                        decode_batch_size: int) -> Rollouts:
+def trajectory_rollouts(
+    steps: list,
+    final_latents: torch.Tensor,
+    adapter: ModelAdapter,
+    num_prompts: int,
+    num_generations: int,
+    conditioning: Conditioning,
+    num_evaluations: int,
+    num_calls: int,
+    decode_batch_size: int,
+) -> Rollouts:
     """:class:`Rollouts` of trajectory algorithms from :func:`sample_trajectories`' output: row ``r`` is
     member ``r % G`` of group (= prompt) ``r // G``; a trajectory's ``j``-th trained step (in time order) is
     trained in phase ``j``, so every optimizer step of ``optimizer_step='active_step'`` sees one step of every
@@ -358,14 +437,22 @@ def trajectory_rollouts(steps: list, final_latents: torch.Tensor, adapter: Model
     images = decode_in_chunks(adapter, final_latents, decode_batch_size)
     groups = torch.arange(num_prompts, device=device)
     return Rollouts(
-        num_prompts=num_prompts, group_prompt=groups, group_step=torch.zeros_like(groups),
+        num_prompts=num_prompts,
+        group_prompt=groups,
+        group_step=torch.zeros_like(groups),
         images=images.view(num_prompts, num_generations, *images.shape[1:]),
-        anchor_images=images[:0], anchor_latents=final_latents[:0],  # no anchors: nothing to log
+        anchor_images=images[:0],
+        anchor_latents=final_latents[:0],  # no anchors: nothing to log
         step_latents=torch.cat([step[2] for step in steps])[order],
         step_start=torch.cat([torch.full((len(step[1]),), step[0], device=device) for step in steps])[order],
         step_length=torch.ones(len(rows), dtype=torch.long, device=device),
-        step_prompt=rows // num_generations, step_phase=phase,
+        step_prompt=rows // num_generations,
+        step_phase=phase,
         samples=torch.cat([step[3] for step in steps])[order].unsqueeze(1),
         log_probs=torch.cat([step[4] for step in steps])[order].unsqueeze(1),
-        sample_group=(rows // num_generations).unsqueeze(1), sample_member=(rows % num_generations).unsqueeze(1),
-        conditioning=conditioning, num_evaluations=num_evaluations, num_model_calls=num_calls)
+        sample_group=(rows // num_generations).unsqueeze(1),
+        sample_member=(rows % num_generations).unsqueeze(1),
+        conditioning=conditioning,
+        num_evaluations=num_evaluations,
+        num_model_calls=num_calls,
+    )

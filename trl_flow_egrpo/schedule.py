@@ -50,8 +50,13 @@ def shifted_sigmas(num_steps: int, shift: float) -> torch.Tensor:
     return torch.from_numpy(np.append(shift_sigmas(base, shift), 0.0))
 
 
-def dynamic_shift_mu(num_image_tokens: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+def dynamic_shift_mu(
+    num_image_tokens: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
     """``mu`` of a resolution-dependent (dynamic) shift: linear in the image's token count ``n``,
     ``mu = base_shift + (n - base_seq_len) * (max_shift - base_shift) / (max_seq_len - base_seq_len)``,
     as FLUX.1-dev's and SD3's pipelines compute it from their scheduler config (in the same order of float
@@ -88,6 +93,8 @@ def scheduler_schedule(scheduler, num_steps: int, shift: float | None = None, mu
     sigmas = scheduler.sigmas.detach().to(torch.float32).cpu()
     timesteps = scheduler.timesteps.detach().to(torch.float32).cpu()
     if len(sigmas) != num_steps + 1 or sigmas[-1] != 0 or not bool((sigmas[1:] < sigmas[:-1]).all()):
-        raise ValueError(f"The scheduler produced an unusable schedule {sigmas.tolist()}: expected {num_steps + 1} "
-                         "strictly decreasing sigmas ending in 0.")
+        raise ValueError(
+            f"The scheduler produced an unusable schedule {sigmas.tolist()}: expected {num_steps + 1} "
+            "strictly decreasing sigmas ending in 0."
+        )
     return Schedule(sigmas=sigmas, timesteps=timesteps)

@@ -58,8 +58,9 @@ def diffusion_coefficient(sigmas: torch.Tensor, index, noise_level: float) -> to
     return noise_level * torch.sqrt(s / (1.0 - s_tilde))
 
 
-def sde_mean_std(latents: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index, merge_length,
-                 noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sde_mean_std(
+    latents: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index, merge_length, noise_level: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The Gaussian of one merged SDE step from ``sigmas[index]`` to ``sigmas[index + merge_length]``:
     its float32 mean ``mu`` (shaped like ``latents``) and per-sample ``std`` ``[B]`` (module docstring).
 
@@ -73,12 +74,14 @@ def sde_mean_std(latents: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Te
     """
     sigmas = sigmas.to(device=latents.device, dtype=torch.float32)
     start = _per_sample(index, latents.shape[0], latents.device)
-    return _gaussian_step(latents, velocity, sigmas, start, merge_length,
-                          diffusion_coefficient(sigmas, start, noise_level))
+    return _gaussian_step(
+        latents, velocity, sigmas, start, merge_length, diffusion_coefficient(sigmas, start, noise_level)
+    )
 
 
-def constant_noise_sde_mean_std(latents: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index,
-                                eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def constant_noise_sde_mean_std(
+    latents: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index, eta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""One step of the SDE with a constant diffusion coefficient ``eta`` (DanceGRPO's form), from
     ``sigmas[index]`` to ``sigmas[index + 1]``: float32 mean and per-sample std.
 
@@ -94,8 +97,9 @@ def constant_noise_sde_mean_std(latents: torch.Tensor, velocity: torch.Tensor, s
     batch_size = latents.shape[0]
     sigmas = sigmas.to(device=latents.device, dtype=torch.float32)
     start = _per_sample(index, batch_size, latents.device)
-    return _gaussian_step(latents, velocity, sigmas, start, 1,
-                          torch.full((batch_size,), float(eta), device=latents.device))
+    return _gaussian_step(
+        latents, velocity, sigmas, start, 1, torch.full((batch_size,), float(eta), device=latents.device)
+    )
 
 
 def _gaussian_step(latents, velocity, sigmas, start, merge_length, c):
@@ -143,9 +147,13 @@ def sde_step(
     return sample_gaussian_step(mean, std, noise, generator, sample)
 
 
-def sample_gaussian_step(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor | None = None,
-                         generator: torch.Generator | None = None,
-                         sample: torch.Tensor | None = None) -> SDEStepOutput:
+def sample_gaussian_step(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    sample: torch.Tensor | None = None,
+) -> SDEStepOutput:
     """Draw ``x' = mean + std * eps`` (or take the given ``sample``) and its log-density; ``std == 0``
     everywhere gives no density (``log_prob=None``). Arguments as :func:`sde_step`."""
     view = (mean.shape[0],) + (1,) * (mean.dim() - 1)

@@ -16,7 +16,9 @@ _T5_PIECES = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
 
 def _byte_unicode_chars() -> list[str]:
     # The printable stand-ins for the 256 bytes that byte-level BPE tokenizers use (GPT-2 / CLIP).
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = [], 0
     for byte in range(256):
         if byte in printable:
@@ -72,27 +74,83 @@ def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-            guidance_embeds=True)
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=[4, 4, 8],
+            guidance_embeds=True,
+        )
         vae = AutoencoderKL(
-            sample_size=64, in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-            latent_channels=16, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
-            shift_factor=0.1159, scaling_factor=0.3611)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
-            num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=1000, hidden_act="gelu",
-            projection_dim=32, max_position_embeddings=77))
-        text_encoder_2 = T5EncoderModel(T5Config(
-            vocab_size=256, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, is_encoder_decoder=False, use_cache=False, dropout_rate=0.0,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+            sample_size=64,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=4,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.1159,
+            scaling_factor=0.3611,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                bos_token_id=0,
+                eos_token_id=2,
+                hidden_size=32,
+                intermediate_size=37,
+                layer_norm_eps=1e-5,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                pad_token_id=1,
+                vocab_size=1000,
+                hidden_act="gelu",
+                projection_dim=32,
+                max_position_embeddings=77,
+            )
+        )
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=256,
+                d_model=32,
+                d_kv=8,
+                d_ff=37,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                is_encoder_decoder=False,
+                use_cache=False,
+                dropout_rate=0.0,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        )
     scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096)
-    pipeline = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(),
-                            text_encoder_2=text_encoder_2, tokenizer_2=tiny_t5_tokenizer(), transformer=transformer)
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipeline = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tiny_t5_tokenizer(),
+        transformer=transformer,
+    )
     for module in (transformer, vae, text_encoder, text_encoder_2):
         module.eval()
     return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
@@ -116,39 +174,96 @@ def build_tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         64x64 (16 image tokens) or 128x128 (64 tokens; the position embedding allows up to 16x16 patches);
         sizes must be multiples of 16.
     """
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     def clip_encoder():
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
-            num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=1000, hidden_act="gelu",
-            projection_dim=32, max_position_embeddings=77))
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                bos_token_id=0,
+                eos_token_id=2,
+                hidden_size=32,
+                intermediate_size=37,
+                layer_norm_eps=1e-5,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                pad_token_id=1,
+                vocab_size=1000,
+                hidden_act="gelu",
+                projection_dim=32,
+                max_position_embeddings=77,
+            )
+        )
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # pooled_projection_dim = 2 x 32: the two CLIP projections are concatenated; the two CLIPs' hidden
         # states (2 x 32) are cut to joint_attention_dim = T5's d_model (32) by the pipeline.
         transformer = SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-            caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=16,
-            pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+            sample_size=8,
+            patch_size=2,
+            in_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            joint_attention_dim=32,
+            pooled_projection_dim=64,
+            out_channels=16,
+            pos_embed_max_size=16,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        )
         vae = AutoencoderKL(
-            sample_size=64, in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-            latent_channels=16, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
-            shift_factor=0.0609, scaling_factor=1.5305)
+            sample_size=64,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=4,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.0609,
+            scaling_factor=1.5305,
+        )
         text_encoder, text_encoder_2 = clip_encoder(), clip_encoder()
-        text_encoder_3 = T5EncoderModel(T5Config(
-            vocab_size=256, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, is_encoder_decoder=False, use_cache=False, dropout_rate=0.0,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=256,
+                d_model=32,
+                d_kv=8,
+                d_ff=37,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                is_encoder_decoder=False,
+                use_cache=False,
+                dropout_rate=0.0,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     pipeline = StableDiffusion3Pipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(),
-        text_encoder_2=text_encoder_2, tokenizer_2=tiny_clip_tokenizer(), text_encoder_3=text_encoder_3,
-        tokenizer_3=tiny_t5_tokenizer(), transformer=transformer)
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tiny_t5_tokenizer(),
+        transformer=transformer,
+    )
     for module in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
         module.eval()
     return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
@@ -211,16 +326,34 @@ def tiny_mistral3_processor(model_max_length: int = 512):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        additional_special_tokens=["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
-                                   "[IMG_BREAK]", "[IMG_END]", SYSTEM_MESSAGE],
-        model_max_length=model_max_length)
-    return PixtralProcessor(image_processor=PixtralImageProcessor(patch_size=16), tokenizer=tokenizer,
-                            patch_size=16, chat_template=_MISTRAL_CHAT_TEMPLATE)
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=[
+            "[INST]",
+            "[/INST]",
+            "[SYSTEM_PROMPT]",
+            "[/SYSTEM_PROMPT]",
+            "[IMG]",
+            "[IMG_BREAK]",
+            "[IMG_END]",
+            SYSTEM_MESSAGE,
+        ],
+        model_max_length=model_max_length,
+    )
+    return PixtralProcessor(
+        image_processor=PixtralImageProcessor(patch_size=16),
+        tokenizer=tokenizer,
+        patch_size=16,
+        chat_template=_MISTRAL_CHAT_TEMPLATE,
+    )
 
 
-def tiny_qwen_tokenizer(model_max_length: int = 512, chat_template: str | None = _QWEN3_CHAT_TEMPLATE,
-                        whole_words: str = ""):
+def tiny_qwen_tokenizer(
+    model_max_length: int = 512, chat_template: str | None = _QWEN3_CHAT_TEMPLATE, whole_words: str = ""
+):
     """A byte-level BPE ``Qwen2Tokenizer`` (the class Qwen3 and Qwen2.5-VL use) built in memory, with Qwen's
     chat tokens and a minimal Qwen3 chat template (ids fit a vocab of 300, or 512 with ``whole_words``).
 
@@ -246,15 +379,20 @@ def tiny_qwen_tokenizer(model_max_length: int = 512, chat_template: str | None =
         for piece in pieces:  # each word is built left to right; these merges rank first
             for end in range(2, len(piece) + 1):
                 if piece[:end] not in vocab:
-                    word_merges.append((piece[:end - 1], piece[end - 1]))
+                    word_merges.append((piece[: end - 1], piece[end - 1]))
                     vocab[piece[:end]] = len(vocab)
         merges = word_merges + [(left, right) for left, right in merges if left + right not in vocab]
-        for left, right in merges[len(word_merges):]:
+        for left, right in merges[len(word_merges) :]:
             vocab[left + right] = len(vocab)
     for token in specials + ("<think>", "</think>"):
         vocab[token] = len(vocab)
-    return Qwen2Tokenizer(vocab=vocab, merges=merges, chat_template=chat_template, model_max_length=model_max_length,
-                          additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        chat_template=chat_template,
+        model_max_length=model_max_length,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
 
 
 def _tiny_flux2_transformer(guidance_embeds: bool):
@@ -263,16 +401,27 @@ def _tiny_flux2_transformer(guidance_embeds: bool):
     # FLUX.2's layout: 32 latent channels 2x2-patchified into 128 token channels, double- then single-stream
     # blocks, 4-axis RoPE (time, row, column, text position) summing to the head dimension, no biases.
     return Flux2Transformer2DModel(
-        patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=3 * _FLUX2_TEXT_HIDDEN, timestep_guidance_channels=32,
-        mlp_ratio=3.0, axes_dims_rope=(4, 4, 4, 4), rope_theta=2000, guidance_embeds=guidance_embeds)
+        patch_size=1,
+        in_channels=128,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * _FLUX2_TEXT_HIDDEN,
+        timestep_guidance_channels=32,
+        mlp_ratio=3.0,
+        axes_dims_rope=(4, 4, 4, 4),
+        rope_theta=2000,
+        guidance_embeds=guidance_embeds,
+    )
 
 
 def _tiny_flux2_vae():
     from diffusers import AutoencoderKLFlux2
 
     vae = AutoencoderKLFlux2(
-        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=32, sample_size=32)
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=32, sample_size=32
+    )
     # Latents are normalized by the VAE's batch-norm statistics; a fresh BatchNorm's (mean 0, variance 1) would
     # make a missing de-normalization invisible, so the tiny VAE gets statistics far from the identity.
     vae.bn.running_mean.normal_(0.0, 0.5)
@@ -313,15 +462,36 @@ def build_tiny_flux2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32)
         torch.manual_seed(seed)
         transformer = _tiny_flux2_transformer(guidance_embeds=True)
         vae = _tiny_flux2_vae()
-        text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
-            text_config=dict(model_type="mistral", vocab_size=300, hidden_size=_FLUX2_TEXT_HIDDEN,
-                             intermediate_size=32, num_hidden_layers=30, num_attention_heads=2,
-                             num_key_value_heads=1, head_dim=8, max_position_embeddings=1024),
-            vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                               num_attention_heads=2, head_dim=8, image_size=32, patch_size=16),
-            image_token_index=processor.tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=1))
-    pipeline = Flux2Pipeline(scheduler=_flux2_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=processor,
-                             transformer=transformer)
+        text_encoder = Mistral3ForConditionalGeneration(
+            Mistral3Config(
+                text_config=dict(
+                    model_type="mistral",
+                    vocab_size=300,
+                    hidden_size=_FLUX2_TEXT_HIDDEN,
+                    intermediate_size=32,
+                    num_hidden_layers=30,
+                    num_attention_heads=2,
+                    num_key_value_heads=1,
+                    head_dim=8,
+                    max_position_embeddings=1024,
+                ),
+                vision_config=dict(
+                    model_type="pixtral",
+                    hidden_size=16,
+                    intermediate_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    head_dim=8,
+                    image_size=32,
+                    patch_size=16,
+                ),
+                image_token_index=processor.tokenizer.convert_tokens_to_ids("[IMG]"),
+                spatial_merge_size=1,
+            )
+        )
+    pipeline = Flux2Pipeline(
+        scheduler=_flux2_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=processor, transformer=transformer
+    )
     for module in (transformer, vae, text_encoder):
         module.eval()
     return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
@@ -351,12 +521,27 @@ def build_tiny_flux2_klein_pipeline(seed: int = 0, dtype: torch.dtype = torch.fl
         torch.manual_seed(seed)
         transformer = _tiny_flux2_transformer(guidance_embeds=False)
         vae = _tiny_flux2_vae()
-        text_encoder = Qwen3ForCausalLM(Qwen3Config(
-            vocab_size=300, hidden_size=_FLUX2_TEXT_HIDDEN, intermediate_size=32, num_hidden_layers=27,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
-            tie_word_embeddings=True))
-    pipeline = Flux2KleinPipeline(scheduler=_flux2_scheduler(), vae=vae, text_encoder=text_encoder,
-                                  tokenizer=tiny_qwen_tokenizer(), transformer=transformer, is_distilled=is_distilled)
+        text_encoder = Qwen3ForCausalLM(
+            Qwen3Config(
+                vocab_size=300,
+                hidden_size=_FLUX2_TEXT_HIDDEN,
+                intermediate_size=32,
+                num_hidden_layers=27,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=8,
+                max_position_embeddings=1024,
+                tie_word_embeddings=True,
+            )
+        )
+    pipeline = Flux2KleinPipeline(
+        scheduler=_flux2_scheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tiny_qwen_tokenizer(),
+        transformer=transformer,
+        is_distilled=is_distilled,
+    )
     for module in (transformer, vae, text_encoder):
         module.eval()
     return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
@@ -384,13 +569,18 @@ def build_tiny_qwenimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.floa
         A ``diffusers.QwenImagePipeline`` on the CPU with every component in eval mode. Sizes must be multiples
         of 16; 32x32 gives 4 image tokens.
     """
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
-                           QwenImageTransformer2DModel)
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     # The pipeline sets its prompt template in __init__: read it from an empty instance.
-    template = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
-                                 transformer=None).prompt_template_encode
+    template = QwenImagePipeline(
+        scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None
+    ).prompt_template_encode
     tokenizer = tiny_qwen_tokenizer(chat_template=None, whole_words=template.format(""))
     vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     tokenizer.add_tokens(vision_tokens, special_tokens=True)
@@ -399,27 +589,65 @@ def build_tiny_qwenimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.floa
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = QwenImageTransformer2DModel(
-            patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=hidden, axes_dims_rope=(4, 6, 6))
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=hidden,
+            axes_dims_rope=(4, 6, 6),
+        )
         # Qwen-Image's latents_mean / latents_std are the class defaults.
-        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True])
-        text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-            text_config=dict(vocab_size=512, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                             rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-                             bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-                             eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                             pad_token_id=tokenizer.pad_token_id),
-            vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
-                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0]),
-            image_token_id=image_pad, video_token_id=video_pad, vision_start_token_id=vision_start,
-            vision_end_token_id=vision_end))
+        vae = AutoencoderKLQwenImage(
+            base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
+        text_encoder = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(
+                text_config=dict(
+                    vocab_size=512,
+                    hidden_size=hidden,
+                    intermediate_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                    num_key_value_heads=1,
+                    max_position_embeddings=2048,
+                    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                    bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                    eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                    pad_token_id=tokenizer.pad_token_id,
+                ),
+                vision_config=dict(
+                    depth=1,
+                    hidden_size=16,
+                    intermediate_size=32,
+                    num_heads=2,
+                    out_hidden_size=hidden,
+                    patch_size=14,
+                    spatial_merge_size=2,
+                    temporal_patch_size=2,
+                    fullatt_block_indexes=[0],
+                ),
+                image_token_id=image_pad,
+                video_token_id=video_pad,
+                vision_start_token_id=vision_start,
+                vision_end_token_id=vision_end,
+            )
+        )
     scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
-    pipeline = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                 transformer=transformer)
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    pipeline = QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
     for module in (transformer, vae, text_encoder):
         module.eval()
     return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
@@ -453,18 +681,34 @@ def build_tiny_wan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-            text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=16,
+            out_channels=16,
+            text_dim=32,
+            freq_dim=32,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )
         # Wan's latents_mean / latents_std are the class defaults.
-        vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               temperal_downsample=[False, True, True])
-        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=37, num_layers=2,
-                                                   num_heads=4, relative_attention_num_buckets=8))
-    scheduler = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
-                                        use_flow_sigmas=True, flow_shift=3.0)
-    pipeline = WanPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
-                           scheduler=scheduler)
+        vae = AutoencoderKLWan(
+            base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
+        text_encoder = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=256, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8
+            )
+        )
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    pipeline = WanPipeline(
+        tokenizer=tiny_t5_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
     for module in (transformer, vae, text_encoder):
         module.eval()
     return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
@@ -499,20 +743,50 @@ def build_tiny_zimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
         torch.manual_seed(seed)
         # Z-Image's RoPE axes lengths: captions take positions 1..L on the first axis, the image the next one.
         transformer = ZImageTransformer2DModel(
-            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
-            n_heads=2, n_kv_heads=2, cap_feat_dim=hidden, axes_dims=[4, 6, 6], axes_lens=[1024, 512, 512])
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=16,
+            dim=32,
+            n_layers=2,
+            n_refiner_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            cap_feat_dim=hidden,
+            axes_dims=[4, 6, 6],
+            axes_lens=[1024, 512, 512],
+        )
         vae = AutoencoderKL(
-            sample_size=64, in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-            latent_channels=16, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
-            shift_factor=0.1159, scaling_factor=0.3611)
-        text_encoder = Qwen3Model(Qwen3Config(
-            vocab_size=300, hidden_size=hidden, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
-            pad_token_id=tokenizer.pad_token_id))
+            sample_size=64,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=4,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.1159,
+            scaling_factor=0.3611,
+        )
+        text_encoder = Qwen3Model(
+            Qwen3Config(
+                vocab_size=300,
+                hidden_size=hidden,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=16,
+                max_position_embeddings=1024,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    pipeline = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              transformer=transformer)
+    pipeline = ZImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
     for module in (transformer, vae, text_encoder):
         module.eval()
     return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)

@@ -31,8 +31,8 @@ from transformers import get_scheduler
 
 from . import acceleration, backends, checkpoints, quantization, tracking
 from .adapters import get_adapter, select_rows
-from .algorithms import build_strategy
 from .advantages import group_advantages
+from .algorithms import build_strategy
 from .checkpoints import TrainerState
 from .config import EGRPOConfig
 from .data import as_prompt_dataset, iteration_prompt_indices, padded_shard
@@ -80,35 +80,53 @@ class EGRPOTrainer:
         trainer.train()
     """
 
-    def __init__(self, config: EGRPOConfig, pipeline, reward_fns: Callable | Sequence[Callable], train_dataset,
-                 eval_dataset=None, eval_reward_fns: Sequence[Callable] | None = None):
+    def __init__(
+        self,
+        config: EGRPOConfig,
+        pipeline,
+        reward_fns: Callable | Sequence[Callable],
+        train_dataset,
+        eval_dataset=None,
+        eval_reward_fns: Sequence[Callable] | None = None,
+    ):
         self.config = config
         self.reward_fns = validate_reward_fns(reward_fns)
         self.eval_reward_fns = validate_reward_fns(eval_reward_fns) if eval_reward_fns else []
         self.reward_names = unique_reward_names(self.reward_fns)
-        self.eval_reward_names = unique_reward_names(self.reward_fns + self.eval_reward_fns)[len(self.reward_fns):]
+        self.eval_reward_names = unique_reward_names(self.reward_fns + self.eval_reward_fns)[len(self.reward_fns) :]
         if config.reward_weights is not None and len(config.reward_weights) != len(self.reward_fns):
-            raise ValueError(f"reward_weights has {len(config.reward_weights)} values for {len(self.reward_fns)} "
-                             "reward functions: give one weight per reward function.")
+            raise ValueError(
+                f"reward_weights has {len(config.reward_weights)} values for {len(self.reward_fns)} "
+                "reward functions: give one weight per reward function."
+            )
         self.reward_weights = torch.tensor(config.reward_weights or [1.0] * len(self.reward_fns))
         self.train_dataset = as_prompt_dataset(train_dataset, config.prompt_column, "train_dataset")
-        self.eval_dataset = (None if eval_dataset is None
-                             else as_prompt_dataset(eval_dataset, config.prompt_column, "eval_dataset"))
+        self.eval_dataset = (
+            None if eval_dataset is None else as_prompt_dataset(eval_dataset, config.prompt_column, "eval_dataset")
+        )
         if config.eval_steps and self.eval_dataset is None:
-            raise ValueError(f"eval_steps={config.eval_steps} but no eval_dataset was given: pass eval_dataset to the "
-                             "trainer, or set eval_steps=0.")
-        self.adapter = get_adapter(pipeline, height=config.height, width=config.width,
-                                   guidance_scale=config.guidance_scale,
-                                   max_sequence_length=config.max_sequence_length,
-                                   negative_prompt=config.negative_prompt, num_frames=config.num_frames)
+            raise ValueError(
+                f"eval_steps={config.eval_steps} but no eval_dataset was given: pass eval_dataset to the "
+                "trainer, or set eval_steps=0."
+            )
+        self.adapter = get_adapter(
+            pipeline,
+            height=config.height,
+            width=config.width,
+            guidance_scale=config.guidance_scale,
+            max_sequence_length=config.max_sequence_length,
+            negative_prompt=config.negative_prompt,
+            num_frames=config.num_frames,
+        )
         self.pipeline = pipeline
 
         self.accelerator = Accelerator(
             cpu=is_multiprocess_cpu_run(),
             mixed_precision=config.mixed_precision,
             log_with=tracking.available_trackers(config.log_with),
-            project_config=ProjectConfiguration(project_dir=config.output_dir,
-                                                logging_dir=os.path.join(config.output_dir, "logs")),
+            project_config=ProjectConfiguration(
+                project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
+            ),
             # The schedule counts optimizer steps, which all processes take together. By default accelerate
             # steps a prepared scheduler num_processes times per call (it assumes per-process dataloader
             # batches); split_batches makes it one step per optimizer step, still skipping steps the optimizer
@@ -131,23 +149,32 @@ class EGRPOTrainer:
         self.optimizer = acceleration.build_optimizer(trainable, config)
         if config.optimizer == "adamw_8bit":  # 2 B of optimizer state per trained parameter instead of 8 B
             self.optimizer = quantization.adamw_8bit(trainable, like=self.optimizer)
-        self.lr_scheduler = get_scheduler(config.lr_scheduler_type, self.optimizer, num_warmup_steps=config.warmup_steps,
-                                          num_training_steps=config.max_steps * self.optimizer_steps_per_iteration)
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=config.max_steps * self.optimizer_steps_per_iteration,
+        )
         if backends.is_deepspeed(self.accelerator):
             steps_per_update = self.strategy.trained_steps_per_phase(config.prompts_per_device) * (
-                1 if config.optimizer_step == "active_step" else self.strategy.num_phases)
-            backends.configure_deepspeed(self.accelerator, config.per_device_train_batch_size,
-                                         backends.micro_batches_per_optimizer_step(
-                                             steps_per_update, config.per_device_train_batch_size),
-                                         config.max_grad_norm)
-        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.model, self.optimizer,
-                                                                                 self.lr_scheduler)
+                1 if config.optimizer_step == "active_step" else self.strategy.num_phases
+            )
+            backends.configure_deepspeed(
+                self.accelerator,
+                config.per_device_train_batch_size,
+                backends.micro_batches_per_optimizer_step(steps_per_update, config.per_device_train_batch_size),
+                config.max_grad_norm,
+            )
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            self.model, self.optimizer, self.lr_scheduler
+        )
         # Under FSDP and DeepSpeed, save_state writes every process's shard of the model itself.
         if config.use_peft and not (backends.is_fsdp(self.accelerator) or backends.is_deepspeed(self.accelerator)):
             checkpoints.register_trainable_params_hooks(self.accelerator)
 
-        self.prompt_encoder = PromptEncoder(self.adapter, self.accelerator.device, config.offload_text_encoders,
-                                            config.prompt_cache_dir)
+        self.prompt_encoder = PromptEncoder(
+            self.adapter, self.accelerator.device, config.offload_text_encoders, config.prompt_cache_dir
+        )
         # Rollout noise has its own generator (per process, on the CPU so that runs reproduce across devices).
         self.generator = torch.Generator("cpu").manual_seed(config.seed + self.accelerator.process_index)
         self.state = TrainerState()
@@ -183,27 +210,40 @@ class EGRPOTrainer:
             cuda = [transformer.device.index or 0] if transformer.device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(config.seed)
-                transformer.add_adapter(LoraConfig(
-                    r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=list(config.lora_target_modules or adapter.default_lora_target_modules)))
+                transformer.add_adapter(
+                    LoraConfig(
+                        r=config.lora_r,
+                        lora_alpha=config.lora_alpha,
+                        lora_dropout=config.lora_dropout,
+                        init_lora_weights="gaussian",
+                        target_modules=list(config.lora_target_modules or adapter.default_lora_target_modules),
+                    )
+                )
             if config.quantization is not None:  # after the LoRA: peft then wraps plain linear layers
                 quantization.quantize_base_weights(
-                    transformer, config.quantization, device,
-                    "fsdp" if shard_later else "deepspeed" if backends.is_deepspeed(accelerator) else None)
+                    transformer,
+                    config.quantization,
+                    device,
+                    "fsdp" if shard_later else "deepspeed" if backends.is_deepspeed(accelerator) else None,
+                )
         elif config.beta > 0:
             if placeholder:
-                raise ValueError("beta > 0 with full fine-tuning needs a frozen copy of the real weights on every "
-                                 "process, but with fsdp_cpu_ram_efficient_loading only the main process loads "
-                                 "them. Set fsdp_cpu_ram_efficient_loading: false (and fsdp_sync_module_states: "
-                                 "false) in the accelerate config, train a LoRA (use_peft=True), or set beta=0.")
+                raise ValueError(
+                    "beta > 0 with full fine-tuning needs a frozen copy of the real weights on every "
+                    "process, but with fsdp_cpu_ram_efficient_loading only the main process loads "
+                    "them. Set fsdp_cpu_ram_efficient_loading: false (and fsdp_sync_module_states: "
+                    "false) in the accelerate config, train a LoRA (use_peft=True), or set beta=0."
+                )
             reference = copy.deepcopy(transformer).requires_grad_(False).eval().to(device)
         # Trainable parameters live in float32 whatever the base dtype (mixed precision autocasts compute).
         for parameter in transformer.parameters():
             if parameter.requires_grad and parameter.dtype != torch.float32:
                 # A placeholder's value is never read: allocate float32 without touching (and paging in) it.
-                parameter.data = (torch.empty_like(parameter.data, dtype=torch.float32) if placeholder
-                                  else parameter.data.to(torch.float32))
+                parameter.data = (
+                    torch.empty_like(parameter.data, dtype=torch.float32)
+                    if placeholder
+                    else parameter.data.to(torch.float32)
+                )
         if config.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         return transformer.eval(), reference
@@ -229,9 +269,15 @@ class EGRPOTrainer:
     def iteration_rows(self, iteration: int) -> list[dict]:
         """This process's dataset rows for ``iteration`` (:func:`~trl_flow_egrpo.data.iteration_prompt_indices`)."""
         config, accelerator = self.config, self.accelerator
-        indices = iteration_prompt_indices(iteration, len(self.train_dataset), config.prompts_per_device,
-                                           accelerator.process_index, accelerator.num_processes, config.seed,
-                                           config.shuffle_dataset)
+        indices = iteration_prompt_indices(
+            iteration,
+            len(self.train_dataset),
+            config.prompts_per_device,
+            accelerator.process_index,
+            accelerator.num_processes,
+            config.seed,
+            config.shuffle_dataset,
+        )
         return [self.train_dataset[i] for i in indices]
 
     # ------------------------------------------------------------------ training loop
@@ -251,12 +297,19 @@ class EGRPOTrainer:
         config, accelerator = self.config, self.accelerator
         if config.resume_from_checkpoint not in (None, "", "false", "False"):
             self.load_checkpoint(config.resume_from_checkpoint)
-        accelerator.init_trackers(config.tracker_project_name, config=tracking.flat_config(config.to_dict()),
-                                  init_kwargs=tracking.tracker_init_kwargs(config.run_name, config.output_dir))
+        accelerator.init_trackers(
+            config.tracker_project_name,
+            config=tracking.flat_config(config.to_dict()),
+            init_kwargs=tracking.tracker_init_kwargs(config.run_name, config.output_dir),
+        )
         self._log_start()
 
-        progress = tqdm(total=config.max_steps, initial=self.state.iteration, desc="E-GRPO",
-                        disable=config.disable_tqdm or not accelerator.is_local_main_process)
+        progress = tqdm(
+            total=config.max_steps,
+            initial=self.state.iteration,
+            desc="E-GRPO",
+            disable=config.disable_tqdm or not accelerator.is_local_main_process,
+        )
         while self.state.iteration < config.max_steps:
             metrics = self.step()
             progress.update(1)
@@ -293,11 +346,14 @@ class EGRPOTrainer:
             sampling_seconds = time.perf_counter() - start
             with peaks("rewards"):
                 rewards, anchor_rewards = self.score(rollouts, rows)
-            timings = {"time/sampling": sampling_seconds,
-                       "time/rewards": time.perf_counter() - start - sampling_seconds}
+            timings = {
+                "time/sampling": sampling_seconds,
+                "time/rewards": time.perf_counter() - start - sampling_seconds,
+            }
 
-        advantages = group_advantages(rewards, self.reward_weights, config.reward_aggregation,
-                                      config.advantage_clip, config.advantage_eps)
+        advantages = group_advantages(
+            rewards, self.reward_weights, config.reward_aggregation, config.advantage_clip, config.advantage_eps
+        )
         start = time.perf_counter()
         with peaks("update"):
             update_stats = self.update(rollouts, advantages)
@@ -305,8 +361,15 @@ class EGRPOTrainer:
 
         self.state.iteration += 1
         metrics = self._metrics(rollouts, rewards, anchor_rewards, advantages, update_stats)
-        metrics.update({**timings, "time/update": update_seconds, "iteration": self.state.iteration, **peaks.values,
-                        **self._throughput(rollouts, timings["time/sampling"], update_seconds)})
+        metrics.update(
+            {
+                **timings,
+                "time/update": update_seconds,
+                "iteration": self.state.iteration,
+                **peaks.values,
+                **self._throughput(rollouts, timings["time/sampling"], update_seconds),
+            }
+        )
         self.state.log_history.append(metrics)
         if self.state.iteration % config.logging_steps == 0:
             self.accelerator.log(metrics, step=self.state.iteration)
@@ -320,12 +383,16 @@ class EGRPOTrainer:
         with ThreadPoolExecutor(max_workers=1) as pool:
             for i in range(len(rows)):
                 parts.append(self.generate([rows[i][self.config.prompt_column]]))
-                futures.append(pool.submit(self.score, parts[-1], rows[i:i + 1]))
+                futures.append(pool.submit(self.score, parts[-1], rows[i : i + 1]))
             sampling_seconds = time.perf_counter() - start
             scores = [future.result() for future in futures]
         timings = {"time/sampling": sampling_seconds, "time/rewards": time.perf_counter() - start - sampling_seconds}
-        return (concat_rollouts(parts), torch.cat([branch for branch, _ in scores]),
-                torch.cat([anchor for _, anchor in scores]), timings)
+        return (
+            concat_rollouts(parts),
+            torch.cat([branch for branch, _ in scores]),
+            torch.cat([anchor for _, anchor in scores]),
+            timings,
+        )
 
     @torch.no_grad()
     def generate(self, prompts: list[str]) -> Rollouts:
@@ -334,8 +401,9 @@ class EGRPOTrainer:
         generators = prompt_generators(self.generator, len(prompts))
         self.model.eval()
         with self.accelerator.autocast():
-            return self.strategy.sample(self.adapter, self.unwrapped_model, conditioning, generators,
-                                        self.state.iteration)
+            return self.strategy.sample(
+                self.adapter, self.unwrapped_model, conditioning, generators, self.state.iteration
+            )
 
     @torch.no_grad()
     def sample_images(self, prompts: list[str], seed: int | Sequence[int] = 0) -> torch.Tensor:
@@ -348,8 +416,16 @@ class EGRPOTrainer:
         seeds = list(seed) if isinstance(seed, Sequence) else [seed + i for i in range(len(prompts))]
         self.model.eval()
         with self.accelerator.autocast():
-            return sample_images(self.adapter, self.unwrapped_model, self.schedule, prompts, seeds,
-                                 config.rollout_batch_size, config.decode_batch_size, self.prompt_encoder)
+            return sample_images(
+                self.adapter,
+                self.unwrapped_model,
+                self.schedule,
+                prompts,
+                seeds,
+                config.rollout_batch_size,
+                config.decode_batch_size,
+                self.prompt_encoder,
+            )
 
     def evaluate(self) -> dict[str, float]:
         """Score deterministic samples of the eval prompts with the training and evaluation rewards.
@@ -365,8 +441,9 @@ class EGRPOTrainer:
         size = len(self.eval_dataset)
         positions = padded_shard(size, accelerator.process_index, accelerator.num_processes)
         rows = [self.eval_dataset[i] for i in positions]
-        images = self.sample_images([row[config.prompt_column] for row in rows],
-                                    [config.eval_seed + i for i in positions])
+        images = self.sample_images(
+            [row[config.prompt_column] for row in rows], [config.eval_seed + i for i in positions]
+        )
         names = self.reward_names + self.eval_reward_names
         scores = score_images(self.reward_fns + self.eval_reward_fns, names, images, rows, config.prompt_column)
         scores = accelerator.gather(scores.to(accelerator.device))[:size]
@@ -377,10 +454,11 @@ class EGRPOTrainer:
         for r, name in enumerate(names):
             metrics[f"eval/{name}/mean"] = scores[:, r].mean().item()
             metrics[f"eval/{name}/std"] = scores[:, r].std().item() if size > 1 else 0.0
-        grid_images = accelerator.gather(images.contiguous())[:min(size, config.eval_grid_images)]
+        grid_images = accelerator.gather(images.contiguous())[: min(size, config.eval_grid_images)]
         if accelerator.is_main_process:
-            tracking.log_image_grid(accelerator, grid_images, os.path.join(config.output_dir, EVAL_GRID),
-                                    self.state.iteration)
+            tracking.log_image_grid(
+                accelerator, grid_images, os.path.join(config.output_dir, EVAL_GRID), self.state.iteration
+            )
         accelerator.log(metrics, step=self.state.iteration)
         self.state.eval_history.append({"iteration": self.state.iteration, **metrics})
         return metrics
@@ -392,12 +470,14 @@ class EGRPOTrainer:
         """
         num_groups, num_generations = rollouts.images.shape[:2]
         images = torch.cat([rollouts.images.flatten(0, 1), rollouts.anchor_images])
-        prompt_of_image = torch.cat([rollouts.group_prompt.cpu().repeat_interleave(num_generations),
-                                     torch.arange(len(rollouts.anchor_images))]).tolist()
-        scores = score_images(self.reward_fns, self.reward_names, images, [rows[i] for i in prompt_of_image],
-                              self.config.prompt_column)
-        branch_scores = scores[:num_groups * num_generations].view(num_groups, num_generations, -1)
-        return branch_scores, scores[num_groups * num_generations:]
+        prompt_of_image = torch.cat(
+            [rollouts.group_prompt.cpu().repeat_interleave(num_generations), torch.arange(len(rollouts.anchor_images))]
+        ).tolist()
+        scores = score_images(
+            self.reward_fns, self.reward_names, images, [rows[i] for i in prompt_of_image], self.config.prompt_column
+        )
+        branch_scores = scores[: num_groups * num_generations].view(num_groups, num_generations, -1)
+        return branch_scores, scores[num_groups * num_generations :]
 
     def update(self, rollouts: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
         """PPO-clip updates on the iteration's rollouts. Returns the update's statistics."""
@@ -409,8 +489,14 @@ class EGRPOTrainer:
         else:
             phases = [torch.arange(len(rollouts.step_start), device=accelerator.device)]
 
-        stats: dict[str, list[torch.Tensor]] = {"ratio": [], "clipped": [], "approx_kl": [], "loss": [], "kl": [],
-                                                "grad_norm": []}
+        stats: dict[str, list[torch.Tensor]] = {
+            "ratio": [],
+            "clipped": [],
+            "approx_kl": [],
+            "loss": [],
+            "kl": [],
+            "grad_norm": [],
+        }
         on_policy_deviation = []
         on_policy = True
         self.model.train()
@@ -440,8 +526,11 @@ class EGRPOTrainer:
                 on_policy = False
         self.model.eval()
 
-        gathered = {name: accelerator.gather(torch.cat(values).float().to(accelerator.device))
-                    for name, values in stats.items() if values}
+        gathered = {
+            name: accelerator.gather(torch.cat(values).float().to(accelerator.device))
+            for name, values in stats.items()
+            if values
+        }
         gathered["on_policy_deviation"] = accelerator.gather(torch.cat(on_policy_deviation).to(accelerator.device))
         if config.beta == 0:
             gathered.pop("kl")
@@ -452,9 +541,12 @@ class EGRPOTrainer:
         if metrics["ratio/on_policy_max_abs_dev"] > 0.1 * config.clip_range and accelerator.is_main_process:
             # Sampling and training compute different log-probs for the same policy: the clip then acts on
             # numerical noise instead of policy change (METHOD.md section 6).
-            logger.warning("On-policy ratios deviate from 1 by up to %.2e (clip_range %.0e): sampling and training "
-                           "numerics differ (dtype, batch composition). See docs/troubleshooting.md.",
-                           metrics["ratio/on_policy_max_abs_dev"], config.clip_range)
+            logger.warning(
+                "On-policy ratios deviate from 1 by up to %.2e (clip_range %.0e): sampling and training "
+                "numerics differ (dtype, batch composition). See docs/troubleshooting.md.",
+                metrics["ratio/on_policy_max_abs_dev"],
+                config.clip_range,
+            )
         return metrics
 
     def _recompute_log_probs(self, rollouts: Rollouts, phases: list[torch.Tensor]) -> float:
@@ -490,8 +582,11 @@ class EGRPOTrainer:
             velocity = self.adapter.velocity(model, latents, timesteps, conditioning)
         mean, std = self.strategy.step_distribution(latents, velocity, starts, lengths)
         num_samples = rollouts.samples.shape[1]
-        step = sample_gaussian_step(mean.repeat_interleave(num_samples, dim=0), std.repeat_interleave(num_samples),
-                                    sample=rollouts.samples[steps].flatten(0, 1))
+        step = sample_gaussian_step(
+            mean.repeat_interleave(num_samples, dim=0),
+            std.repeat_interleave(num_samples),
+            sample=rollouts.samples[steps].flatten(0, 1),
+        )
         return step.log_prob, mean, std
 
     def _policy_loss(self, rollouts: Rollouts, advantages: torch.Tensor, steps: torch.Tensor):
@@ -499,8 +594,7 @@ class EGRPOTrainer:
         config, adapter, strategy = self.config, self.adapter, self.strategy
         log_prob, mean, std = self._step_log_probs(rollouts, steps, self.model)
         sample_advantages = advantages[rollouts.sample_group[steps], rollouts.sample_member[steps]].flatten()
-        output = ppo_clip_loss(log_prob, rollouts.log_probs[steps].flatten(), sample_advantages,
-                               config.clip_range)
+        output = ppo_clip_loss(log_prob, rollouts.log_probs[steps].flatten(), sample_advantages, config.clip_range)
         kl = torch.zeros(len(steps), device=log_prob.device)
         if config.beta > 0:
             latents, timesteps, conditioning, starts, lengths = self._step_inputs(rollouts, steps)
@@ -533,8 +627,15 @@ class EGRPOTrainer:
             return self.accelerator.gather(tensor.to(device))
 
         all_rewards = gather(rewards)  # [groups of all processes, G, R]
-        metrics = rollout_metrics(all_rewards, gather(anchor_rewards), gather(rollouts.group_step), gather(advantages),
-                                  self.reward_weights, self.reward_names, self.strategy.group_labels)
+        metrics = rollout_metrics(
+            all_rewards,
+            gather(anchor_rewards),
+            gather(rollouts.group_step),
+            gather(advantages),
+            self.reward_weights,
+            self.reward_names,
+            self.strategy.group_labels,
+        )
         evaluations = gather(torch.tensor([rollouts.num_evaluations])).sum().item()
         metrics["transformer_evaluations"] = evaluations
         metrics["transformer_evaluations_per_rollout"] = evaluations / all_rewards.shape[0] / all_rewards.shape[1]
@@ -550,19 +651,27 @@ class EGRPOTrainer:
         if peak and self.flops_per_row is None:
             first = torch.tensor([0], device=rollouts.step_start.device)
             self.flops_per_row = acceleration.transformer_flops_per_row(
-                self.adapter, self.unwrapped_model, rollouts.step_latents[first],
+                self.adapter,
+                self.unwrapped_model,
+                rollouts.step_latents[first],
                 self.schedule.timesteps.to(first.device)[rollouts.step_start[first]],
-                select_rows(rollouts.conditioning, rollouts.step_prompt[first]))
+                select_rows(rollouts.conditioning, rollouts.step_prompt[first]),
+            )
         update_rows = len(rollouts.step_start) * self.config.num_inner_epochs
-        return throughput_metrics(rollouts.num_evaluations, sampling_seconds, update_rows, update_seconds,
-                                  self.flops_per_row, peak)
+        return throughput_metrics(
+            rollouts.num_evaluations, sampling_seconds, update_rows, update_seconds, self.flops_per_row, peak
+        )
 
     def _log_start(self):
         if self.accelerator.is_main_process:
             logger.info(self.strategy.describe())
-            logger.info("Per prompt: %d rollouts, %d transformer evaluations; %d trainable parameters; %d process(es).",
-                        self.config.num_generations * max(1, len(self.strategy.group_labels)),
-                        self.evaluations_per_prompt(), self.num_trainable_parameters, self.accelerator.num_processes)
+            logger.info(
+                "Per prompt: %d rollouts, %d transformer evaluations; %d trainable parameters; %d process(es).",
+                self.config.num_generations * max(1, len(self.strategy.group_labels)),
+                self.evaluations_per_prompt(),
+                self.num_trainable_parameters,
+                self.accelerator.num_processes,
+            )
             logger.info("Speed switches: %s.", "; ".join(self.speed_switches))
 
     def evaluations_per_prompt(self) -> int:
@@ -600,8 +709,11 @@ class EGRPOTrainer:
         outcome = [None]
         if self.accelerator.is_main_process:
             try:
-                outcome[0] = hub.preflight(config.hub_model_id or os.path.basename(os.path.abspath(config.output_dir)),
-                                           token=config.hub_token, private=config.hub_private)
+                outcome[0] = hub.preflight(
+                    config.hub_model_id or os.path.basename(os.path.abspath(config.output_dir)),
+                    token=config.hub_token,
+                    private=config.hub_private,
+                )
             except hub.HubError as error:
                 outcome[0] = error
         broadcast_object_list(outcome)
@@ -635,26 +747,46 @@ class EGRPOTrainer:
         metrics = {key: value for key, value in last_eval.items() if key != "iteration"}
         grid = os.path.join(config.output_dir, EVAL_GRID)
         card = hub.build_model_card(
-            base_model=self.pipeline.config.get("_name_or_path") or None, repo_id=repo_id,
-            config_dict=config.to_dict(), merge_plan_table=self.strategy.describe(),
-            reward_names=self.reward_names, reward_weights=self.reward_weights.tolist(),
-            eval_reward_names=self.eval_reward_names, metrics=metrics,
-            image_grid_path=EVAL_GRID if os.path.isfile(grid) else None, adapter=self.adapter,
-            use_lora=config.use_peft)
+            base_model=self.pipeline.config.get("_name_or_path") or None,
+            repo_id=repo_id,
+            config_dict=config.to_dict(),
+            merge_plan_table=self.strategy.describe(),
+            reward_names=self.reward_names,
+            reward_weights=self.reward_weights.tolist(),
+            eval_reward_names=self.eval_reward_names,
+            metrics=metrics,
+            image_grid_path=EVAL_GRID if os.path.isfile(grid) else None,
+            adapter=self.adapter,
+            use_lora=config.use_peft,
+        )
         card.save(os.path.join(config.output_dir, "README.md"))
         message = commit_message or f"E-GRPO: {self.state.iteration} iterations"
-        url = hub.upload_folder(config.output_dir, repo_id, private=config.hub_private, token=config.hub_token,
-                                commit_message=message)
+        url = hub.upload_folder(
+            config.output_dir, repo_id, private=config.hub_private, token=config.hub_token, commit_message=message
+        )
         if checkpoint is not None:
-            hub.upload_folder(checkpoint, repo_id, private=config.hub_private, token=config.hub_token,
-                              commit_message=f"{message} (checkpoint)", path_in_repo=hub.LAST_CHECKPOINT)
+            hub.upload_folder(
+                checkpoint,
+                repo_id,
+                private=config.hub_private,
+                token=config.hub_token,
+                commit_message=f"{message} (checkpoint)",
+                path_in_repo=hub.LAST_CHECKPOINT,
+            )
         return url
 
     def save_checkpoint(self) -> str:
         """Write a resumable checkpoint of the current iteration, atomically; returns its directory."""
         config = self.config
-        return checkpoints.save(self.accelerator, config.output_dir, self.state, config.to_dict(), self.generator,
-                                config.save_total_limit, save_extra=self.save_model if config.use_peft else None)
+        return checkpoints.save(
+            self.accelerator,
+            config.output_dir,
+            self.state,
+            config.to_dict(),
+            self.generator,
+            config.save_total_limit,
+            save_extra=self.save_model if config.use_peft else None,
+        )
 
     def load_checkpoint(self, checkpoint: str | bool) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint`, so that training continues exactly as if it

@@ -62,9 +62,11 @@ def load_testbed_pipeline(directory: str = CHECKPOINT_DIR, build_if_missing: boo
 
     if not os.path.exists(os.path.join(directory, "model_index.json")):
         if not build_if_missing:
-            raise FileNotFoundError(f"No testbed pipeline in {directory}: build it with "
-                                    f"`python benchmarks/testbed/build.py --out {directory}`, or pass "
-                                    "build_if_missing=True.")
+            raise FileNotFoundError(
+                f"No testbed pipeline in {directory}: build it with "
+                f"`python benchmarks/testbed/build.py --out {directory}`, or pass "
+                "build_if_missing=True."
+            )
         from .build import build_testbed, save_testbed
         from .train import Recipe
 
@@ -86,9 +88,23 @@ def egrpo_config(output_dir: str, **overrides):
     ``overrides`` replace any field."""
     from trl_flow_egrpo import EGRPOConfig
 
-    values = dict(output_dir=output_dir, **SAMPLING, mixed_precision="no", num_generations=8, prompts_per_device=4,
-                  rollout_batch_size=128, decode_batch_size=128, per_device_train_batch_size=64, learning_rate=1e-3,
-                  optimizer_step="iteration", advantage_eps=0.05, clip_range=1e-2, lora_r=8, lora_alpha=8,
-                  save_steps=0, disable_tqdm=True)
+    values = dict(
+        output_dir=output_dir,
+        **SAMPLING,
+        mixed_precision="no",
+        num_generations=8,
+        prompts_per_device=4,
+        rollout_batch_size=128,
+        decode_batch_size=128,
+        per_device_train_batch_size=64,
+        learning_rate=1e-3,
+        optimizer_step="iteration",
+        advantage_eps=0.05,
+        clip_range=1e-2,
+        lora_r=8,
+        lora_alpha=8,
+        save_steps=0,
+        disable_tqdm=True,
+    )
     values.update(overrides)
     return EGRPOConfig(**values)

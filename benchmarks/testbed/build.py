@@ -77,8 +77,9 @@ def _train(recipe: Recipe):
         clean = pack(pipeline, (raw_latents - shift_factor) * scaling_factor)
         prompt_embeds, pooled_prompt_embeds = encode_prompt_table(pipeline, train_prompts, recipe.max_sequence_length)
     with timer("transformer"):
-        transformer_losses = train_transformer(pipeline, clean, prompt_index, prompt_embeds, pooled_prompt_embeds,
-                                               recipe, generator)
+        transformer_losses = train_transformer(
+            pipeline, clean, prompt_index, prompt_embeds, pooled_prompt_embeds, recipe, generator
+        )
     return pipeline, TrainingLog(vae_losses, transformer_losses, timer.seconds, timer.cpu_seconds)
 
 
@@ -132,8 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
     pipeline, log = build_testbed(recipe)
     info = save_testbed(pipeline, log, recipe, args.out)
     total_wall, total_cpu = sum(log.seconds.values()), sum(log.cpu_seconds.values())
-    print(f"built in {total_wall:.0f} s wall clock, {total_cpu:.0f} s CPU "
-          f"({', '.join(f'{name} {seconds:.0f} s' for name, seconds in log.seconds.items())})")
+    print(
+        f"built in {total_wall:.0f} s wall clock, {total_cpu:.0f} s CPU "
+        f"({', '.join(f'{name} {seconds:.0f} s' for name, seconds in log.seconds.items())})"
+    )
     print(f"VAE MSE {log.vae_losses[-1][1]:.4f}; flow-matching loss {log.transformer_losses[-1][1]:.4f}")
     print(f"saved to {args.out}: {info['bytes'] / 1e6:.2f} MB")
     return info

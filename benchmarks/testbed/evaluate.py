@@ -51,10 +51,13 @@ def pipeline_images(pipeline, prompts: list[str], seed: int, batch_size: int = 6
     pipeline.set_progress_bar_config(disable=True)
     images = []
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
+        batch = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
-        images.append(pipeline(batch, num_inference_steps=NUM_INFERENCE_STEPS, generator=generators,
-                               output_type="pt", **SAMPLING).images)
+        images.append(
+            pipeline(
+                batch, num_inference_steps=NUM_INFERENCE_STEPS, generator=generators, output_type="pt", **SAMPLING
+            ).images
+        )
     return torch.cat(images)
 
 
@@ -86,21 +89,26 @@ def compare_models(pipeline, seed: int, prompt_sets: dict[str, list[str]]) -> di
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same random initialization build.py trained from
         random_transformer = build_transformer()
-    models = {"pretrained": pipeline, "random transformer": with_transformer(pipeline, random_transformer),
-              "untrained pipeline": build_untrained_pipeline(seed)}
+    models = {
+        "pretrained": pipeline,
+        "random transformer": with_transformer(pipeline, random_transformer),
+        "untrained pipeline": build_untrained_pipeline(seed),
+    }
     results = {}
     for set_name, prompts in prompt_sets.items():
         truth = ground_truth_images(prompts, seed)
-        results[set_name] = {"ground truth": reward_summary(truth, prompts),
-                             "ground truth through the VAE": reward_summary(vae_reconstructions(pipeline, truth),
-                                                                            prompts)}
+        results[set_name] = {
+            "ground truth": reward_summary(truth, prompts),
+            "ground truth through the VAE": reward_summary(vae_reconstructions(pipeline, truth), prompts),
+        }
         for model_name, model in models.items():
             results[set_name][model_name] = reward_summary(pipeline_images(model, prompts, seed), prompts)
     return results
 
 
-def egrpo_run(pipeline, iterations: int, eval_prompts: list[str], output_dir: str, prompts: list[str] | None = None,
-              **config) -> dict:
+def egrpo_run(
+    pipeline, iterations: int, eval_prompts: list[str], output_dir: str, prompts: list[str] | None = None, **config
+) -> dict:
     """A short LoRA E-GRPO run with CompositionReward on ``prompts`` (default: the training prompts).
 
     The held-out evaluation samples ``eval_prompts`` deterministically with the trainer's ODE sampler (prompt
@@ -110,8 +118,12 @@ def egrpo_run(pipeline, iterations: int, eval_prompts: list[str], output_dir: st
     """
     from trl_flow_egrpo import EGRPOTrainer
 
-    trainer = EGRPOTrainer(egrpo_config(output_dir, max_steps=iterations, **config), pipeline, [CompositionReward()],
-                           all_train_prompts() if prompts is None else prompts)
+    trainer = EGRPOTrainer(
+        egrpo_config(output_dir, max_steps=iterations, **config),
+        pipeline,
+        [CompositionReward()],
+        all_train_prompts() if prompts is None else prompts,
+    )
     seed = trainer.config.eval_seed
     before = trainer.sample_images(eval_prompts, seed)
     start = time.perf_counter()
@@ -122,13 +134,26 @@ def egrpo_run(pipeline, iterations: int, eval_prompts: list[str], output_dir: st
     for reward in (CompositionReward(), CountReward()):
         scores_before, scores_after = reward(before, eval_prompts).double(), reward(after, eval_prompts).double()
         gain = scores_after - scores_before
-        evaluation[reward.name] = {"before": scores_before.mean().item(), "after": scores_after.mean().item(),
-                                   "gain": gain.mean().item(), "gain_se": (gain.std() / len(gain) ** 0.5).item()}
-    history = [{key: metrics[key] for key in ("iteration", "reward/composition/mean", "zero_std_fraction",
-                                              "ratio/on_policy_max_abs_dev")}
-               for metrics in state.log_history]
-    return {"config": {"max_steps": iterations, **config}, "eval_prompts": len(eval_prompts),
-            "evaluation": evaluation, "train_seconds": seconds, "history": history}
+        evaluation[reward.name] = {
+            "before": scores_before.mean().item(),
+            "after": scores_after.mean().item(),
+            "gain": gain.mean().item(),
+            "gain_se": (gain.std() / len(gain) ** 0.5).item(),
+        }
+    history = [
+        {
+            key: metrics[key]
+            for key in ("iteration", "reward/composition/mean", "zero_std_fraction", "ratio/on_policy_max_abs_dev")
+        }
+        for metrics in state.log_history
+    ]
+    return {
+        "config": {"max_steps": iterations, **config},
+        "eval_prompts": len(eval_prompts),
+        "evaluation": evaluation,
+        "train_seconds": seconds,
+        "history": history,
+    }
 
 
 def save_comparison_grid(pipeline, prompts: list[str], seed: int, path: str) -> None:
@@ -139,10 +164,18 @@ def save_comparison_grid(pipeline, prompts: list[str], seed: int, path: str) -> 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         random_pipeline = with_transformer(pipeline, build_transformer())
-    rows = [ground_truth_images(prompts, seed), pipeline_images(pipeline, prompts, seed),
-            pipeline_images(random_pipeline, prompts, seed)]
-    save_image(torch.nn.functional.interpolate(torch.cat(rows), scale_factor=4, mode="nearest"), path,
-               nrow=len(prompts), padding=2, pad_value=0.5)
+    rows = [
+        ground_truth_images(prompts, seed),
+        pipeline_images(pipeline, prompts, seed),
+        pipeline_images(random_pipeline, prompts, seed),
+    ]
+    save_image(
+        torch.nn.functional.interpolate(torch.cat(rows), scale_factor=4, mode="nearest"),
+        path,
+        nrow=len(prompts),
+        padding=2,
+        pad_value=0.5,
+    )
 
 
 def markdown_tables(comparison: dict, run: dict | None) -> str:
@@ -154,11 +187,16 @@ def markdown_tables(comparison: dict, run: dict | None) -> str:
             cells = [f"{summary[r]['mean']:.3f} ± {summary[r]['se']:.3f}" for r in ("composition", "count")]
             lines.append(f"| {name} | {' | '.join(cells)} |")
     if run is not None:
-        lines += [f"\nE-GRPO {run['config']} ({run['train_seconds']:.0f} s), {run['eval_prompts']} held-out prompts:\n",
-                  "| reward | before | after | paired gain |", "|---|---|---|---|"]
+        lines += [
+            f"\nE-GRPO {run['config']} ({run['train_seconds']:.0f} s), {run['eval_prompts']} held-out prompts:\n",
+            "| reward | before | after | paired gain |",
+            "|---|---|---|---|",
+        ]
         for name, values in run["evaluation"].items():
-            lines.append(f"| {name} | {values['before']:.3f} | {values['after']:.3f} | "
-                         f"{values['gain']:+.3f} ± {values['gain_se']:.3f} |")
+            lines.append(
+                f"| {name} | {values['before']:.3f} | {values['after']:.3f} | "
+                f"{values['gain']:+.3f} ± {values['gain_se']:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -168,35 +206,51 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", default=CHECKPOINT_DIR)
     parser.add_argument("--seed", type=int, default=1000, help="seeds the noise and the ground-truth renders")
     parser.add_argument("--iterations", type=int, default=20, help="E-GRPO iterations (0: skip the run)")
-    parser.add_argument("--learning-rate", type=float, default=None,
-                        help="E-GRPO learning rate (default: egrpo_config's)")
+    parser.add_argument(
+        "--learning-rate", type=float, default=None, help="E-GRPO learning rate (default: egrpo_config's)"
+    )
     parser.add_argument("--num-generations", type=int, default=None, help="E-GRPO G (default: egrpo_config's)")
-    parser.add_argument("--train-on", choices=("train", "heldout"), default="train",
-                        help="prompts E-GRPO trains on: the training prompts, or the held-out evaluation prompts "
-                             "themselves (does RL improve the very prompts it optimizes?)")
+    parser.add_argument(
+        "--train-on",
+        choices=("train", "heldout"),
+        default="train",
+        help="prompts E-GRPO trains on: the training prompts, or the held-out evaluation prompts "
+        "themselves (does RL improve the very prompts it optimizes?)",
+    )
     parser.add_argument("--out", default=None, help="JSON file for the results")
     parser.add_argument("--output-dir", default=None, help="the E-GRPO run's output_dir (default: a temporary one)")
-    parser.add_argument("--grid", default=None, help="PNG of ground truth / pretrained / random samples of 12 "
-                                                     "held-out prompts")
+    parser.add_argument(
+        "--grid", default=None, help="PNG of ground truth / pretrained / random samples of 12 held-out prompts"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
 
     heldout = heldout_prompts()
     train = all_train_prompts()
-    train_sample = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
-                    [:len(heldout)].tolist()]
+    train_sample = [
+        train[i]
+        for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: len(heldout)].tolist()
+    ]
     pipeline = load_testbed_pipeline(args.checkpoint)
     results = {"comparison": compare_models(pipeline, args.seed, {"held-out": heldout, "training": train_sample})}
     if args.grid:
         save_comparison_grid(pipeline, heldout[::24], args.seed, args.grid)
     run = None
     if args.iterations:
-        config = {name: value for name, value in (("learning_rate", args.learning_rate),
-                                                  ("num_generations", args.num_generations)) if value is not None}
-        run = egrpo_run(load_testbed_pipeline(args.checkpoint), args.iterations, heldout,
-                        args.output_dir or tempfile.mkdtemp(prefix="testbed-egrpo-"),
-                        prompts=heldout if args.train_on == "heldout" else None, **config)
+        config = {
+            name: value
+            for name, value in (("learning_rate", args.learning_rate), ("num_generations", args.num_generations))
+            if value is not None
+        }
+        run = egrpo_run(
+            load_testbed_pipeline(args.checkpoint),
+            args.iterations,
+            heldout,
+            args.output_dir or tempfile.mkdtemp(prefix="testbed-egrpo-"),
+            prompts=heldout if args.train_on == "heldout" else None,
+            **config,
+        )
         run["config"]["train_on"] = args.train_on
         results["egrpo"] = run
     print(markdown_tables(results["comparison"], run))

@@ -27,7 +27,11 @@ from dataclasses import dataclass
 import torch
 
 COLOURS: dict[str, tuple[float, float, float]] = {
-    "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+}
 """Object colours, RGB in [0, 1]; pure colours, at distance >= 1 from each other and from the background."""
 
 BACKGROUND: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -37,8 +41,12 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
 _NEAR, _FAR = 7 / 32, 25 / 32
 POSITIONS: dict[str, tuple[float, float]] = {
-    "top left": (_NEAR, _NEAR), "top right": (_FAR, _NEAR), "bottom left": (_NEAR, _FAR),
-    "bottom right": (_FAR, _FAR), "centre": (0.5, 0.5)}
+    "top left": (_NEAR, _NEAR),
+    "top right": (_FAR, _NEAR),
+    "bottom left": (_NEAR, _FAR),
+    "bottom right": (_FAR, _FAR),
+    "centre": (0.5, 0.5),
+}
 """Nominal object centres ``(x, y)`` as fractions of the image side (y grows downwards)."""
 
 RADIUS_RANGE: tuple[float, float] = (3.5 / 32, 4.0 / 32)
@@ -78,7 +86,7 @@ def scene_prompt(objects: tuple[SceneObject, ...]) -> str:
     return " and ".join(obj.phrase for obj in objects)
 
 
-_OBJECT_PATTERN = (f"a ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) ({'|'.join(POSITIONS)})")
+_OBJECT_PATTERN = f"a ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) ({'|'.join(POSITIONS)})"
 _PROMPT_RE = re.compile(f"{_OBJECT_PATTERN}(?: and {_OBJECT_PATTERN})?")
 
 
@@ -91,14 +99,17 @@ def parse_prompt(prompt: str) -> tuple[SceneObject, ...]:
     """
     match = _PROMPT_RE.fullmatch(prompt.strip().lower())
     if match is None:
-        raise ValueError(f"{prompt!r} is not a testbed prompt: expected one or two 'a <colour> <shape> <position>' "
-                         f"joined by ' and ', with colours {list(COLOURS)}, shapes {list(SHAPES)} and positions "
-                         f"{list(POSITIONS)} (e.g. 'a red circle top left and a blue square bottom right').")
+        raise ValueError(
+            f"{prompt!r} is not a testbed prompt: expected one or two 'a <colour> <shape> <position>' "
+            f"joined by ' and ', with colours {list(COLOURS)}, shapes {list(SHAPES)} and positions "
+            f"{list(POSITIONS)} (e.g. 'a red circle top left and a blue square bottom right')."
+        )
     groups = [g for g in match.groups() if g is not None]
-    objects = tuple(SceneObject(*groups[i:i + 3]) for i in range(0, len(groups), 3))
+    objects = tuple(SceneObject(*groups[i : i + 3]) for i in range(0, len(groups), 3))
     if len({obj.position for obj in objects}) != len(objects):
-        raise ValueError(f"{prompt!r} puts two objects at the same position; testbed scenes have one object per "
-                         "position.")
+        raise ValueError(
+            f"{prompt!r} puts two objects at the same position; testbed scenes have one object per position."
+        )
     return objects
 
 
@@ -119,7 +130,7 @@ def split_prompts(seed: int = 0, heldout_fraction: float = 0.1) -> tuple[list[st
     pairs = [(a, b) for a, b in itertools.combinations(objects, 2) if a.position != b.position]
     shuffled = list(pairs)
     random.Random(seed).shuffle(shuffled)
-    heldout = set(shuffled[:round(heldout_fraction * len(pairs))])
+    heldout = set(shuffled[: round(heldout_fraction * len(pairs))])
 
     def prompts_of(selected_pairs):
         return [scene_prompt(order) for pair in selected_pairs for order in (pair, pair[::-1])]

@@ -33,8 +33,17 @@ def build_transformer():
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=32, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=4,
-        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6], guidance_embeds=False)
+        patch_size=1,
+        in_channels=32,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 6, 6],
+        guidance_embeds=False,
+    )
 
 
 def build_vae():
@@ -43,10 +52,21 @@ def build_vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=(8, 16, 32), layers_per_block=1,
-        latent_channels=8, norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
-        mid_block_add_attention=False, shift_factor=0.0, scaling_factor=1.0)
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        block_out_channels=(8, 16, 32),
+        layers_per_block=1,
+        latent_channels=8,
+        norm_num_groups=4,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+        shift_factor=0.0,
+        scaling_factor=1.0,
+    )
 
 
 def build_scheduler():
@@ -68,9 +88,14 @@ def build_untrained_pipeline(seed: int = 0):
         transformer = build_transformer()
         vae = build_vae()
     pipeline = FluxPipeline(
-        scheduler=build_scheduler(), vae=vae, text_encoder=text_encoders.text_encoder,
-        tokenizer=testbed_clip_tokenizer(), text_encoder_2=text_encoders.text_encoder_2,
-        tokenizer_2=testbed_t5_tokenizer(), transformer=transformer)
+        scheduler=build_scheduler(),
+        vae=vae,
+        text_encoder=text_encoders.text_encoder,
+        tokenizer=testbed_clip_tokenizer(),
+        text_encoder_2=text_encoders.text_encoder_2,
+        tokenizer_2=testbed_t5_tokenizer(),
+        transformer=transformer,
+    )
     for module in (transformer, vae, pipeline.text_encoder, pipeline.text_encoder_2):
         module.eval()
     return pipeline

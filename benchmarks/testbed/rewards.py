@@ -149,8 +149,18 @@ class CompositionReward(_PixelReward):
         rewards = []
         for image_labels, prompt in zip(labels, prompts, strict=True):
             objects = parse_prompt(prompt)
-            scores = [min(1.0, int((image_labels[region_mask(obj.position, size).to(labels.device)]
-                                    == colour_labels[obj.colour]).sum()) / min_pixels) for obj in objects]
+            scores = [
+                min(
+                    1.0,
+                    int(
+                        (
+                            image_labels[region_mask(obj.position, size).to(labels.device)] == colour_labels[obj.colour]
+                        ).sum()
+                    )
+                    / min_pixels,
+                )
+                for obj in objects
+            ]
             rewards.append(sum(scores) / len(scores))
         return torch.tensor(rewards)
 

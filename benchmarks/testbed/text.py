@@ -29,7 +29,7 @@ def _bpe_symbols(word: str, merge_ranks: dict[tuple[str, str], int]) -> list[str
         rank, i = min(pairs)
         if rank == len(merge_ranks):
             break
-        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
     return symbols
 
 
@@ -59,5 +59,6 @@ def testbed_clip_tokenizer(model_max_length: int = 77):
 def testbed_t5_tokenizer(model_max_length: int = 512):
     """The tiny Unigram ``T5Tokenizer``'s character pieces plus one piece ``"▁<word>"`` per grammar word, scored
     so that a grammar word is always tokenized whole."""
-    return tiny_t5_tokenizer(model_max_length,
-                             extra_pieces=tuple(("▁" + word, _WORD_PIECE_SCORE) for word in WORDS if len(word) > 1))
+    return tiny_t5_tokenizer(
+        model_max_length, extra_pieces=tuple(("▁" + word, _WORD_PIECE_SCORE) for word in WORDS if len(word) > 1)
+    )

@@ -128,8 +128,9 @@ def train_vae(vae, images: torch.Tensor, recipe: Recipe, generator: torch.Genera
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Posterior means ``[N, C, h, w]`` of ``images`` in [0, 1], in the VAE's raw (unnormalized) latent space."""
-    return torch.cat([vae.encode(images[i:i + batch_size] * 2 - 1).latent_dist.mode()
-                      for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [vae.encode(images[i : i + batch_size] * 2 - 1).latent_dist.mode() for i in range(0, len(images), batch_size)]
+    )
 
 
 def latent_normalization(latents: torch.Tensor) -> tuple[float, float]:
@@ -150,7 +151,8 @@ def encode_prompt_table(pipeline, prompts: list[str], max_sequence_length: int, 
     embeds, pooled = [], []
     for i in range(0, len(prompts), batch_size):
         prompt_embeds, pooled_prompt_embeds, _ = pipeline.encode_prompt(
-            prompt=prompts[i:i + batch_size], prompt_2=None, max_sequence_length=max_sequence_length)
+            prompt=prompts[i : i + batch_size], prompt_2=None, max_sequence_length=max_sequence_length
+        )
         embeds.append(prompt_embeds)
         pooled.append(pooled_prompt_embeds)
     return torch.cat(embeds), torch.cat(pooled)
@@ -162,8 +164,15 @@ def sample_training_sigmas(batch_size: int, generator: torch.Generator, shift: f
     return shift_sigmas(torch.rand(batch_size, generator=generator), shift)
 
 
-def flow_matching_loss(transformer, pipeline, clean: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
-                       prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor) -> torch.Tensor:
+def flow_matching_loss(
+    transformer,
+    pipeline,
+    clean: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+) -> torch.Tensor:
     """``mean((v_theta(x_sigma, sigma) - (noise - clean))^2)`` with ``x_sigma = (1 - sigma) clean + sigma noise``,
     on packed latents, the transformer called as ``FluxAdapter.velocity`` calls it (``timestep = sigma``)."""
     batch, tokens, _ = clean.shape
@@ -171,9 +180,16 @@ def flow_matching_loss(transformer, pipeline, clean: torch.Tensor, noise: torch.
     image_ids = pipeline._prepare_latent_image_ids(batch, side, side, clean.device, clean.dtype)
     text_ids = torch.zeros(prompt_embeds.shape[1], 3, dtype=clean.dtype)
     noisy = (1 - sigmas[:, None, None]) * clean + sigmas[:, None, None] * noise
-    velocity = transformer(hidden_states=noisy, timestep=sigmas, guidance=None,
-                           pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds,
-                           txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+    velocity = transformer(
+        hidden_states=noisy,
+        timestep=sigmas,
+        guidance=None,
+        pooled_projections=pooled_prompt_embeds,
+        encoder_hidden_states=prompt_embeds,
+        txt_ids=text_ids,
+        img_ids=image_ids,
+        return_dict=False,
+    )[0]
     return (velocity - (noise - clean)).pow(2).mean()
 
 
@@ -185,9 +201,15 @@ def learning_rate_factor(step: int, recipe: Recipe) -> float:
     return 1.0 - 0.9 * progress
 
 
-def train_transformer(pipeline, clean: torch.Tensor, prompt_index: torch.Tensor, prompt_embeds: torch.Tensor,
-                      pooled_prompt_embeds: torch.Tensor, recipe: Recipe,
-                      generator: torch.Generator) -> list[tuple[int, float]]:
+def train_transformer(
+    pipeline,
+    clean: torch.Tensor,
+    prompt_index: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    recipe: Recipe,
+    generator: torch.Generator,
+) -> list[tuple[int, float]]:
     """Train ``pipeline.transformer`` by flow matching on packed latents ``clean [N, tokens, 4C]`` whose prompts
     are rows ``prompt_index [N]`` of the prompt table. AdamW (no weight decay), gradient norm clipped at 1.
     Returns ``(step, loss)`` every 250 steps and at the last."""
@@ -202,8 +224,9 @@ def train_transformer(pipeline, clean: torch.Tensor, prompt_index: torch.Tensor,
         noise = torch.randn(batch.shape, generator=generator)
         sigmas = sample_training_sigmas(len(rows), generator)
         prompts = prompt_index[rows]
-        loss = flow_matching_loss(transformer, pipeline, batch, noise, sigmas, prompt_embeds[prompts],
-                                  pooled_prompt_embeds[prompts])
+        loss = flow_matching_loss(
+            transformer, pipeline, batch, noise, sigmas, prompt_embeds[prompts], pooled_prompt_embeds[prompts]
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
@@ -211,7 +234,8 @@ def train_transformer(pipeline, clean: torch.Tensor, prompt_index: torch.Tensor,
         schedule.step()
         if step % 250 == 0 or step == recipe.transformer_steps - 1:
             losses.append((step, loss.item()))
-            logger.info("transformer step %d/%d: flow-matching loss %.4f", step + 1, recipe.transformer_steps,
-                        loss.item())
+            logger.info(
+                "transformer step %d/%d: flow-matching loss %.4f", step + 1, recipe.transformer_steps, loss.item()
+            )
     transformer.eval()
     return losses

@@ -10,8 +10,14 @@ from .sd3 import SD3Adapter
 from .wan import WanAdapter
 from .zimage import ZImageAdapter
 
-ADAPTERS: list[type[ModelAdapter]] = [FluxAdapter, SD3Adapter, Flux2Adapter, QwenImageAdapter, WanAdapter,
-                                      ZImageAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [
+    FluxAdapter,
+    SD3Adapter,
+    Flux2Adapter,
+    QwenImageAdapter,
+    WanAdapter,
+    ZImageAdapter,
+]
 """Adapter classes tried in order by :func:`get_adapter`."""
 
 
@@ -28,14 +34,29 @@ def get_adapter(pipeline, num_frames: int | None = None, **kwargs) -> ModelAdapt
             if adapter_class.is_video:
                 return adapter_class(pipeline, num_frames=num_frames, **kwargs)
             if num_frames is not None:
-                raise ValueError(f"num_frames={num_frames}: {type(pipeline).__name__} generates images, not videos. "
-                                 "Leave EGRPOConfig.num_frames unset (None); it is for video pipelines (WanPipeline).")
+                raise ValueError(
+                    f"num_frames={num_frames}: {type(pipeline).__name__} generates images, not videos. "
+                    "Leave EGRPOConfig.num_frames unset (None); it is for video pipelines (WanPipeline)."
+                )
             return adapter_class(pipeline, **kwargs)
     supported = ", ".join(name for cls in ADAPTERS for name in cls.pipeline_class_names)
-    raise ValueError(f"E-GRPO does not support {type(pipeline).__name__}. Supported pipelines: {supported}. "
-                     "Load one of them (e.g. `FluxPipeline.from_pretrained('black-forest-labs/FLUX.1-dev')`), "
-                     "or add an adapter for your model family (docs/adding-a-model.md).")
+    raise ValueError(
+        f"E-GRPO does not support {type(pipeline).__name__}. Supported pipelines: {supported}. "
+        "Load one of them (e.g. `FluxPipeline.from_pretrained('black-forest-labs/FLUX.1-dev')`), "
+        "or add an adapter for your model family (docs/adding-a-model.md)."
+    )
 
 
-__all__ = ["ADAPTERS", "Conditioning", "Flux2Adapter", "FluxAdapter", "ModelAdapter", "QwenImageAdapter", "SD3Adapter",
-           "WanAdapter", "ZImageAdapter", "get_adapter", "select_rows"]
+__all__ = [
+    "ADAPTERS",
+    "Conditioning",
+    "Flux2Adapter",
+    "FluxAdapter",
+    "ModelAdapter",
+    "QwenImageAdapter",
+    "SD3Adapter",
+    "WanAdapter",
+    "ZImageAdapter",
+    "get_adapter",
+    "select_rows",
+]

@@ -79,17 +79,29 @@ class ModelAdapter(ABC):
     is_video: ClassVar[bool] = False
     """Whether the family generates videos: its adapter then takes ``num_frames`` and decodes ``[B, F, 3, H, W]``."""
 
-    def __init__(self, pipeline, height: int, width: int, guidance_scale: float | None = None,
-                 max_sequence_length: int = 512, negative_prompt: str = ""):
+    def __init__(
+        self,
+        pipeline,
+        height: int,
+        width: int,
+        guidance_scale: float | None = None,
+        max_sequence_length: int = 512,
+        negative_prompt: str = "",
+    ):
         self.pipeline = pipeline
         multiple = self.size_multiple
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % multiple:
-                below, above = max(multiple, value // multiple * multiple), max(multiple, -(-value // multiple) * multiple)
+                below, above = (
+                    max(multiple, value // multiple * multiple),
+                    max(multiple, -(-value // multiple) * multiple),
+                )
                 options = str(below) if below == above else f"{below} or {above}"
-                raise ValueError(f"{name}={value}: {type(self).__name__.removesuffix('Adapter')} needs image sizes "
-                                 f"that are positive multiples of {multiple} (the VAE's downsampling times the "
-                                 f"transformer's patch size). Set EGRPOConfig.{name} to e.g. {options}.")
+                raise ValueError(
+                    f"{name}={value}: {type(self).__name__.removesuffix('Adapter')} needs image sizes "
+                    f"that are positive multiples of {multiple} (the VAE's downsampling times the "
+                    f"transformer's patch size). Set EGRPOConfig.{name} to e.g. {options}."
+                )
         self.height = height
         self.width = width
         # The VAE's latent grid, before any patching or packing.
@@ -127,8 +139,10 @@ class ModelAdapter(ABC):
         with a static ``shift``, its Euler scheduler with that shift and no dynamic shifting."""
         if shift is None:
             return None
-        return ("FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, "
-                f"shift={shift}, use_dynamic_shifting=False)")
+        return (
+            "FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, "
+            f"shift={shift}, use_dynamic_shifting=False)"
+        )
 
     @property
     def vae_scale_factor(self) -> int:
@@ -164,8 +178,11 @@ class ModelAdapter(ABC):
     @property
     def frozen_modules(self) -> list[torch.nn.Module]:
         """The modules that are never trained (VAE, text encoders): kept frozen and in eval mode."""
-        return [module for name, module in self.pipeline.components.items()
-                if isinstance(module, torch.nn.Module) and name != "transformer"]
+        return [
+            module
+            for name, module in self.pipeline.components.items()
+            if isinstance(module, torch.nn.Module) and name != "transformer"
+        ]
 
     def schedule(self, num_steps: int, shift: float | None) -> Schedule:
         """The sampling schedule: ``linspace(1, 1/T, T)`` shifted by a static ``shift``, or the scheduler's own
@@ -174,9 +191,13 @@ class ModelAdapter(ABC):
         config = self.pipeline.scheduler.config
         mu = None
         if config.get("use_dynamic_shifting", False):
-            mu = dynamic_shift_mu(self.num_image_tokens, config.get("base_image_seq_len", 256),
-                                  config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                  config.get("max_shift", self.default_max_shift))
+            mu = dynamic_shift_mu(
+                self.num_image_tokens,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", self.default_max_shift),
+            )
         return scheduler_schedule(self.pipeline.scheduler, num_steps, shift=shift, mu=mu)
 
     @abstractmethod
@@ -188,8 +209,9 @@ class ModelAdapter(ABC):
         """Standard normal initial latents (float32, model layout), drawn as the pipeline draws them."""
 
     @abstractmethod
-    def velocity(self, model: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
-                 conditioning: Conditioning) -> torch.Tensor:
+    def velocity(
+        self, model: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning
+    ) -> torch.Tensor:
         """The policy's velocity for a batch with per-sample timesteps, as float32.
 
         Args:
@@ -221,16 +243,18 @@ class ModelAdapter(ABC):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def save_transformer(self, directory: str, state_dict: dict[str, torch.Tensor]) -> None:
-        """Write a fully fine-tuned transformer in diffusers' layout (``<TransformerClass>.from_pretrained(directory)``):
-        its config and the given weights, sharded like ``save_pretrained`` (``diffusion_pytorch_model*.safetensors``
-        plus an index). The weights are passed in, not read from the module, because under FSDP / ZeRO-3 the
-        module holds one process's shard and only the gathered state dict is whole."""
+        """Write a fully fine-tuned transformer in diffusers' layout
+        (``<TransformerClass>.from_pretrained(directory)``): its config and the given weights, sharded like
+        ``save_pretrained`` (``diffusion_pytorch_model*.safetensors`` plus an index). The weights are passed in,
+        not read from the module, because under FSDP / ZeRO-3 the module holds one process's shard and only the
+        gathered state dict is whole."""
         from huggingface_hub import save_torch_state_dict
 
         os.makedirs(directory, exist_ok=True)
         self.transformer.save_config(directory)
-        save_torch_state_dict(state_dict, directory, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
-                              max_shard_size="10GB")
+        save_torch_state_dict(
+            state_dict, directory, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB"
+        )
 
     def save_lora_weights(self, directory: str, lora_state_dict: dict[str, torch.Tensor]) -> None:
         """Write a transformer LoRA in the diffusers format (``pipe.load_lora_weights(directory)``).
@@ -239,6 +263,9 @@ class ModelAdapter(ABC):
         ``lora_alpha = r``, i.e. at the wrong scale whenever they differ (the default config has 64 vs 32).
         """
         (lora_config,) = self.transformer.peft_config.values()  # the trainer adds exactly one LoRA
-        type(self.pipeline).save_lora_weights(directory, transformer_lora_layers=lora_state_dict,
-                                              transformer_lora_adapter_metadata=lora_config.to_dict(),
-                                              safe_serialization=True)
+        type(self.pipeline).save_lora_weights(
+            directory,
+            transformer_lora_layers=lora_state_dict,
+            transformer_lora_adapter_metadata=lora_config.to_dict(),
+            safe_serialization=True,
+        )

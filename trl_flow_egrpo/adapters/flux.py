@@ -20,14 +20,33 @@ class FluxAdapter(ModelAdapter):
     pipeline_class_names = ("FluxPipeline",)
     transformer_class_name = "FluxTransformer2DModel"
     default_lora_target_modules = (
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-        "proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "proj_mlp",
+        "proj_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
     )
     default_guidance_scale = 3.5
     default_max_shift = 1.15
 
-    def __init__(self, pipeline, height: int, width: int, guidance_scale: float | None = None,
-                 max_sequence_length: int = 512, negative_prompt: str = ""):
+    def __init__(
+        self,
+        pipeline,
+        height: int,
+        width: int,
+        guidance_scale: float | None = None,
+        max_sequence_length: int = 512,
+        negative_prompt: str = "",
+    ):
         super().__init__(pipeline, height, width, guidance_scale, max_sequence_length, negative_prompt)
         self.num_channels = pipeline.transformer.config.in_channels // 4
 
@@ -39,23 +58,29 @@ class FluxAdapter(ModelAdapter):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         prompt_embeds, pooled_prompt_embeds, _ = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1,
-            max_sequence_length=self.max_sequence_length)
+            prompt=prompts,
+            prompt_2=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
+        )
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
 
     def initial_noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         shape = (batch_size, self.num_channels, self.latent_height, self.latent_width)
         noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-        return self.pipeline._pack_latents(noise, batch_size, self.num_channels, self.latent_height,
-                                           self.latent_width).to(self.device)
+        return self.pipeline._pack_latents(
+            noise, batch_size, self.num_channels, self.latent_height, self.latent_width
+        ).to(self.device)
 
     def velocity(self, model, latents, timesteps, conditioning):
         transformer = self.transformer
         dtype = transformer.dtype
         batch_size = latents.shape[0]
         device = latents.device
-        image_ids = self.pipeline._prepare_latent_image_ids(batch_size, self.latent_height // 2,
-                                                            self.latent_width // 2, device, dtype)
+        image_ids = self.pipeline._prepare_latent_image_ids(
+            batch_size, self.latent_height // 2, self.latent_width // 2, device, dtype
+        )
         text_ids = torch.zeros(conditioning["prompt_embeds"].shape[1], 3, device=device, dtype=dtype)
         guidance = None
         if transformer.config.guidance_embeds:
@@ -63,13 +88,20 @@ class FluxAdapter(ModelAdapter):
         hidden_states = latents.to(dtype)
         # As FluxPipeline: the timestep is cast to the latents' dtype, then scaled to [0, 1].
         timestep = timesteps.to(device=device, dtype=hidden_states.dtype) / 1000
-        velocity = model(hidden_states=hidden_states, timestep=timestep, guidance=guidance,
-                         pooled_projections=conditioning["pooled_prompt_embeds"],
-                         encoder_hidden_states=conditioning["prompt_embeds"], txt_ids=text_ids,
-                         img_ids=image_ids, return_dict=False)[0]
+        velocity = model(
+            hidden_states=hidden_states,
+            timestep=timestep,
+            guidance=guidance,
+            pooled_projections=conditioning["pooled_prompt_embeds"],
+            encoder_hidden_states=conditioning["prompt_embeds"],
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
         return velocity.to(torch.float32)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decode_vae(self.pipeline._unpack_latents(latents, self.height, self.width,
-                                                             self.pipeline.vae_scale_factor))
+        return self.decode_vae(
+            self.pipeline._unpack_latents(latents, self.height, self.width, self.pipeline.vae_scale_factor)
+        )

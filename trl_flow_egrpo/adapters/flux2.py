@@ -69,19 +69,39 @@ class Flux2Adapter(ModelAdapter):
     transformer_class_name = "Flux2Transformer2DModel"
     default_guidance_scale = 4.0
     shared_lora_target_modules = (
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-        "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
-        "to_qkv_mlp_proj", "proj_out",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "ff.linear_in",
+        "ff.linear_out",
+        "ff_context.linear_in",
+        "ff_context.linear_out",
+        "to_qkv_mlp_proj",
+        "proj_out",
     )
     """The LoRA targets whose names do not depend on the number of blocks."""
 
-    def __init__(self, pipeline, height: int, width: int, guidance_scale: float | None = None,
-                 max_sequence_length: int = 512, negative_prompt: str = ""):
+    def __init__(
+        self,
+        pipeline,
+        height: int,
+        width: int,
+        guidance_scale: float | None = None,
+        max_sequence_length: int = 512,
+        negative_prompt: str = "",
+    ):
         super().__init__(pipeline, height, width, guidance_scale, max_sequence_length, negative_prompt)
         self.is_klein = any(klass.__name__ == "Flux2KleinPipeline" for klass in type(pipeline).__mro__)
         if negative_prompt and not self.do_classifier_free_guidance:
-            raise ValueError(f"negative_prompt={negative_prompt!r}: {self._why_no_negative_prompt()} Set "
-                             "negative_prompt to '' (EGRPOConfig.negative_prompt).")
+            raise ValueError(
+                f"negative_prompt={negative_prompt!r}: {self._why_no_negative_prompt()} Set "
+                "negative_prompt to '' (EGRPOConfig.negative_prompt)."
+            )
         token_grid = (1, 1, self.latent_height // 2, self.latent_width // 2)  # only the shape is read
         self.image_ids = pipeline._prepare_latent_ids(torch.zeros(token_grid))[0]
         """``[N, 4]`` position ids of the image tokens, ``(0, row, column, 0)``."""
@@ -96,7 +116,8 @@ class Flux2Adapter(ModelAdapter):
         """:attr:`shared_lora_target_modules` plus every single-stream block's ``attn.to_out`` by index."""
         single_blocks = self.transformer.config.num_single_layers
         return self.shared_lora_target_modules + tuple(
-            f"single_transformer_blocks.{index}.attn.to_out" for index in range(single_blocks))
+            f"single_transformer_blocks.{index}.attn.to_out" for index in range(single_blocks)
+        )
 
     @property
     def is_step_distilled(self) -> bool:
@@ -117,13 +138,19 @@ class Flux2Adapter(ModelAdapter):
     def _why_no_negative_prompt(self) -> str:
         """Why this pipeline and guidance have no negative pass, for the error message."""
         if not self.is_klein:
-            return ("Flux2Pipeline (FLUX.2 [dev]) has no negative prompt: it is guidance-distilled and takes "
-                    "guidance_scale as an embedding, with one pass per step.")
+            return (
+                "Flux2Pipeline (FLUX.2 [dev]) has no negative prompt: it is guidance-distilled and takes "
+                "guidance_scale as an embedding, with one pass per step."
+            )
         if self.is_step_distilled:
-            return ("this Flux2KleinPipeline is step-distilled (is_distilled=True): it samples without "
-                    "classifier-free guidance, so a negative prompt would never be used.")
-        return (f"classifier-free guidance is off (guidance_scale={self.guidance_scale} <= 1), so a negative prompt "
-                "would never be used; set guidance_scale > 1 to use one.")
+            return (
+                "this Flux2KleinPipeline is step-distilled (is_distilled=True): it samples without "
+                "classifier-free guidance, so a negative prompt would never be used."
+            )
+        return (
+            f"classifier-free guidance is off (guidance_scale={self.guidance_scale} <= 1), so a negative prompt "
+            "would never be used; set guidance_scale > 1 to use one."
+        )
 
     def schedule(self, num_steps: int, shift: float | None) -> Schedule:
         """As the base class, but with FLUX.2's ``mu = compute_empirical_mu(image tokens, num_steps)`` (the
@@ -138,9 +165,11 @@ class Flux2Adapter(ModelAdapter):
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """The prompts' stacked hidden states ``[P, max_sequence_length, 3 * hidden]``, and, with classifier-free
         guidance, the negative prompt's (one row per prompt, so that :func:`select_rows` indexes both alike)."""
+
         def encode(texts: list[str]) -> torch.Tensor:
-            return self.pipeline.encode_prompt(prompt=texts, device=self.device, num_images_per_prompt=1,
-                                               max_sequence_length=self.max_sequence_length)[0]
+            return self.pipeline.encode_prompt(
+                prompt=texts, device=self.device, num_images_per_prompt=1, max_sequence_length=self.max_sequence_length
+            )[0]
 
         conditioning = {"prompt_embeds": encode(prompts)}
         if self.do_classifier_free_guidance:
@@ -173,9 +202,15 @@ class Flux2Adapter(ModelAdapter):
             timestep = torch.cat([timestep, timestep])
             prompt_embeds = torch.cat([prompt_embeds, conditioning["negative_prompt_embeds"]])
         text_ids = self.pipeline._prepare_text_ids(prompt_embeds[:1])[0].to(latents.device)
-        velocity = model(hidden_states=hidden_states, timestep=timestep, guidance=guidance,
-                         encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
-                         img_ids=self.image_ids.to(latents.device), return_dict=False)[0].to(torch.float32)
+        velocity = model(
+            hidden_states=hidden_states,
+            timestep=timestep,
+            guidance=guidance,
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=text_ids,
+            img_ids=self.image_ids.to(latents.device),
+            return_dict=False,
+        )[0].to(torch.float32)
         if self.do_classifier_free_guidance:
             cond, negative = velocity.chunk(2)
             velocity = negative + self.guidance_scale * (cond - negative)
@@ -191,8 +226,9 @@ class Flux2Adapter(ModelAdapter):
         unfolded. This is what ``Flux2KleinPipeline(..., output_type="latent")`` returns."""
         vae = self.pipeline.vae
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
-                                                                                              latents.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(
+            latents.device, latents.dtype
+        )
         return self.pipeline._unpatchify_latents(latents * std + mean)
 
     @torch.no_grad()

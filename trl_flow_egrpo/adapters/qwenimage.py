@@ -58,8 +58,19 @@ class QwenImageAdapter(ModelAdapter):
     pipeline_class_names = ("QwenImagePipeline",)
     transformer_class_name = "QwenImageTransformer2DModel"
     default_lora_target_modules = (
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-        "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "proj_out",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "img_mlp.net.0.proj",
+        "img_mlp.net.2",
+        "txt_mlp.net.0.proj",
+        "txt_mlp.net.2",
+        "proj_out",
     )
     default_guidance_scale = 4.0
     guidance_argument = "true_cfg_scale"
@@ -74,17 +85,28 @@ class QwenImageAdapter(ModelAdapter):
             arguments["negative_prompt"] = config.get("negative_prompt") or ""
         return arguments
 
-    def __init__(self, pipeline, height: int, width: int, guidance_scale: float | None = None,
-                 max_sequence_length: int = 512, negative_prompt: str = ""):
+    def __init__(
+        self,
+        pipeline,
+        height: int,
+        width: int,
+        guidance_scale: float | None = None,
+        max_sequence_length: int = 512,
+        negative_prompt: str = "",
+    ):
         super().__init__(pipeline, height, width, guidance_scale, max_sequence_length, negative_prompt)
         if pipeline.transformer.config.guidance_embeds:
-            raise ValueError("This QwenImageTransformer2DModel has guidance_embeds=True (a guidance-distilled "
-                             "variant). E-GRPO supports Qwen-Image with true classifier-free guidance only; load a "
-                             "checkpoint with guidance_embeds=False (Qwen/Qwen-Image).")
+            raise ValueError(
+                "This QwenImageTransformer2DModel has guidance_embeds=True (a guidance-distilled "
+                "variant). E-GRPO supports Qwen-Image with true classifier-free guidance only; load a "
+                "checkpoint with guidance_embeds=False (Qwen/Qwen-Image)."
+            )
         if negative_prompt and not self.do_classifier_free_guidance:
-            raise ValueError(f"negative_prompt={negative_prompt!r}: classifier-free guidance is off "
-                             f"(guidance_scale={self.guidance_scale} <= 1), so a negative prompt would never be used. "
-                             "Set guidance_scale > 1 to use it, or negative_prompt to ''.")
+            raise ValueError(
+                f"negative_prompt={negative_prompt!r}: classifier-free guidance is off "
+                f"(guidance_scale={self.guidance_scale} <= 1), so a negative prompt would never be used. "
+                "Set guidance_scale > 1 to use it, or negative_prompt to ''."
+            )
         self.num_channels = pipeline.transformer.config.in_channels // 4
 
     @property
@@ -104,30 +126,34 @@ class QwenImageAdapter(ModelAdapter):
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The pipeline's encoding, padded (with masked zeros) to ``max_sequence_length``: ``([P, L, D], [P, L])``."""
-        embeds, mask = self.pipeline.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
-                                                   max_sequence_length=self.max_sequence_length)
+        embeds, mask = self.pipeline.encode_prompt(
+            prompt=prompts, device=self.device, num_images_per_prompt=1, max_sequence_length=self.max_sequence_length
+        )
         if mask is None:  # the pipeline drops an all-ones mask
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         padding = self.max_sequence_length - embeds.shape[1]
-        return (torch.nn.functional.pad(embeds, (0, 0, 0, padding)),
-                torch.nn.functional.pad(mask.to(torch.long), (0, padding)))
+        return (
+            torch.nn.functional.pad(embeds, (0, 0, 0, padding)),
+            torch.nn.functional.pad(mask.to(torch.long), (0, padding)),
+        )
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Prompt embeddings and masks ``[P, max_sequence_length, (D)]``, and with guidance the negative
         prompt's (one row per prompt, so that :func:`select_rows` indexes both alike)."""
-        return conditioning_with_negative(self._encode, prompts,
-                                          self.negative_prompt if self.do_classifier_free_guidance else None)
+        return conditioning_with_negative(
+            self._encode, prompts, self.negative_prompt if self.do_classifier_free_guidance else None
+        )
 
     def initial_noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """Packed tokens ``[B, (H/16)(W/16), 64]``: the ``[B, 1, 16, H/8, W/8]`` draw ``QwenImagePipeline.prepare_latents``
-        makes for a float32 pipeline with this generator, packed as it packs it."""
+        """Packed tokens ``[B, (H/16)(W/16), 64]``: the ``[B, 1, 16, H/8, W/8]`` draw
+        ``QwenImagePipeline.prepare_latents`` makes for a float32 pipeline with this generator, packed as it
+        packs it."""
         from diffusers.utils.torch_utils import randn_tensor
 
         shape = (batch_size, 1, self.num_channels, self.latent_height, self.latent_width)
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        return self.pipeline._pack_latents(noise, batch_size, self.num_channels, self.latent_height,
-                                           self.latent_width)
+        return self.pipeline._pack_latents(noise, batch_size, self.num_channels, self.latent_height, self.latent_width)
 
     def velocity(self, model, latents, timesteps, conditioning):
         """The policy's velocity: the transformer's, or the norm-rescaled classifier-free-guided combination of
@@ -144,9 +170,15 @@ class QwenImageAdapter(ModelAdapter):
             mask = torch.cat([mask, conditioning["negative_prompt_embeds_mask"]])
         length = int(mask.sum(dim=1).max())  # the longest prompt of this call; the rest is padding
         embeds, mask = embeds[:, :length], mask[:, :length]
-        velocity = model(hidden_states=hidden_states, timestep=timestep, guidance=None,
-                         encoder_hidden_states=embeds, encoder_hidden_states_mask=None if mask.all() else mask,
-                         img_shapes=self.img_shapes * len(hidden_states), return_dict=False)[0].to(torch.float32)
+        velocity = model(
+            hidden_states=hidden_states,
+            timestep=timestep,
+            guidance=None,
+            encoder_hidden_states=embeds,
+            encoder_hidden_states_mask=None if mask.all() else mask,
+            img_shapes=self.img_shapes * len(hidden_states),
+            return_dict=False,
+        )[0].to(torch.float32)
         if self.do_classifier_free_guidance:
             cond, negative = velocity.chunk(2)
             guided = negative + self.guidance_scale * (cond - negative)

@@ -53,16 +53,36 @@ class SD3Adapter(ModelAdapter):
     pipeline_class_names = ("StableDiffusion3Pipeline",)
     transformer_class_name = "SD3Transformer2DModel"
     default_lora_target_modules = (
-        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-        "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
-        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_out",
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn2.to_q",
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+        "proj_out",
     )
     default_guidance_scale = 4.5
     default_max_shift = 1.16  # the SD3 pipeline's fallback (FLUX's is 1.15)
 
-    def __init__(self, pipeline, height: int, width: int, guidance_scale: float | None = None,
-                 max_sequence_length: int = 512, negative_prompt: str = ""):
+    def __init__(
+        self,
+        pipeline,
+        height: int,
+        width: int,
+        guidance_scale: float | None = None,
+        max_sequence_length: int = 512,
+        negative_prompt: str = "",
+    ):
         super().__init__(pipeline, height, width, guidance_scale, max_sequence_length, negative_prompt)
         self.num_channels = pipeline.transformer.config.in_channels
 
@@ -82,13 +102,20 @@ class SD3Adapter(ModelAdapter):
         :func:`select_rows` indexes both alike) when guidance is on."""
         negative = [self.negative_prompt] * len(prompts)
         prompt_embeds, negative_embeds, pooled_embeds, negative_pooled_embeds = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=self.do_classifier_free_guidance, negative_prompt=negative,
-            max_sequence_length=self.max_sequence_length)
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            negative_prompt=negative,
+            max_sequence_length=self.max_sequence_length,
+        )
         conditioning = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_embeds}
         if self.do_classifier_free_guidance:
-            conditioning.update(negative_prompt_embeds=negative_embeds,
-                                negative_pooled_prompt_embeds=negative_pooled_embeds)
+            conditioning.update(
+                negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled_embeds
+            )
         return conditioning
 
     def initial_noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -114,8 +141,13 @@ class SD3Adapter(ModelAdapter):
             timestep = torch.cat([timestep, timestep])
             prompt_embeds = torch.cat([conditioning["negative_prompt_embeds"], prompt_embeds])
             pooled_embeds = torch.cat([conditioning["negative_pooled_prompt_embeds"], pooled_embeds])
-        velocity = model(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=prompt_embeds,
-                         pooled_projections=pooled_embeds, return_dict=False)[0].to(torch.float32)
+        velocity = model(
+            hidden_states=hidden_states,
+            timestep=timestep,
+            encoder_hidden_states=prompt_embeds,
+            pooled_projections=pooled_embeds,
+            return_dict=False,
+        )[0].to(torch.float32)
         if self.do_classifier_free_guidance:
             uncond, cond = velocity.chunk(2)
             velocity = uncond + self.guidance_scale * (cond - uncond)

@@ -138,7 +138,9 @@ class WanAdapter(ModelAdapter):
     def sampling_scheduler_code(cls, shift: float | None) -> str | None:
         """Always an Euler scheduler: the released checkpoints ship a UniPC multistep solver, the trainer samples
         Euler steps with its ``flow_shift`` (or the run's static ``shift``)."""
-        return f"FlowMatchEulerDiscreteScheduler(shift={'pipe.scheduler.config.flow_shift' if shift is None else shift})"
+        return (
+            f"FlowMatchEulerDiscreteScheduler(shift={'pipe.scheduler.config.flow_shift' if shift is None else shift})"
+        )
 
     def euler_scheduler(self, shift: float | None = None):
         """The ``FlowMatchEulerDiscreteScheduler`` whose ``set_timesteps(T)`` gives this adapter's schedule.

@@ -55,26 +55,47 @@ class ZImageAdapter(ModelAdapter):
     family = "zimage"
     pipeline_class_names = ("ZImagePipeline",)
     transformer_class_name = "ZImageTransformer2DModel"
-    default_lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2",
-                                   "feed_forward.w3", "all_final_layer.2-1.linear")
+    default_lora_target_modules = (
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "feed_forward.w1",
+        "feed_forward.w2",
+        "feed_forward.w3",
+        "all_final_layer.2-1.linear",
+    )
     default_guidance_scale = 5.0
 
-    def __init__(self, pipeline, height: int, width: int, guidance_scale: float | None = None,
-                 max_sequence_length: int = 512, negative_prompt: str = ""):
+    def __init__(
+        self,
+        pipeline,
+        height: int,
+        width: int,
+        guidance_scale: float | None = None,
+        max_sequence_length: int = 512,
+        negative_prompt: str = "",
+    ):
         super().__init__(pipeline, height, width, guidance_scale, max_sequence_length, negative_prompt)
         if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale={self.guidance_scale}: ZImagePipeline's classifier-free guidance scale "
-                             "must be >= 0 (0 turns guidance off, as Z-Image-Turbo samples; the Z-Image model card "
-                             "uses 4.0). Set EGRPOConfig.guidance_scale accordingly.")
+            raise ValueError(
+                f"guidance_scale={self.guidance_scale}: ZImagePipeline's classifier-free guidance scale "
+                "must be >= 0 (0 turns guidance off, as Z-Image-Turbo samples; the Z-Image model card "
+                "uses 4.0). Set EGRPOConfig.guidance_scale accordingly."
+            )
         if negative_prompt and not self.do_classifier_free_guidance:
-            raise ValueError(f"negative_prompt={negative_prompt!r}: classifier-free guidance is off "
-                             "(guidance_scale=0), so a negative prompt would never be used. Set guidance_scale > 0 "
-                             "to use it (the base Z-Image model), or negative_prompt to '' (Z-Image-Turbo).")
+            raise ValueError(
+                f"negative_prompt={negative_prompt!r}: classifier-free guidance is off "
+                "(guidance_scale=0), so a negative prompt would never be used. Set guidance_scale > 0 "
+                "to use it (the base Z-Image model), or negative_prompt to '' (Z-Image-Turbo)."
+            )
         if self.patch_size not in pipeline.transformer.config.all_patch_size:
-            raise ValueError("This ZImageTransformer2DModel has patch sizes "
-                             f"{pipeline.transformer.config.all_patch_size}; ZImagePipeline samples with "
-                             f"{self.patch_size}x{self.patch_size} patches. Load a "
-                             "text-to-image Z-Image checkpoint (Tongyi-MAI/Z-Image or Tongyi-MAI/Z-Image-Turbo).")
+            raise ValueError(
+                "This ZImageTransformer2DModel has patch sizes "
+                f"{pipeline.transformer.config.all_patch_size}; ZImagePipeline samples with "
+                f"{self.patch_size}x{self.patch_size} patches. Load a "
+                "text-to-image Z-Image checkpoint (Tongyi-MAI/Z-Image or Tongyi-MAI/Z-Image-Turbo)."
+            )
 
     @property
     def patch_size(self) -> int:
@@ -102,28 +123,38 @@ class ZImageAdapter(ModelAdapter):
             scheduler = copy.deepcopy(scheduler)
         mu = self.dynamic_shift_mu() if scheduler.config.get("use_dynamic_shifting", False) else None
         scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(num_steps), device="cpu", mu=mu)
-        return Schedule(sigmas=scheduler.sigmas.detach().to(torch.float32).cpu(),
-                        timesteps=scheduler.timesteps.detach().to(torch.float32).cpu())
+        return Schedule(
+            sigmas=scheduler.sigmas.detach().to(torch.float32).cpu(),
+            timesteps=scheduler.timesteps.detach().to(torch.float32).cpu(),
+        )
 
     def dynamic_shift_mu(self) -> float:
         """``mu`` of a dynamically shifting scheduler at this resolution, as ``ZImagePipeline`` computes it."""
         from ..schedule import dynamic_shift_mu
 
         config = self.pipeline.scheduler.config
-        return dynamic_shift_mu(self.num_image_tokens, config.get("base_image_seq_len", 256),
-                                config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                config.get("max_shift", self.default_max_shift))
+        return dynamic_shift_mu(
+            self.num_image_tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", self.default_max_shift),
+        )
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The pipeline's per-prompt embeddings, zero-padded to ``max_sequence_length``: ``([P, L, D], [P, L])``
         with the mask marking each prompt's real tokens."""
         # A copy: the pipeline writes the chat-templated prompts back into the list it is given.
-        embeds = self.pipeline.encode_prompt(prompt=list(prompts), device=self.device,
-                                             do_classifier_free_guidance=False,
-                                             max_sequence_length=self.max_sequence_length)[0]
+        embeds = self.pipeline.encode_prompt(
+            prompt=list(prompts),
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )[0]
         lengths = torch.tensor([len(embed) for embed in embeds], device=embeds[0].device)
-        padded = torch.stack([torch.nn.functional.pad(embed, (0, 0, 0, self.max_sequence_length - len(embed)))
-                              for embed in embeds])
+        padded = torch.stack(
+            [torch.nn.functional.pad(embed, (0, 0, 0, self.max_sequence_length - len(embed))) for embed in embeds]
+        )
         mask = torch.arange(self.max_sequence_length, device=lengths.device)[None] < lengths[:, None]
         return padded, mask.to(torch.long)
 
@@ -131,8 +162,9 @@ class ZImageAdapter(ModelAdapter):
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Prompt embeddings and masks ``[P, max_sequence_length, (D)]``, and with guidance the negative
         prompt's (one row per prompt, so that :func:`select_rows` indexes both alike)."""
-        return conditioning_with_negative(self._encode, prompts,
-                                          self.negative_prompt if self.do_classifier_free_guidance else None)
+        return conditioning_with_negative(
+            self._encode, prompts, self.negative_prompt if self.do_classifier_free_guidance else None
+        )
 
     def initial_noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """Latents ``[B, 16, H/8, W/8]``: the draw ``ZImagePipeline.prepare_latents`` makes with this generator."""
@@ -152,8 +184,9 @@ class ZImageAdapter(ModelAdapter):
         if self.do_classifier_free_guidance:
             hidden_states = torch.cat([hidden_states, hidden_states])
             time = torch.cat([time, time])
-            captions += self._captions(conditioning["negative_prompt_embeds"],
-                                       conditioning["negative_prompt_embeds_mask"])
+            captions += self._captions(
+                conditioning["negative_prompt_embeds"], conditioning["negative_prompt_embeds_mask"]
+            )
         outputs = model(list(hidden_states.unsqueeze(2).unbind(0)), time, captions, return_dict=False)[0]
         prediction = torch.stack([output.float() for output in outputs]).squeeze(2)
         if self.do_classifier_free_guidance:

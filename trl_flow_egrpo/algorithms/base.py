@@ -35,14 +35,21 @@ class RolloutStrategy(ABC):
         self.schedule = schedule
 
     @abstractmethod
-    def sample(self, adapter: ModelAdapter, model, conditioning: Conditioning, generators: list[torch.Generator],
-               iteration: int) -> Rollouts:
+    def sample(
+        self,
+        adapter: ModelAdapter,
+        model,
+        conditioning: Conditioning,
+        generators: list[torch.Generator],
+        iteration: int,
+    ) -> Rollouts:
         """Sample iteration ``iteration``'s rollouts of the prompts (rows of ``conditioning``); everything random
         about prompt ``p`` comes from ``generators[p]`` (:func:`~trl_flow_egrpo.rollout.prompt_generators`)."""
 
     @abstractmethod
-    def step_distribution(self, latents: torch.Tensor, velocity: torch.Tensor, start: torch.Tensor,
-                          length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_distribution(
+        self, latents: torch.Tensor, velocity: torch.Tensor, start: torch.Tensor, length: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and per-sample std of the trained steps starting at ``start`` over ``length`` intervals, with
         the policy's ``velocity`` at ``latents``: the Gaussian the samples were drawn from."""
 

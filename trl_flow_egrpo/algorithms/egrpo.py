@@ -19,16 +19,32 @@ class EGRPO(RolloutStrategy):
 
     def __init__(self, config, schedule):
         super().__init__(config, schedule)
-        self.merge_plan = plan_merges(schedule.sigmas, config.noise_level, config.entropy_threshold,
-                                      config.num_active_steps, config.merge_length, config.merge_windows,
-                                      first_step=config.first_active_step)
+        self.merge_plan = plan_merges(
+            schedule.sigmas,
+            config.noise_level,
+            config.entropy_threshold,
+            config.num_active_steps,
+            config.merge_length,
+            config.merge_windows,
+            first_step=config.first_active_step,
+        )
 
     def sample(self, adapter, model, conditioning, generators, iteration):
         config = self.config
         noise = torch.cat([adapter.initial_noise(1, generator) for generator in generators]).to(adapter.device)
-        return sample_rollouts(adapter, model, self.schedule, self.merge_plan, conditioning, noise,
-                               config.num_generations, config.noise_level, generators, config.rollout_batch_size,
-                               config.decode_batch_size)
+        return sample_rollouts(
+            adapter,
+            model,
+            self.schedule,
+            self.merge_plan,
+            conditioning,
+            noise,
+            config.num_generations,
+            config.noise_level,
+            generators,
+            config.rollout_batch_size,
+            config.decode_batch_size,
+        )
 
     def step_distribution(self, latents, velocity, start, length):
         return sde_mean_std(latents, velocity, self.schedule.sigmas, start, length, self.config.noise_level)
@@ -53,6 +69,8 @@ class EGRPO(RolloutStrategy):
 
     def describe(self) -> str:
         config = self.config
-        return (f"E-GRPO merge plan (T={self.schedule.num_steps}, a={config.noise_level:.3g}, "
-                f"tau={config.entropy_threshold:.3g}, {config.num_active_steps} active steps from step "
-                f"{config.first_active_step}):\n" + format_merge_plan(self.merge_plan, self.schedule.sigmas))
+        return (
+            f"E-GRPO merge plan (T={self.schedule.num_steps}, a={config.noise_level:.3g}, "
+            f"tau={config.entropy_threshold:.3g}, {config.num_active_steps} active steps from step "
+            f"{config.first_active_step}):\n" + format_merge_plan(self.merge_plan, self.schedule.sigmas)
+        )

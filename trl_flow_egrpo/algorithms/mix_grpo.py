@@ -27,13 +27,15 @@ class MixGRPO(TrajectoryStrategy):
     def stochastic_steps(self, iteration):
         start = self.window_start(iteration)
         steps = torch.zeros(self.schedule.num_steps, dtype=torch.bool)
-        steps[start:start + self.config.mix_window_size] = True
+        steps[start : start + self.config.mix_window_size] = True
         return steps
 
     def trained_steps(self, iteration, generator):
         return self.stochastic_steps(iteration).expand(self.config.num_generations, -1).clone()
 
     def describe(self) -> str:
-        return (f"MixGRPO (T={self.schedule.num_steps}): SDE window of {self.config.mix_window_size} steps from step "
-                f"{self.window_start(0)}, "
-                f"moving {self.config.mix_window_stride} every {self.config.mix_shift_interval} iterations")
+        return (
+            f"MixGRPO (T={self.schedule.num_steps}): SDE window of {self.config.mix_window_size} steps from step "
+            f"{self.window_start(0)}, "
+            f"moving {self.config.mix_window_stride} every {self.config.mix_shift_interval} iterations"
+        )

@@ -36,8 +36,10 @@ class TrajectoryStrategy(RolloutStrategy):
 
     def describe(self) -> str:
         noise = "one initial noise per group" if self.same_noise_in_group else "one initial noise per trajectory"
-        return (f"{self.name} (T={self.schedule.num_steps}): {self.config.num_generations} trajectories per prompt, "
-                f"{noise}, {self.num_phases} trained steps each")
+        return (
+            f"{self.name} (T={self.schedule.num_steps}): {self.config.num_generations} trajectories per prompt, "
+            f"{noise}, {self.num_phases} trained steps each"
+        )
 
     def trained_steps_per_phase(self, num_prompts: int) -> int:
         """One trained step of every trajectory."""
@@ -67,16 +69,46 @@ class TrajectoryStrategy(RolloutStrategy):
         latents, evaluations, calls = latents.to(adapter.device), 0, 0
         if prefix:  # the group's shared ODE steps, once per prompt
             latents, _, evaluations, calls = sample_trajectories(
-                adapter, model, self.schedule, conditioning, latents, prompts, self.step_distribution, stochastic,
-                trained[:num_prompts], generators, batch_size, end_index=prefix)
+                adapter,
+                model,
+                self.schedule,
+                conditioning,
+                latents,
+                prompts,
+                self.step_distribution,
+                stochastic,
+                trained[:num_prompts],
+                generators,
+                batch_size,
+                end_index=prefix,
+            )
         if self.same_noise_in_group:
             latents = latents.repeat_interleave(num_generations, dim=0)
         final, steps, more_evaluations, more_calls = sample_trajectories(
-            adapter, model, self.schedule, conditioning, latents, prompts.repeat_interleave(num_generations),
-            self.step_distribution, stochastic, trained, generators, batch_size, first_index=prefix)
-        return trajectory_rollouts(steps, final, adapter, num_prompts, num_generations, conditioning,
-                                   evaluations + more_evaluations, calls + more_calls,
-                                   config.decode_batch_size or batch_size)
+            adapter,
+            model,
+            self.schedule,
+            conditioning,
+            latents,
+            prompts.repeat_interleave(num_generations),
+            self.step_distribution,
+            stochastic,
+            trained,
+            generators,
+            batch_size,
+            first_index=prefix,
+        )
+        return trajectory_rollouts(
+            steps,
+            final,
+            adapter,
+            num_prompts,
+            num_generations,
+            conditioning,
+            evaluations + more_evaluations,
+            calls + more_calls,
+            config.decode_batch_size or batch_size,
+        )
 
 
 def first_steps(num_rows: int, num_steps: int, count: int) -> torch.Tensor:

@@ -40,8 +40,10 @@ def require(module: str, reward: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise ImportError(f"The {reward} reward needs the optional package '{module}', which could not be "
-                          f"imported ({error}). Install the reward extras with: {EXTRA_HINT}") from error
+        raise ImportError(
+            f"The {reward} reward needs the optional package '{module}', which could not be "
+            f"imported ({error}). Install the reward extras with: {EXTRA_HINT}"
+        ) from error
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | None:
@@ -55,9 +57,16 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | None:
     return resolved
 
 
-def resize_center_crop_normalize(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float], *,
-                                 interpolation: str = "bicubic", resize_mode: str = "shortest",
-                                 crop_rounding: str = "round") -> torch.Tensor:
+def resize_center_crop_normalize(
+    images: torch.Tensor,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    interpolation: str = "bicubic",
+    resize_mode: str = "shortest",
+    crop_rounding: str = "round",
+) -> torch.Tensor:
     """The eval transform of CLIP-like models, in torch: resize, center crop to ``size`` x ``size``, normalize.
 
     It reproduces torchvision's ``Resize(size) -> CenterCrop(size) -> ToTensor -> Normalize`` on a PIL image
@@ -99,21 +108,24 @@ def resize_center_crop_normalize(images: torch.Tensor, size: int, mean: Sequence
         raise ValueError(f"resize_mode must be 'shortest' or 'squash', got {resize_mode!r}.")
 
     if new_width != width:
-        images = F.interpolate(images, size=(height, new_width), mode=interpolation, antialias=True,
-                               align_corners=False).clamp_(0, 1)
+        images = F.interpolate(
+            images, size=(height, new_width), mode=interpolation, antialias=True, align_corners=False
+        ).clamp_(0, 1)
     if new_height != height:
-        images = F.interpolate(images, size=(new_height, new_width), mode=interpolation, antialias=True,
-                               align_corners=False).clamp_(0, 1)
+        images = F.interpolate(
+            images, size=(new_height, new_width), mode=interpolation, antialias=True, align_corners=False
+        ).clamp_(0, 1)
 
     def offset(margin: int) -> int:
         return int(round(margin / 2)) if crop_rounding == "round" else margin // 2
 
     top, left = offset(new_height - size), offset(new_width - size)
-    return normalize(images[..., top:top + size, left:left + size], mean, std)
+    return normalize(images[..., top : top + size, left : left + size], mean, std)
 
 
-def resize_longest_pad_normalize(images: torch.Tensor, size: int, mean: Sequence[float],
-                                 std: Sequence[float]) -> torch.Tensor:
+def resize_longest_pad_normalize(
+    images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
     """HPSv2's validation transform, in torch: resize the longest side to ``size``, zero-pad to a square, normalize.
 
     The official ``hpsv2`` scorer builds its transform with ``light_augmentation=True``: ``ToTensor`` first,
@@ -150,14 +162,18 @@ def resize_longest_pad_normalize(images: torch.Tensor, size: int, mean: Sequence
     scale = size / max(height, width)
     new_height, new_width = round(height * scale), round(width * scale)
     if min(new_height, new_width) < 1:
-        raise ValueError(f"An image of {height} x {width} pixels resized to fit {size} x {size} would be "
-                         f"{new_height} x {new_width}: its aspect ratio is too extreme for this model. Crop it first.")
+        raise ValueError(
+            f"An image of {height} x {width} pixels resized to fit {size} x {size} would be "
+            f"{new_height} x {new_width}: its aspect ratio is too extreme for this model. Crop it first."
+        )
     if (new_height, new_width) != (height, width):
-        images = F.interpolate(images, size=(new_height, new_width), mode="bicubic", antialias=True,
-                               align_corners=False)
+        images = F.interpolate(
+            images, size=(new_height, new_width), mode="bicubic", antialias=True, align_corners=False
+        )
     pad_height, pad_width = size - new_height, size - new_width
-    images = F.pad(images, (pad_width // 2, pad_width - pad_width // 2, pad_height // 2,
-                            pad_height - pad_height // 2), value=0.0)
+    images = F.pad(
+        images, (pad_width // 2, pad_width - pad_width // 2, pad_height // 2, pad_height - pad_height // 2), value=0.0
+    )
     return normalize(images, mean, std)
 
 
@@ -185,8 +201,9 @@ class ModelReward(ABC):
 
     name = "model_reward"
 
-    def __init__(self, *, batch_size: int = 16, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str = "auto"):
+    def __init__(
+        self, *, batch_size: int = 16, device: torch.device | str | None = None, dtype: torch.dtype | str = "auto"
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.batch_size = batch_size
@@ -236,7 +253,7 @@ class ModelReward(ABC):
         scores = []
         with torch.no_grad():
             for start in range(0, len(prompts), self.batch_size):
-                batch = images[start:start + self.batch_size].detach().to(device=device, dtype=torch.float32)
-                scores.append(self._score(model, batch, prompts[start:start + self.batch_size]).float())
+                batch = images[start : start + self.batch_size].detach().to(device=device, dtype=torch.float32)
+                scores.append(self._score(model, batch, prompts[start : start + self.batch_size]).float())
         scores = torch.cat(scores) if scores else torch.zeros(0)
         return check_scores(scores, images.shape[0], self.name, hint=_MODEL_HINT).to(images.device)

@@ -42,8 +42,11 @@ class Response:
             return self.body[:300].decode(errors="replace").strip() or "(empty body)"
         if isinstance(payload, dict):
             error = payload.get("error")
-            for value in (payload.get("detail"), error.get("message") if isinstance(error, dict) else error,
-                          payload.get("message")):
+            for value in (
+                payload.get("detail"),
+                error.get("message") if isinstance(error, dict) else error,
+                payload.get("message"),
+            ):
                 if value:
                     return value if isinstance(value, str) else json.dumps(value)
         return json.dumps(payload)[:300]
@@ -59,7 +62,7 @@ def parse_base_url(url: str) -> urllib.parse.SplitResult:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{url!r} is not an http:// or https:// URL with a host, e.g. 'http://127.0.0.1:8711'.")
     try:
-        parts.port
+        _ = parts.port  # raises ValueError for an invalid port
     except ValueError as error:
         raise ValueError(f"{url!r} has an invalid port ({error}).") from error
     return parts
@@ -86,8 +89,9 @@ class HttpClient:
         """The full URL of ``path``."""
         return self.base_url + path
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> Response:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> Response:
         """Send one request on this thread's connection; raises ``OSError`` / ``http.client.HTTPException`` on
         connection problems and timeouts. A keep-alive connection the server closed while idle is replaced and
         the request sent once more, without counting as a failure."""
@@ -103,8 +107,9 @@ class HttpClient:
         connection = getattr(self._local, "connection", None)
         try:
             if connection is None:
-                connection = self._local.connection = self._connection_class(self._host, self._port,
-                                                                             timeout=self.timeout)
+                connection = self._local.connection = self._connection_class(
+                    self._host, self._port, timeout=self.timeout
+                )
                 connection.connect()
                 # Small requests go out at once instead of waiting for the server's delayed ACK (Nagle).
                 connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -122,8 +127,9 @@ class HttpClient:
         return result
 
 
-def with_retries(send: Callable[[], Response], retries: int, backoff: float,
-                 give_up: Callable[[str, int], Exception]) -> Response:
+def with_retries(
+    send: Callable[[], Response], retries: int, backoff: float, give_up: Callable[[str, int], Exception]
+) -> Response:
     """``send()`` until it returns a response whose status is not in :data:`RETRY_STATUSES`, at most
     ``retries + 1`` times; connection errors and timeouts are retried too.
 

@@ -24,8 +24,14 @@ class OpenCLIPCosineReward(ModelReward):
         batch_size, device, dtype: see :class:`~trl_flow_egrpo.rewards._common.ModelReward`.
     """
 
-    def __init__(self, model_name: str, *, batch_size: int = 16, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str = "auto"):
+    def __init__(
+        self,
+        model_name: str,
+        *,
+        batch_size: int = 16,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str = "auto",
+    ):
         super().__init__(batch_size=batch_size, device=device, dtype=dtype)
         self.model_name = model_name
         # Fail at construction, not after the first batch of images has been generated.
@@ -44,8 +50,13 @@ class OpenCLIPCosineReward(ModelReward):
     def _preprocess_arguments(self, cfg: dict) -> dict:
         """Keyword arguments of :meth:`preprocess` from the model's open_clip preprocessing config: those of
         :func:`resize_center_crop_normalize`, open_clip's eval transform."""
-        return dict(size=self._square_size(cfg), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                    interpolation=cfg.get("interpolation", "bicubic"), resize_mode=cfg.get("resize_mode", "shortest"))
+        return dict(
+            size=self._square_size(cfg),
+            mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]),
+            interpolation=cfg.get("interpolation", "bicubic"),
+            resize_mode=cfg.get("resize_mode", "shortest"),
+        )
 
     def _square_size(self, cfg: dict) -> int:
         """The side of the model's square input, from its open_clip preprocessing config."""
@@ -97,9 +108,16 @@ class CLIPScoreReward(OpenCLIPCosineReward):
 
     name = "clip_score"
 
-    def __init__(self, model_name: str = "ViT-H-14", pretrained: str = "laion2b_s32b_b79k", *,
-                 scale: float | None = None, batch_size: int = 16, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str = "auto"):
+    def __init__(
+        self,
+        model_name: str = "ViT-H-14",
+        pretrained: str = "laion2b_s32b_b79k",
+        *,
+        scale: float | None = None,
+        batch_size: int = 16,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str = "auto",
+    ):
         super().__init__(model_name, batch_size=batch_size, device=device, dtype=dtype)
         if scale is not None and scale <= 0:
             raise ValueError(f"scale must be positive or None, got {scale}.")

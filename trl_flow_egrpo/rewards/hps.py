@@ -41,9 +41,16 @@ class HPSv2Reward(OpenCLIPCosineReward):
         batch_size, device, dtype: see :class:`~trl_flow_egrpo.rewards._common.ModelReward`.
     """
 
-    def __init__(self, version: str = "v2.1", *, checkpoint: str | None = None, model_name: str = "ViT-H-14",
-                 batch_size: int = 16, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str = "auto"):
+    def __init__(
+        self,
+        version: str = "v2.1",
+        *,
+        checkpoint: str | None = None,
+        model_name: str = "ViT-H-14",
+        batch_size: int = 16,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str = "auto",
+    ):
         if version not in HPS_CHECKPOINTS:
             raise ValueError(f"HPS version must be one of {sorted(HPS_CHECKPOINTS)}, got {version!r}.")
         self.version = version

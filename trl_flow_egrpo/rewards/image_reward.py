@@ -17,6 +17,7 @@ constants below. Like the official ``ImageReward.score``/``inference_rank``, the
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -36,8 +37,16 @@ IMAGE_REWARD_STD = 1.0333394966054072
 PROMPT_LENGTH = 35
 
 # BLIP's ViT-L/16 at 224 px, as ``BLIP_Pretrain(image_size=224, vit="large")`` builds it.
-VISION_CONFIG = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                     image_size=224, patch_size=16, hidden_act="gelu", layer_norm_eps=1e-6)
+VISION_CONFIG = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=16,
+    hidden_act="gelu",
+    layer_norm_eps=1e-6,
+)
 HEAD_WIDTHS = (1024, 128, 64, 16, 1)
 
 # Official checkpoint keys that scoring does not use: the image-text contrastive projections of BLIP
@@ -50,8 +59,10 @@ _KEY_RULES = [
     (re.compile(r"^blip\.visual_encoder\.patch_embed\.proj\."), "vision.embeddings.patch_embedding."),
     (re.compile(r"^blip\.visual_encoder\.blocks\.(\d+)\.norm1\."), r"vision.encoder.layers.\1.layer_norm1."),
     (re.compile(r"^blip\.visual_encoder\.blocks\.(\d+)\.attn\.qkv\."), r"vision.encoder.layers.\1.self_attn.qkv."),
-    (re.compile(r"^blip\.visual_encoder\.blocks\.(\d+)\.attn\.proj\."),
-     r"vision.encoder.layers.\1.self_attn.projection."),
+    (
+        re.compile(r"^blip\.visual_encoder\.blocks\.(\d+)\.attn\.proj\."),
+        r"vision.encoder.layers.\1.self_attn.projection.",
+    ),
     (re.compile(r"^blip\.visual_encoder\.blocks\.(\d+)\.norm2\."), r"vision.encoder.layers.\1.layer_norm2."),
     (re.compile(r"^blip\.visual_encoder\.blocks\.(\d+)\.mlp\.(fc1|fc2)\."), r"vision.encoder.layers.\1.mlp.\2."),
     (re.compile(r"^blip\.visual_encoder\.norm\."), "vision.post_layernorm."),
@@ -100,16 +111,22 @@ class ImageRewardModel(nn.Module):
         self.vision = BlipVisionModel(vision_config)
         self.text = BlipTextModel(text_config, add_pooling_layer=False)
         widths = (text_config.hidden_size, *HEAD_WIDTHS)
-        self.head = nn.Sequential(*[nn.Linear(i, o) for i, o in zip(widths[:-1], widths[1:])])
+        self.head = nn.Sequential(*[nn.Linear(i, o) for i, o in itertools.pairwise(widths)])
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Raw (unnormalized) rewards ``[B]`` of preprocessed images ``[B, 3, S, S]`` and tokenized prompts."""
         image_embeds = self.vision(pixel_values=pixel_values).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
         # is_decoder=False: bidirectional self-attention, like the official encoder (mode "multimodal").
-        text = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                         encoder_attention_mask=image_mask, is_decoder=False)
+        text = self.text(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+            is_decoder=False,
+        )
         return self.head(text.last_hidden_state[:, 0]).squeeze(-1)
 
 
@@ -122,13 +139,29 @@ def text_config_from_med_config(med_config: dict, encoder_width: int):
     from transformers import BlipTextConfig
 
     if not med_config.get("add_cross_attention", False):
-        raise ValueError("med_config must have add_cross_attention: true; ImageReward's text encoder "
-                         "cross-attends to the image.")
-    fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-              "max_position_embeddings", "layer_norm_eps", "hidden_act", "pad_token_id")
+        raise ValueError(
+            "med_config must have add_cross_attention: true; ImageReward's text encoder cross-attends to the image."
+        )
+    fields = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "layer_norm_eps",
+        "hidden_act",
+        "pad_token_id",
+    )
     # The BOS/EOS/SEP ids only matter for generation; leaving them unset keeps tiny vocabularies valid.
-    return BlipTextConfig(**{f: med_config[f] for f in fields}, encoder_hidden_size=encoder_width,
-                          is_decoder=True, bos_token_id=None, eos_token_id=None, sep_token_id=None)
+    return BlipTextConfig(
+        **{f: med_config[f] for f in fields},
+        encoder_hidden_size=encoder_width,
+        is_decoder=True,
+        bos_token_id=None,
+        eos_token_id=None,
+        sep_token_id=None,
+    )
 
 
 def load_official_state_dict(model: ImageRewardModel, state_dict: dict[str, torch.Tensor]) -> list[str]:
@@ -156,14 +189,20 @@ def load_official_state_dict(model: ImageRewardModel, state_dict: dict[str, torc
             mapped[module_key] = (key, value)
     result = model.load_state_dict({module_key: value for module_key, (_, value) in mapped.items()}, strict=False)
     if result.missing_keys:
-        raise ValueError("The checkpoint does not have the official ImageReward layout: it gives no value to "
-                         f"{len(result.missing_keys)} model weights, e.g. {result.missing_keys[:10]}. Pass the "
-                         "official ImageReward.pt of THUDM/ImageReward (and its med_config.json).")
+        raise ValueError(
+            "The checkpoint does not have the official ImageReward layout: it gives no value to "
+            f"{len(result.missing_keys)} model weights, e.g. {result.missing_keys[:10]}. Pass the "
+            "official ImageReward.pt of THUDM/ImageReward (and its med_config.json)."
+        )
     # Keys that a mapping rule renamed but the model has no parameter for are unused too.
     unknown += [mapped[module_key][0] for module_key in result.unexpected_keys]
     if unknown:
-        logger.warning("ImageReward checkpoint: ignoring %d keys the model does not use (the official loader "
-                       "ignores them too): %s", len(unknown), ", ".join(unknown))
+        logger.warning(
+            "ImageReward checkpoint: ignoring %d keys the model does not use (the official loader "
+            "ignores them too): %s",
+            len(unknown),
+            ", ".join(unknown),
+        )
     return unknown
 
 
@@ -198,9 +237,17 @@ class ImageRewardReward(ModelReward):
 
     name = "image_reward"
 
-    def __init__(self, checkpoint: str | None = None, med_config: str | None = None, *,
-                 tokenizer: str = "bert-base-uncased", vision_config: dict | None = None, batch_size: int = 16,
-                 device: torch.device | str | None = None, dtype: torch.dtype | str = "auto"):
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        med_config: str | None = None,
+        *,
+        tokenizer: str = "bert-base-uncased",
+        vision_config: dict | None = None,
+        batch_size: int = 16,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str = "auto",
+    ):
         super().__init__(batch_size=batch_size, device=device, dtype=dtype)
         self.checkpoint = checkpoint
         self.med_config = med_config
@@ -226,16 +273,20 @@ class ImageRewardReward(ModelReward):
         tokenizer.add_special_tokens({"bos_token": "[DEC]"})
         tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
         if len(tokenizer) > med_config["vocab_size"]:
-            raise ValueError(f"Reward '{self.name}': the tokenizer has {len(tokenizer)} tokens but the text encoder "
-                             f"only {med_config['vocab_size']} embeddings; is it the matching tokenizer?")
+            raise ValueError(
+                f"Reward '{self.name}': the tokenizer has {len(tokenizer)} tokens but the text encoder "
+                f"only {med_config['vocab_size']} embeddings; is it the matching tokenizer?"
+            )
         self._tokenizer = tokenizer
         return model
 
     def _score(self, model: torch.nn.Module, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         dtype = next(model.parameters()).dtype
-        pixels = resize_center_crop_normalize(images, self.vision_config["image_size"], OPENAI_CLIP_MEAN,
-                                              OPENAI_CLIP_STD).to(dtype)
-        text = self._tokenizer(prompts, padding="max_length", truncation=True, max_length=PROMPT_LENGTH,
-                               return_tensors="pt").to(images.device)
+        pixels = resize_center_crop_normalize(
+            images, self.vision_config["image_size"], OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        ).to(dtype)
+        text = self._tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=PROMPT_LENGTH, return_tensors="pt"
+        ).to(images.device)
         raw = model(pixels, text.input_ids, text.attention_mask).float()
         return (raw - IMAGE_REWARD_MEAN) / IMAGE_REWARD_STD

@@ -34,9 +34,15 @@ class PickScoreReward(ModelReward):
 
     name = "pickscore"
 
-    def __init__(self, model: str = "yuvalkirstain/PickScore_v1",
-                 processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", *, batch_size: int = 16,
-                 device: torch.device | str | None = None, dtype: torch.dtype | str = "auto"):
+    def __init__(
+        self,
+        model: str = "yuvalkirstain/PickScore_v1",
+        processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        *,
+        batch_size: int = 16,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str = "auto",
+    ):
         super().__init__(batch_size=batch_size, device=device, dtype=dtype)
         self.model_id = model
         self.processor_id = processor
@@ -54,8 +60,9 @@ class PickScoreReward(ModelReward):
         text = self._tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
         text = text.to(images.device)
         image_embeds = projected_embeddings(model.get_image_features(pixel_values=pixels)).float()
-        text_embeds = projected_embeddings(model.get_text_features(input_ids=text.input_ids,
-                                                                   attention_mask=text.attention_mask)).float()
+        text_embeds = projected_embeddings(
+            model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask)
+        ).float()
         image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
         text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
         return model.logit_scale.exp().float() * (image_embeds * text_embeds).sum(dim=-1)
@@ -76,13 +83,26 @@ def _clip_processor_preprocess(image_processor, reward: str) -> dict:
     crop = image_processor.crop_size or {}
     resample = int(image_processor.resample)
     # The trainer's images are floats in [0, 1], i.e. uint8 images already rescaled by 1/255.
-    supported = (image_processor.do_resize and image_processor.do_center_crop and image_processor.do_normalize
-                 and image_processor.do_rescale and abs(image_processor.rescale_factor - 1 / 255) < 1e-9
-                 and shortest_edge is not None and crop.get("height") == crop.get("width") == shortest_edge
-                 and resample in _RESAMPLE_NAMES)
+    supported = (
+        image_processor.do_resize
+        and image_processor.do_center_crop
+        and image_processor.do_normalize
+        and image_processor.do_rescale
+        and abs(image_processor.rescale_factor - 1 / 255) < 1e-9
+        and shortest_edge is not None
+        and crop.get("height") == crop.get("width") == shortest_edge
+        and resample in _RESAMPLE_NAMES
+    )
     if not supported:
-        raise ValueError(f"Reward '{reward}' supports CLIP image processors that resize the shortest edge to S "
-                         "(bicubic or bilinear), center crop S x S, rescale by 1/255 and normalize; got size="
-                         f"{image_processor.size}, crop_size={image_processor.crop_size}, resample={resample}.")
-    return dict(size=shortest_edge, mean=tuple(image_processor.image_mean), std=tuple(image_processor.image_std),
-                interpolation=_RESAMPLE_NAMES[resample], crop_rounding="floor")
+        raise ValueError(
+            f"Reward '{reward}' supports CLIP image processors that resize the shortest edge to S "
+            "(bicubic or bilinear), center crop S x S, rescale by 1/255 and normalize; got size="
+            f"{image_processor.size}, crop_size={image_processor.crop_size}, resample={resample}."
+        )
+    return dict(
+        size=shortest_edge,
+        mean=tuple(image_processor.image_mean),
+        std=tuple(image_processor.image_std),
+        interpolation=_RESAMPLE_NAMES[resample],
+        crop_rounding="floor",
+    )

@@ -43,8 +43,16 @@ class RemoteReward:
             slow links, costs CPU time on both sides).
     """
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 120.0, retries: int = 3,
-                 backoff: float = 1.0, name: str | None = None, encoding: str = "raw"):
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 3,
+        backoff: float = 1.0,
+        name: str | None = None,
+        encoding: str = "raw",
+    ):
         check_retry_settings(timeout, retries, backoff)
         if encoding not in ("raw", "png"):
             raise ValueError(f"encoding must be 'raw' or 'png', got {encoding!r}.")
@@ -75,8 +83,10 @@ class RemoteReward:
                     info = response.json_body()
                     int(info["max_images"]), int(info["max_request_bytes"]), str(info["reward"])
                 except (ValueError, KeyError, TypeError) as error:
-                    raise RemoteRewardError(f"{self._client.url('/health')} did not answer like a trl-flow-egrpo "
-                                            f"reward server ({response.body[:200]!r}). Check the URL.") from error
+                    raise RemoteRewardError(
+                        f"{self._client.url('/health')} did not answer like a trl-flow-egrpo "
+                        f"reward server ({response.body[:200]!r}). Check the URL."
+                    ) from error
                 self._info = info
             return self._info
 
@@ -91,14 +101,19 @@ class RemoteReward:
         pixel_bytes = 3 * images.shape[2] * images.shape[3]
         per_request = min(int(info["max_images"]), int(info["max_request_bytes"]) // pixel_bytes)
         if per_request < 1:
-            raise RemoteRewardError(f"One {images.shape[2]} x {images.shape[3]} image takes {pixel_bytes} bytes, over "
-                                    f"the limit of {info['max_request_bytes']} bytes per request of the reward server "
-                                    f"at {self.url}: restart it with a larger --max-request-mb.")
+            raise RemoteRewardError(
+                f"One {images.shape[2]} x {images.shape[3]} image takes {pixel_bytes} bytes, over "
+                f"the limit of {info['max_request_bytes']} bytes per request of the reward server "
+                f"at {self.url}: restart it with a larger --max-request-mb."
+            )
         scores = []
         for start in range(0, len(prompts), per_request):
             stop = start + per_request
-            scores += self._score(quantized[start:stop], prompts[start:stop],
-                                  {name: list(values)[start:stop] for name, values in columns.items()})
+            scores += self._score(
+                quantized[start:stop],
+                prompts[start:stop],
+                {name: list(values)[start:stop] for name, values in columns.items()},
+            )
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
 
     def _score(self, images: torch.Tensor, prompts: list[str], columns: dict[str, list]) -> list[float]:
@@ -106,34 +121,44 @@ class RemoteReward:
         body = encode_request(images, prompts, columns, self.encoding)
         if len(body) > int(self.server_info()["max_request_bytes"]) and len(prompts) > 1:
             half = len(prompts) // 2
-            return (self._score(images[:half], prompts[:half], {k: v[:half] for k, v in columns.items()})
-                    + self._score(images[half:], prompts[half:], {k: v[half:] for k, v in columns.items()}))
+            return self._score(images[:half], prompts[:half], {k: v[:half] for k, v in columns.items()}) + self._score(
+                images[half:], prompts[half:], {k: v[half:] for k, v in columns.items()}
+            )
         response = self._request("POST", "/score", body, {"Content-Type": CONTENT_TYPE})
         try:
             return decode_scores(response.body, len(prompts))
         except ValueError as error:
-            raise RemoteRewardError(f"{self._client.url('/score')}: {error} Check that the URL is a trl-flow-egrpo "
-                                    "reward server of the same version.") from error
+            raise RemoteRewardError(
+                f"{self._client.url('/score')}: {error} Check that the URL is a trl-flow-egrpo "
+                "reward server of the same version."
+            ) from error
 
-    def _request(self, method: str, path: str, body: bytes | None = None,
-                 headers: dict[str, str] | None = None) -> Response:
+    def _request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> Response:
         """One request with retries; any answer but 200 becomes a :class:`RemoteRewardError` saying what to do."""
         url = self._client.url(path)
 
         def give_up(problem: str, attempts: int) -> RemoteRewardError:
-            return RemoteRewardError(f"Remote reward at {url} failed after {attempts} attempt(s) ({problem}). Check "
-                                     "that the reward server (trl-flow-egrpo serve-reward) is running and reachable "
-                                     "from here; raise retries/backoff to ride out restarts.")
+            return RemoteRewardError(
+                f"Remote reward at {url} failed after {attempts} attempt(s) ({problem}). Check "
+                "that the reward server (trl-flow-egrpo serve-reward) is running and reachable "
+                "from here; raise retries/backoff to ride out restarts."
+            )
 
-        response = with_retries(lambda: self._client.request(method, path, body, headers), self.retries,
-                                self.backoff, give_up)
+        response = with_retries(
+            lambda: self._client.request(method, path, body, headers), self.retries, self.backoff, give_up
+        )
         if response.status == 401:
-            raise RemoteRewardError(f"Remote reward at {url} refused the token (HTTP 401: {response.detail()}). The "
-                                    f"token is missing or wrong: pass token= or set ${TOKEN_ENV} to the token the "
-                                    "server was started with.")
+            raise RemoteRewardError(
+                f"Remote reward at {url} refused the token (HTTP 401: {response.detail()}). The "
+                f"token is missing or wrong: pass token= or set ${TOKEN_ENV} to the token the "
+                "server was started with."
+            )
         if response.status != 200:
-            raise RemoteRewardError(f"Remote reward at {url} refused the request (HTTP {response.status}): "
-                                    f"{response.detail()}")
+            raise RemoteRewardError(
+                f"Remote reward at {url} refused the request (HTTP {response.status}): {response.detail()}"
+            )
         return response
 
     def __repr__(self) -> str:

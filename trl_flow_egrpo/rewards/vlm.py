@@ -37,8 +37,13 @@ def yes_probability(top_logprobs: Sequence[dict]) -> float:
     Args:
         top_logprobs: the candidates of the first generated token, ``[{"token": str, "logprob": float}, ...]``.
     """
-    return float(sum(math.exp(item.get("logprob", -math.inf)) for item in top_logprobs
-                     if str(item.get("token", "")).strip().lower() == "yes"))
+    return float(
+        sum(
+            math.exp(item.get("logprob", -math.inf))
+            for item in top_logprobs
+            if str(item.get("token", "")).strip().lower() == "yes"
+        )
+    )
 
 
 def first_number(text: str) -> float | None:
@@ -97,19 +102,37 @@ class VLMJudgeReward:
         name: the logged name.
     """
 
-    def __init__(self, base_url: str, model: str, question_template: str = DEFAULT_QUESTION, *,
-                 score: str = "yes_probability", api_key: str | None = None, system_prompt: str | None = None,
-                 max_concurrency: int = 8, timeout: float = 60.0, retries: int = 3, backoff: float = 1.0,
-                 top_logprobs: int = 20, max_tokens: int = 16, number_range: tuple[float, float] | None = None,
-                 unparsable_score: float | None = None, image_format: str = "png", extra_body: dict | None = None,
-                 name: str = "vlm_judge"):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        question_template: str = DEFAULT_QUESTION,
+        *,
+        score: str = "yes_probability",
+        api_key: str | None = None,
+        system_prompt: str | None = None,
+        max_concurrency: int = 8,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 1.0,
+        top_logprobs: int = 20,
+        max_tokens: int = 16,
+        number_range: tuple[float, float] | None = None,
+        unparsable_score: float | None = None,
+        image_format: str = "png",
+        extra_body: dict | None = None,
+        name: str = "vlm_judge",
+    ):
         check_retry_settings(timeout, retries, backoff)
         if score not in SCORE_MODES:
             raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}.")
         if image_format not in ("png", "jpeg"):
             raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}.")
-        for field, value in (("max_concurrency", max_concurrency), ("top_logprobs", top_logprobs),
-                             ("max_tokens", max_tokens)):
+        for field, value in (
+            ("max_concurrency", max_concurrency),
+            ("top_logprobs", top_logprobs),
+            ("max_tokens", max_tokens),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field} must be an integer >= 1, got {value!r}.")
         if number_range is not None and not (len(number_range) == 2 and number_range[0] < number_range[1]):
@@ -133,8 +156,10 @@ class VLMJudgeReward:
             raise ValueError(f"VLMJudgeReward expects images of shape [B, 3, H, W], got {tuple(images.shape)}.")
         if len(prompts) != images.shape[0]:
             raise ValueError(f"VLMJudgeReward got {images.shape[0]} images but {len(prompts)} prompts.")
-        questions = [self.question(prompt, {name: values[i] for name, values in columns.items()})
-                     for i, prompt in enumerate(prompts)]
+        questions = [
+            self.question(prompt, {name: values[i] for name, values in columns.items()})
+            for i, prompt in enumerate(prompts)
+        ]
         quantized = quantize(images)
         scores = list(self._executor().map(self.score_one, quantized, questions))
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
@@ -144,15 +169,23 @@ class VLMJudgeReward:
         try:
             return self.question_template.format(**row, prompt=prompt)
         except (KeyError, IndexError) as error:
-            raise ValueError(f"question_template {self.question_template!r} uses {{{error.args[0]}}}, which is "
-                             f"neither 'prompt' nor a dataset column (columns: {sorted(row)}).") from error
+            raise ValueError(
+                f"question_template {self.question_template!r} uses {{{error.args[0]}}}, which is "
+                f"neither 'prompt' nor a dataset column (columns: {sorted(row)})."
+            ) from error
 
     def request_body(self, image: torch.Tensor, question: str) -> dict:
         """The chat-completions request for one uint8 ``[3, H, W]`` image and its question."""
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append({"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_data_url(image, self.image_format)}},
-            {"type": "text", "text": question}]})
+        messages.append(
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image_data_url(image, self.image_format)}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        )
         body = {"model": self.model, "messages": messages, "temperature": 0.0}
         if self.score_mode == "yes_probability":
             body.update(max_tokens=1, logprobs=True, top_logprobs=self.top_logprobs)
@@ -166,8 +199,10 @@ class VLMJudgeReward:
         try:
             choice = response.json_body()["choices"][0]
         except (ValueError, KeyError, IndexError, TypeError) as error:
-            raise VLMJudgeError(f"{self.endpoint} did not answer like a chat-completions endpoint "
-                                f"({response.body[:200]!r}). Check base_url (it usually ends in /v1).") from error
+            raise VLMJudgeError(
+                f"{self.endpoint} did not answer like a chat-completions endpoint "
+                f"({response.body[:200]!r}). Check base_url (it usually ends in /v1)."
+            ) from error
         if self.score_mode == "yes_probability":
             return yes_probability(self._top_logprobs(choice))
         return self._number(choice)
@@ -176,10 +211,12 @@ class VLMJudgeReward:
         content = (choice.get("logprobs") or {}).get("content") or []
         candidates = content[0].get("top_logprobs") if content and isinstance(content[0], dict) else None
         if not candidates:
-            raise VLMJudgeError(f"{self.endpoint} returned no log-probabilities for model {self.model!r}, which "
-                                "score='yes_probability' needs. Serve the model with an engine that returns them "
-                                "(vLLM, SGLang; vLLM allows up to --max-logprobs, default 20), or use score='number' "
-                                "with a question that asks for a number.")
+            raise VLMJudgeError(
+                f"{self.endpoint} returned no log-probabilities for model {self.model!r}, which "
+                "score='yes_probability' needs. Serve the model with an engine that returns them "
+                "(vLLM, SGLang; vLLM allows up to --max-logprobs, default 20), or use score='number' "
+                "with a question that asks for a number."
+            )
         return candidates
 
     def _number(self, choice: dict) -> float:
@@ -187,30 +224,41 @@ class VLMJudgeReward:
         value = first_number(reply)
         if value is None:
             if self.unparsable_score is None:
-                raise VLMJudgeError(f"The judge {self.model!r} at {self.endpoint} replied {reply[:200]!r}, which holds "
-                                    "no number. Ask for the number only in question_template, or set "
-                                    "unparsable_score to score such replies.")
+                raise VLMJudgeError(
+                    f"The judge {self.model!r} at {self.endpoint} replied {reply[:200]!r}, which holds "
+                    "no number. Ask for the number only in question_template, or set "
+                    "unparsable_score to score such replies."
+                )
             logger.warning("VLM judge reply without a number (scored %s): %r", self.unparsable_score, reply[:200])
             return float(self.unparsable_score)
         if self.number_range is not None and not self.number_range[0] <= value <= self.number_range[1]:
-            raise VLMJudgeError(f"The judge {self.model!r} replied {reply[:200]!r}: {value} lies outside number_range "
-                                f"{tuple(self.number_range)}. State the scale in question_template.")
+            raise VLMJudgeError(
+                f"The judge {self.model!r} replied {reply[:200]!r}: {value} lies outside number_range "
+                f"{tuple(self.number_range)}. State the scale in question_template."
+            )
         return value
 
     def _post(self, body: bytes) -> Response:
         def give_up(problem: str, attempts: int) -> VLMJudgeError:
-            return VLMJudgeError(f"The VLM judge at {self.endpoint} failed after {attempts} attempt(s) ({problem}). "
-                                 "Check that the server is running and serves the model "
-                                 f"{self.model!r}; raise retries/timeout if it is overloaded.")
+            return VLMJudgeError(
+                f"The VLM judge at {self.endpoint} failed after {attempts} attempt(s) ({problem}). "
+                "Check that the server is running and serves the model "
+                f"{self.model!r}; raise retries/timeout if it is overloaded."
+            )
 
-        response = with_retries(lambda: self._client.request("POST", "/chat/completions", body), self.retries,
-                                self.backoff, give_up)
+        response = with_retries(
+            lambda: self._client.request("POST", "/chat/completions", body), self.retries, self.backoff, give_up
+        )
         if response.status == 401:
-            raise VLMJudgeError(f"{self.endpoint} refused the API key (HTTP 401: {response.detail()}): pass the "
-                                "server's key as api_key.")
+            raise VLMJudgeError(
+                f"{self.endpoint} refused the API key (HTTP 401: {response.detail()}): pass the "
+                "server's key as api_key."
+            )
         if response.status != 200:
-            raise VLMJudgeError(f"{self.endpoint} refused the request for model {self.model!r} (HTTP "
-                                f"{response.status}): {response.detail()}")
+            raise VLMJudgeError(
+                f"{self.endpoint} refused the request for model {self.model!r} (HTTP "
+                f"{response.status}): {response.detail()}"
+            )
         return response
 
     def _executor(self) -> ThreadPoolExecutor:

@@ -33,9 +33,16 @@ class RewardServerProcess:
         startup_timeout: seconds :meth:`ready` waits for the server to listen.
     """
 
-    def __init__(self, name: str, *args: str, port: int = 0, token: str | None = None,
-                 log_dir: str | os.PathLike | None = None, env: dict[str, str] | None = None,
-                 startup_timeout: float = 300.0):
+    def __init__(
+        self,
+        name: str,
+        *args: str,
+        port: int = 0,
+        token: str | None = None,
+        log_dir: str | os.PathLike | None = None,
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 300.0,
+    ):
         child_env = {key: value for key, value in os.environ.items() if key != TOKEN_ENV}
         child_env.update(env or {})
         if token is not None:
@@ -46,8 +53,9 @@ class RewardServerProcess:
         self.startup_timeout = startup_timeout
         command = [sys.executable, "-m", "trl_flow_egrpo.cli", "serve-reward", name, "--port", str(port), *args]
         with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
-            self.process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=child_env,
-                                            stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                command, stdout=stdout, stderr=stderr, env=child_env, stdin=subprocess.DEVNULL
+            )
         self.url: str | None = None
         self.port: int | None = None
 

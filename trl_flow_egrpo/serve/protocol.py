@@ -73,8 +73,10 @@ def dequantize(images: torch.Tensor, device: torch.device | str | None = None) -
 
 # ---------------------------------------------------------------------------------------------- encoding
 
-def encode_request(images: torch.Tensor, prompts: Sequence[str], columns: dict[str, Sequence],
-                   encoding: str = "raw") -> bytes:
+
+def encode_request(
+    images: torch.Tensor, prompts: Sequence[str], columns: dict[str, Sequence], encoding: str = "raw"
+) -> bytes:
     """The request body for uint8 ``images`` ``[B, 3, H, W]``, their prompts and dataset columns.
 
     Raises:
@@ -83,11 +85,17 @@ def encode_request(images: torch.Tensor, prompts: Sequence[str], columns: dict[s
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}.")
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"encode_request needs uint8 images [B, 3, H, W] (see quantize), got {images.dtype} "
-                         f"{tuple(images.shape)}.")
+        raise ValueError(
+            f"encode_request needs uint8 images [B, 3, H, W] (see quantize), got {images.dtype} {tuple(images.shape)}."
+        )
     array = images.cpu().contiguous().numpy()
-    header = {"version": PROTOCOL_VERSION, "encoding": encoding, "shape": list(array.shape),
-              "prompts": [str(prompt) for prompt in prompts], "columns": _json_columns(columns)}
+    header = {
+        "version": PROTOCOL_VERSION,
+        "encoding": encoding,
+        "shape": list(array.shape),
+        "prompts": [str(prompt) for prompt in prompts],
+        "columns": _json_columns(columns),
+    }
     if encoding == "raw":
         payload = [array.tobytes()]
     else:
@@ -104,8 +112,10 @@ def _json_columns(columns: dict[str, Sequence]) -> dict[str, list]:
         try:
             ready[name] = json.loads(json.dumps(list(values), default=_plain))
         except (TypeError, ValueError) as error:
-            raise ValueError(f"Column {name!r} cannot be sent to a remote reward: its values must be JSON data "
-                             f"(numbers, strings, lists, dicts), and {error}. Drop or convert the column.") from error
+            raise ValueError(
+                f"Column {name!r} cannot be sent to a remote reward: its values must be JSON data "
+                f"(numbers, strings, lists, dicts), and {error}. Drop or convert the column."
+            ) from error
     return ready
 
 
@@ -127,6 +137,7 @@ def _png_bytes(image: np.ndarray) -> bytes:
 
 # ---------------------------------------------------------------------------------------------- decoding
 
+
 def decode_request(body: bytes, max_images: int, max_pixel_bytes: int) -> ScoreBatch:
     """Parse and check a request body; every problem is a :class:`ProtocolError` naming it.
 
@@ -138,18 +149,20 @@ def decode_request(body: bytes, max_images: int, max_pixel_bytes: int) -> ScoreB
     """
     prefix = len(MAGIC) + _LENGTH.size
     if len(body) < prefix or not body.startswith(MAGIC):
-        raise ProtocolError(f"The body is not a scoring request: it must start with {MAGIC!r} and a header "
-                            "length (see trl_flow_egrpo.serve.protocol). Send requests with RemoteReward.")
+        raise ProtocolError(
+            f"The body is not a scoring request: it must start with {MAGIC!r} and a header "
+            "length (see trl_flow_egrpo.serve.protocol). Send requests with RemoteReward."
+        )
     (header_length,) = _LENGTH.unpack_from(body, len(MAGIC))
     if header_length > len(body) - prefix:
         raise ProtocolError(f"The header length {header_length} exceeds the {len(body) - prefix} bytes that follow.")
     try:
-        header = json.loads(body[prefix:prefix + header_length])
+        header = json.loads(body[prefix : prefix + header_length])
     except ValueError as error:
         raise ProtocolError(f"The header is not valid JSON ({error}).") from error
     if not isinstance(header, dict):
         raise ProtocolError("The header must be a JSON object.")
-    payload = memoryview(body)[prefix + header_length:]
+    payload = memoryview(body)[prefix + header_length :]
     batch, height, width = _check_header(header, max_images, max_pixel_bytes)
     if header["encoding"] == "raw":
         images = _decode_raw(payload, batch, height, width)
@@ -161,22 +174,33 @@ def decode_request(body: bytes, max_images: int, max_pixel_bytes: int) -> ScoreB
 def _check_header(header: dict, max_images: int, max_pixel_bytes: int) -> tuple[int, int, int]:
     """Validate the header's fields; returns ``(B, H, W)``."""
     if header.get("version") != PROTOCOL_VERSION:
-        raise ProtocolError(f"Protocol version {header.get('version')!r} is not supported; this server speaks "
-                            f"version {PROTOCOL_VERSION}. Use the same trl-flow-egrpo version on both sides.")
+        raise ProtocolError(
+            f"Protocol version {header.get('version')!r} is not supported; this server speaks "
+            f"version {PROTOCOL_VERSION}. Use the same trl-flow-egrpo version on both sides."
+        )
     if header.get("encoding") not in ENCODINGS:
         raise ProtocolError(f"encoding must be one of {ENCODINGS}, got {header.get('encoding')!r}.")
     shape = header.get("shape")
-    if (not isinstance(shape, list) or len(shape) != 4 or not all(type(n) is int and n >= 1 for n in shape)
-            or shape[1] != 3):
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 4
+        or not all(type(n) is int and n >= 1 for n in shape)
+        or shape[1] != 3
+    ):
         raise ProtocolError(f"shape must be [B, 3, H, W] with positive integers, got {shape!r}.")
     batch, _, height, width = shape
     if batch > max_images:
-        raise ProtocolError(f"The request holds {batch} images; this server takes at most {max_images} per request "
-                            "(--max-batch). Send fewer at a time.", status=413)
+        raise ProtocolError(
+            f"The request holds {batch} images; this server takes at most {max_images} per request "
+            "(--max-batch). Send fewer at a time.",
+            status=413,
+        )
     if math.prod(shape) > max_pixel_bytes:
-        raise ProtocolError(f"The images take {math.prod(shape)} bytes as uint8; this server takes at most "
-                            f"{max_pixel_bytes} per request (--max-request-mb). Send fewer or smaller images.",
-                            status=413)
+        raise ProtocolError(
+            f"The images take {math.prod(shape)} bytes as uint8; this server takes at most "
+            f"{max_pixel_bytes} per request (--max-request-mb). Send fewer or smaller images.",
+            status=413,
+        )
     prompts = header.get("prompts")
     if not isinstance(prompts, list) or len(prompts) != batch or not all(isinstance(p, str) for p in prompts):
         raise ProtocolError(f"prompts must be a list of {batch} strings (one per image).")
@@ -190,8 +214,10 @@ def _check_header(header: dict, max_images: int, max_pixel_bytes: int) -> tuple[
 def _decode_raw(payload: memoryview, batch: int, height: int, width: int) -> torch.Tensor:
     expected = batch * 3 * height * width
     if len(payload) != expected:
-        raise ProtocolError(f"Raw images of shape [{batch}, 3, {height}, {width}] take {expected} bytes, but "
-                            f"{len(payload)} follow the header.")
+        raise ProtocolError(
+            f"Raw images of shape [{batch}, 3, {height}, {width}] take {expected} bytes, but "
+            f"{len(payload)} follow the header."
+        )
     array = np.frombuffer(payload, dtype=np.uint8).reshape(batch, 3, height, width)
     return torch.from_numpy(array.copy())
 
@@ -206,11 +232,13 @@ def _decode_png(payload: memoryview, lengths, batch: int, height: int, width: in
     images, offset = np.empty((batch, 3, height, width), dtype=np.uint8), 0
     for i, length in enumerate(lengths):
         try:
-            with Image.open(io.BytesIO(payload[offset:offset + length])) as image:
+            with Image.open(io.BytesIO(payload[offset : offset + length])) as image:
                 # Checked before decoding, so a small file cannot expand beyond the declared size.
                 if image.format != "PNG" or image.mode != "RGB" or image.size != (width, height):
-                    raise ProtocolError(f"Image {i} is a {image.format} {image.mode} image of {image.size[0]} x "
-                                        f"{image.size[1]}; expected an RGB PNG of {width} x {height}.")
+                    raise ProtocolError(
+                        f"Image {i} is a {image.format} {image.mode} image of {image.size[0]} x "
+                        f"{image.size[1]}; expected an RGB PNG of {width} x {height}."
+                    )
                 images[i] = np.asarray(image).transpose(2, 0, 1)
         except ProtocolError:
             raise
@@ -230,8 +258,12 @@ def decode_scores(body: bytes, expected: int) -> list[float]:
         scores = json.loads(body)["scores"]
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"The response is not a scoring response ({body[:200]!r}).") from error
-    if (not isinstance(scores, list) or len(scores) != expected
-            or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)):
-        raise ValueError(f"The response holds {len(scores) if isinstance(scores, list) else 'no'} scores "
-                         f"for {expected} images.")
+    if (
+        not isinstance(scores, list)
+        or len(scores) != expected
+        or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)
+    ):
+        raise ValueError(
+            f"The response holds {len(scores) if isinstance(scores, list) else 'no'} scores for {expected} images."
+        )
     return [float(s) for s in scores]

@@ -51,6 +51,7 @@ class RewardFailure(Exception):
 
 # ---------------------------------------------------------------------------------------------- the reward
 
+
 def load_reward(name: str, kwargs: dict | None = None) -> Callable:
     """The reward to serve: a registry name (``hps``, ``color``, ...; :func:`~trl_flow_egrpo.registry.build_reward`
     with ``kwargs``) or ``module:attribute``. An imported class is instantiated with ``kwargs``; any other
@@ -69,16 +70,20 @@ def load_reward(name: str, kwargs: dict | None = None) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"Cannot import {module_name!r} for the reward {name!r} ({error}). Give a built-in reward "
-                         "name or module:callable of an importable module (is it on PYTHONPATH?).") from error
+        raise ValueError(
+            f"Cannot import {module_name!r} for the reward {name!r} ({error}). Give a built-in reward "
+            "name or module:callable of an importable module (is it on PYTHONPATH?)."
+        ) from error
     target = getattr(module, attribute, None)
     if not callable(target):
         raise ValueError(f"{name!r}: module {module_name!r} has no callable {attribute!r}.")
     if isinstance(target, type):
         return target(**kwargs)
     if kwargs:
-        raise ValueError(f"{name!r} is a function, not a class: it is served as it is and takes no --reward-kwargs. "
-                         "Point at a class, or bind the arguments in your module.")
+        raise ValueError(
+            f"{name!r} is a function, not a class: it is served as it is and takes no --reward-kwargs. "
+            "Point at a class, or bind the arguments in your module."
+        )
     return target
 
 
@@ -88,6 +93,7 @@ def default_device() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- batching
+
 
 @dataclass
 class _Job:
@@ -136,8 +142,13 @@ class BatchScorer:
         for start in range(0, len(prompts), self.batch_size):
             stop = start + self.batch_size
             with torch.no_grad():
-                chunk = call_reward(self.name, self.reward, dequantize(images[start:stop], self.device),
-                                    prompts[start:stop], {name: values[start:stop] for name, values in columns.items()})
+                chunk = call_reward(
+                    self.name,
+                    self.reward,
+                    dequantize(images[start:stop], self.device),
+                    prompts[start:stop],
+                    {name: values[start:stop] for name, values in columns.items()},
+                )
             scores.extend(chunk.tolist())
         return scores
 
@@ -182,7 +193,7 @@ class BatchScorer:
                 return
             start = 0
             for job in group:
-                job.future.set_result(scores[start:start + len(job.batch)])
+                job.future.set_result(scores[start : start + len(job.batch)])
                 start += len(job.batch)
             return
         try:
@@ -198,17 +209,22 @@ class BatchScorer:
             raise RewardFailure(f"Reward '{self.name}' rejected the batch: {error}", 422) from error
         except Exception as error:  # the reward's own failure (out of memory, a bug): report, keep serving
             logger.exception("Reward '%s' failed", self.name)
-            raise RewardFailure(f"Reward '{self.name}' failed on the server: {type(error).__name__}: {error}",
-                                500) from error
+            raise RewardFailure(
+                f"Reward '{self.name}' failed on the server: {type(error).__name__}: {error}", 500
+            ) from error
 
 
 def _merge(batches: list[ScoreBatch]) -> ScoreBatch:
     """Concatenate compatible batches (same image size and column names)."""
-    return ScoreBatch(torch.cat([b.images for b in batches]), [p for b in batches for p in b.prompts],
-                      {name: [v for b in batches for v in b.columns[name]] for name in batches[0].columns})
+    return ScoreBatch(
+        torch.cat([b.images for b in batches]),
+        [p for b in batches for p in b.prompts],
+        {name: [v for b in batches for v in b.columns[name]] for name in batches[0].columns},
+    )
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
+
 
 def create_app(scorer: BatchScorer, *, token: str | None, max_request_bytes: int, max_images: int):
     """The FastAPI application serving ``scorer``.
@@ -225,11 +241,19 @@ def create_app(scorer: BatchScorer, *, token: str | None, max_request_bytes: int
     except ImportError as error:
         raise ImportError(f"The reward server needs FastAPI and uvicorn: {SERVER_HINT}") from error
 
-    app = FastAPI(title=f"trl-flow-egrpo reward server ({scorer.name})", docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    info = {"status": "ok", "reward": scorer.name, "version": __version__, "protocol": PROTOCOL_VERSION,
-            "device": str(scorer.device), "batch_size": scorer.batch_size, "max_images": max_images,
-            "max_request_bytes": max_request_bytes}
+    app = FastAPI(
+        title=f"trl-flow-egrpo reward server ({scorer.name})", docs_url=None, redoc_url=None, openapi_url=None
+    )
+    info = {
+        "status": "ok",
+        "reward": scorer.name,
+        "version": __version__,
+        "protocol": PROTOCOL_VERSION,
+        "device": str(scorer.device),
+        "batch_size": scorer.batch_size,
+        "max_images": max_images,
+        "max_request_bytes": max_request_bytes,
+    }
 
     def error(status: int, message: str) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -266,8 +290,10 @@ def authorization_problem(header: str | None, token: str | None) -> str | None:
         return None
     scheme, _, supplied = (header or "").partition(" ")
     if scheme.lower() != "bearer" or not supplied:
-        return ("This reward server requires a bearer token and the request carries none: pass token= to "
-                "RemoteReward or set the client's TRL_EGRPO_REWARD_TOKEN.")
+        return (
+            "This reward server requires a bearer token and the request carries none: pass token= to "
+            "RemoteReward or set the client's TRL_EGRPO_REWARD_TOKEN."
+        )
     if not hmac.compare_digest(supplied.strip().encode(), token.encode()):
         return "The bearer token is wrong: use the token the server was started with."
     return None
@@ -277,8 +303,11 @@ async def read_body(request, limit: int) -> bytes:
     """The request body, refused with a 413 :class:`ProtocolError` as soon as it exceeds ``limit`` bytes (by its
     declared length, or while it streams in)."""
     declared = request.headers.get("content-length")
-    too_big = ProtocolError(f"The request body is larger than this server's limit of {limit} bytes "
-                            "(--max-request-mb). Send fewer or smaller images per request.", status=413)
+    too_big = ProtocolError(
+        f"The request body is larger than this server's limit of {limit} bytes "
+        "(--max-request-mb). Send fewer or smaller images per request.",
+        status=413,
+    )
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_big
     body = bytearray()
@@ -290,6 +319,7 @@ async def read_body(request, limit: int) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------- running
+
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` only accepts connections from this machine."""
@@ -322,8 +352,16 @@ def warm_up(scorer: BatchScorer) -> None:
     scorer.score(ScoreBatch(torch.full((1, 3, 64, 64), 128, dtype=torch.uint8), ["a photo"], {}))
 
 
-def run(scorer: BatchScorer, sock: socket.socket, *, token: str | None, max_request_bytes: int, max_images: int,
-        max_connections: int, log_level: str = "info") -> None:
+def run(
+    scorer: BatchScorer,
+    sock: socket.socket,
+    *,
+    token: str | None,
+    max_request_bytes: int,
+    max_images: int,
+    max_connections: int,
+    log_level: str = "info",
+) -> None:
     """Serve ``scorer`` on the listening ``sock`` until interrupted (SIGINT / SIGTERM)."""
     try:
         import uvicorn
