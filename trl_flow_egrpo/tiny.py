@@ -57,6 +57,28 @@ def tiny_t5_tokenizer(model_max_length: int = 512, extra_pieces: tuple[tuple[str
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 
+def _tiny_sd_vae(shift_factor: float, scaling_factor: float):
+    """The tiny 16-channel ``AutoencoderKL`` (8x downsampling) of FLUX.1, SD3 and Z-Image, with the family's
+    latent normalization."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+    )
+
+
 def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``FluxPipeline`` with random weights and FLUX.1-dev's shapes scaled down (about 0.1M parameters).
 
@@ -68,7 +90,7 @@ def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         A ``diffusers.FluxPipeline`` on the CPU with every component in eval mode. Use images of 64x64
         (16 image tokens) or 128x128; sizes must be multiples of 16.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     with torch.random.fork_rng(devices=[]):
@@ -85,21 +107,7 @@ def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
             axes_dims_rope=[4, 4, 8],
             guidance_embeds=True,
         )
-        vae = AutoencoderKL(
-            sample_size=64,
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=4,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.1159,
-            scaling_factor=0.3611,
-        )
+        vae = _tiny_sd_vae(shift_factor=0.1159, scaling_factor=0.3611)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 bos_token_id=0,
@@ -175,7 +183,6 @@ def build_tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         sizes must be multiples of 16.
     """
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -219,21 +226,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
             dual_attention_layers=(0,),
             qk_norm="rms_norm",
         )
-        vae = AutoencoderKL(
-            sample_size=64,
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=4,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5305,
-        )
+        vae = _tiny_sd_vae(shift_factor=0.0609, scaling_factor=1.5305)
         text_encoder, text_encoder_2 = clip_encoder(), clip_encoder()
         text_encoder_3 = T5EncoderModel(
             T5Config(
@@ -734,7 +727,7 @@ def build_tiny_zimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
         A ``diffusers.ZImagePipeline`` on the CPU with every component in eval mode. Sizes must be multiples of
         16; 32x32 gives 4 image tokens.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     tokenizer = tiny_qwen_tokenizer()
@@ -755,21 +748,7 @@ def build_tiny_zimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
             axes_dims=[4, 6, 6],
             axes_lens=[1024, 512, 512],
         )
-        vae = AutoencoderKL(
-            sample_size=64,
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=4,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.1159,
-            scaling_factor=0.3611,
-        )
+        vae = _tiny_sd_vae(shift_factor=0.1159, scaling_factor=0.3611)
         text_encoder = Qwen3Model(
             Qwen3Config(
                 vocab_size=300,
