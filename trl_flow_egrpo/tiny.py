@@ -79,6 +79,29 @@ def _tiny_sd_vae(shift_factor: float, scaling_factor: float):
     )
 
 
+def _tiny_t5_encoder():
+    """The tiny T5 text encoder (2 layers of width 32, vocab 256) of the FLUX.1 and SD3 tiny pipelines."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=256,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            is_encoder_decoder=False,
+            use_cache=False,
+            dropout_rate=0.0,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+
+
 def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``FluxPipeline`` with random weights and FLUX.1-dev's shapes scaled down (about 0.1M parameters).
 
@@ -91,7 +114,7 @@ def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         (16 image tokens) or 128x128; sizes must be multiples of 16.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -124,23 +147,7 @@ def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
                 max_position_embeddings=77,
             )
         )
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=256,
-                d_model=32,
-                d_kv=8,
-                d_ff=37,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                is_encoder_decoder=False,
-                use_cache=False,
-                dropout_rate=0.0,
-                decoder_start_token_id=0,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        )
+        text_encoder_2 = _tiny_t5_encoder()
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
@@ -187,7 +194,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     def clip_encoder():
         return CLIPTextModelWithProjection(
@@ -228,23 +235,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         )
         vae = _tiny_sd_vae(shift_factor=0.0609, scaling_factor=1.5305)
         text_encoder, text_encoder_2 = clip_encoder(), clip_encoder()
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=256,
-                d_model=32,
-                d_kv=8,
-                d_ff=37,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                is_encoder_decoder=False,
-                use_cache=False,
-                dropout_rate=0.0,
-                decoder_start_token_id=0,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        )
+        text_encoder_3 = _tiny_t5_encoder()
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     pipeline = StableDiffusion3Pipeline(
         scheduler=scheduler,
