@@ -19,8 +19,9 @@ import shlex
 import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
+from .redaction import is_secret_name, redact
 from .registry import describe_reward
 
 
@@ -39,8 +40,8 @@ DEFAULT_IGNORE_PATTERNS = ("checkpoint-*/**", "logs/**", "*.tmp/**")
 """What :func:`upload_folder` leaves out of ``output_dir`` by default: resumable checkpoints (optimizer
 state, many GB when fully fine-tuning), tracker logs and interrupted checkpoint saves."""
 
-# Config fields that must never reach a public card.
-_SECRET_FIELDS = ("hub_token",)
+_SCAN_CHUNK_BYTES = 8 * 2**20
+"""Files are searched for the token in blocks of this size (the memory :func:`find_secret` needs)."""
 
 # Licenses of well-known base models: a fine-tune is a derivative and inherits them.
 _BASE_LICENSES = {
@@ -190,7 +191,9 @@ def build_model_card(
         base_model: Hub id or local path of the pipeline that was fine-tuned, or None when the pipeline was
             built in memory (then the card says so and loads the weights onto "your base pipeline").
         repo_id: the Hub repository the model is pushed to (used in the usage snippet).
-        config_dict: ``EGRPOConfig.to_dict()``; shown in full, except secrets (``hub_token``).
+        config_dict: ``EGRPOConfig.to_dict()``; shown in full, except secrets: fields with a secret name
+            (``hub_token``) are left out and secret-looking text is redacted
+            (:func:`~trl_flow_egrpo.redaction.redact`), whether or not the caller redacted it.
         merge_plan_table: the Markdown table of :func:`~trl_flow_egrpo.format_merge_plan`.
         reward_names: logged names of the training rewards (``hps_v2.1``, ``clip_score``, ...).
         reward_weights: one weight per training reward.
@@ -224,7 +227,7 @@ def build_model_card(
         **_BASE_LICENSES.get(base_model, {"license": "other"}),
     )
 
-    config = {key: value for key, value in config_dict.items() if key not in _SECRET_FIELDS}
+    config = {key: value for key, value in redact(config_dict).items() if not is_secret_name(key)}
     shift = config.get("shift")
     schedule = f"{config.get('num_inference_steps')} steps, " + (
         f"static shift {shift}" if shift is not None else "the scheduler's own shift"
@@ -352,10 +355,22 @@ def upload_folder(
         The URL of the commit.
 
     Raises:
-        HubError: when the upload fails; its message says that the files stay in ``folder`` and gives the
-            ``hf upload`` command that uploads them later.
+        HubError: when a file to upload contains the Hub token (nothing is uploaded; the message names the
+            file, see :func:`find_secret`), or when the upload fails; its message then says that the files stay
+            in ``folder`` and gives the ``hf upload`` command that uploads them later.
     """
     ignore = list(DEFAULT_IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns)
+    # Checked before anything is sent, and outside the try below: its recovery command would upload the file.
+    secret = token or get_token()
+    leaking = find_secret(folder, files_to_upload(folder, ignore), secret) if secret else None
+    if leaking is not None:
+        raise HubError(
+            f"Refusing to upload {os.path.abspath(folder)} to the Hugging Face Hub repository '{repo_id}': "
+            f"{leaking} contains the Hub token in use, and the repository may be public. Nothing was uploaded. "
+            "Remove the token from that file (trl-flow-egrpo writes configs with secrets redacted: did a script "
+            "of yours print or save it?) or leave the file out with ignore_patterns; if the file was shared, "
+            "revoke the token at https://huggingface.co/settings/tokens."
+        )
     try:
         api = HfApi(token=token)
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
@@ -376,6 +391,39 @@ def upload_folder(
             f"    {command}\n"
         ) from error
     return str(commit.commit_url)
+
+
+def files_to_upload(folder: str, ignore_patterns: list[str]) -> list[str]:
+    """The files of ``folder`` (paths relative to it, with ``/``) that :func:`upload_folder` uploads: all but
+    those matching ``ignore_patterns`` (globs as ``HfApi.upload_folder`` matches them). Sorted."""
+    relative = sorted(
+        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+        for root, _, names in os.walk(folder)
+        for name in names
+    )
+    return list(filter_repo_objects(relative, ignore_patterns=list(ignore_patterns)))
+
+
+def find_secret(folder: str, relative_paths: list[str], secret: str) -> str | None:
+    """The first of ``relative_paths`` (files of ``folder``) whose bytes contain ``secret``, or None.
+
+    Every byte of every file is searched (in blocks of 8 MiB that overlap by ``len(secret) - 1`` bytes, so
+    a match across a block boundary is found): the upload hashes every file anyway, so the search at most
+    doubles the reading, which is small next to sending the files. Secrets shorter than 8 characters are not
+    searched for (they would match by chance; Hub tokens are 37 characters).
+    """
+    needle = secret.encode()
+    if len(needle) < 8:
+        return None
+    for relative in relative_paths:
+        with open(os.path.join(folder, relative), "rb") as handle:
+            carried = b""
+            while block := handle.read(_SCAN_CHUNK_BYTES):
+                window = carried + block
+                if needle in window:
+                    return relative
+                carried = window[-(len(needle) - 1) :]
+    return None
 
 
 def upload_command(

@@ -10,6 +10,8 @@ import os
 import numpy as np
 import torch
 
+from .redaction import redact, redact_text
+
 _TRACKER_PACKAGES = {
     "tensorboard": "tensorboard",
     "wandb": "wandb",
@@ -41,16 +43,19 @@ def available_trackers(log_with: str | None) -> list[str] | None:
 
 
 def tracker_init_kwargs(run_name: str | None, output_dir: str) -> dict:
-    """Per-tracker init arguments: the run is named ``run_name``, else after ``output_dir``."""
-    name = run_name or os.path.basename(os.path.abspath(output_dir))
+    """Per-tracker init arguments: the run is named ``run_name``, else after ``output_dir`` (with secret-looking
+    text redacted, :func:`~trl_flow_egrpo.redaction.redact_text`: a URL's password, a Hub token)."""
+    name = redact_text(run_name or os.path.basename(os.path.abspath(output_dir)))
     return {"wandb": {"name": name}, "trackio": {"name": name}}
 
 
 def flat_config(config: dict) -> dict:
-    """The config with lists and None turned into strings, as tensorboard's hparams accept only scalars."""
+    """The trackers' init config (tensorboard's ``hparams.yml`` and event files, the wandb / trackio config):
+    ``config`` with secrets redacted (:func:`~trl_flow_egrpo.redaction.redact`), then lists and None turned into
+    strings, as tensorboard's hparams accept only scalars."""
     return {
         key: (str(value) if isinstance(value, (list, tuple)) or value is None else value)
-        for key, value in config.items()
+        for key, value in redact(config).items()
     }
 
 
