@@ -2,10 +2,15 @@
 
 A checkpoint is written into ``checkpoint-N.tmp`` and published by one ``os.replace`` to
 ``checkpoint-N``: a crash while saving leaves at most a stale ``.tmp`` directory, never a half-written
-``checkpoint-N``, so the previous checkpoint stays the latest valid one. A checkpoint damaged afterwards
-(a disk filling up, a copy cut short) is caught by :func:`verify` before anything is loaded from it: the
-error names the checkpoint and the file, and ``resume_from_checkpoint=true`` falls back to the newest
-checkpoint that verifies (:func:`resolve`), with a warning naming each one it skips.
+``checkpoint-N``, so the previous checkpoint stays the latest valid one. Just before publishing, the main
+process writes ``checkpoint_manifest.json``: the size and SHA-256 of every file of every process (written
+after all of them exist). A checkpoint damaged afterwards (a disk filling up, a copy cut short, flipped
+bytes) is caught by :func:`verify` before anything is loaded from it: the error names the checkpoint and the
+file, and ``resume_from_checkpoint=true`` falls back to the newest checkpoint that verifies (:func:`resolve`),
+with a warning naming each one it skips. A checkpoint written before manifests existed gets the structural
+checks only (with a warning). Resuming from an earlier checkpoint renames the later ones of ``output_dir``
+aside (``checkpoint-N.abandoned-<time>``, :func:`set_aside_later_checkpoints`), so that pruning and a later
+``resume_from_checkpoint=true`` see only the resumed run.
 
 What a checkpoint holds: accelerate's state (optimizer, scheduler, RNG states; the model weights too when
 fully fine-tuning), ``trainable_params.safetensors`` instead of the whole model when training a LoRA (see
@@ -15,21 +20,29 @@ fully fine-tuning), ``trainable_params.safetensors`` instead of the whole model 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import struct
+import time
 import zipfile
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .redaction import redact
+
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE_PARAMS = "trainable_params.safetensors"
+MANIFEST = "checkpoint_manifest.json"
+"""The file listing the size and SHA-256 of every other file of a checkpoint, written last."""
+_MANIFEST_FORMAT = 1
+_HASH_CHUNK_BYTES = 2**20
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Files up to this size are read whole when verified (a CRC check of every member of a torch archive);
 # larger ones (a full fine-tune's optimizer state: tens of GB) only get the structural check.
@@ -70,11 +83,22 @@ def generator_file(checkpoint: str, process_index: int) -> str:
     return os.path.join(checkpoint, f"rollout_generator_{process_index}.pt")
 
 
+def checkpoint_iteration(checkpoint: str) -> int | None:
+    """The iteration a ``checkpoint-N`` directory's name says it holds, or None for another name."""
+    match = _CHECKPOINT.match(os.path.basename(os.path.normpath(checkpoint)))
+    return int(match.group(1)) if match else None
+
+
 def list_checkpoints(output_dir: str) -> list[str]:
-    """Published checkpoints in ``output_dir``, oldest first (staging directories are ignored)."""
+    """Published checkpoints in ``output_dir``, oldest first: the ``checkpoint-N`` directories (staging
+    directories, checkpoints set aside and anything that is not a directory are ignored)."""
     if not os.path.isdir(output_dir):
         return []
-    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT.match(name))]
+    found = [
+        (int(m.group(1)), name)
+        for name in os.listdir(output_dir)
+        if (m := _CHECKPOINT.match(name)) and os.path.isdir(os.path.join(output_dir, name))
+    ]
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
 
@@ -84,13 +108,35 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def aside_name(path: str, reason: str) -> str:
+    """A free name next to ``path`` to rename it to: ``<path>.<reason>-<UTC time>`` (``-2``, ``-3``... if
+    taken). Being no ``checkpoint-N`` name, it is neither listed nor pruned; a directory so renamed is not
+    uploaded with ``output_dir`` either (``hub.DEFAULT_IGNORE_PATTERNS`` leaves out ``checkpoint-*/**``)."""
+    base = f"{path}.{reason}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    candidate, suffix = base, 1
+    while os.path.lexists(candidate):
+        suffix += 1
+        candidate = f"{base}-{suffix}"
+    return candidate
+
+
 def publish(staging: str, final: str) -> None:
-    """Atomically rename a fully written staging directory to its final name."""
+    """Atomically rename a fully written staging directory to its final name.
+
+    An existing checkpoint of the same iteration (re-saving it, e.g. by hand after ``train()``) is replaced
+    whole. Anything else at that name (a file, a link, a directory without ``trainer_state.json``) is renamed
+    aside with a warning saying where, never deleted.
+    """
     for root, _, files in os.walk(staging):
         for name in files:
             with open(os.path.join(root, name), "rb") as handle:
                 os.fsync(handle.fileno())
-    if os.path.exists(final):  # re-saving the same iteration (e.g. after a resume): replace it whole
+    if os.path.islink(final) or (os.path.lexists(final) and not os.path.isfile(os.path.join(final, TRAINER_STATE))):
+        aside = aside_name(final, "not-a-checkpoint")
+        os.replace(final, aside)
+        logger.warning("%s is not a checkpoint directory: renamed it to %s to publish the checkpoint.", final, aside)
+    elif os.path.exists(final):
+        logger.info("Replacing the existing %s.", final)
         shutil.rmtree(final)
     os.replace(staging, final)
     directory = os.open(os.path.dirname(final) or ".", os.O_RDONLY)
@@ -110,14 +156,43 @@ def prune(output_dir: str, keep: int | None) -> list[str]:
     checkpoints = list_checkpoints(output_dir)
     doomed = checkpoints[: max(len(checkpoints) - max(keep, 1), 0)]
     for path in doomed:
-        shutil.rmtree(path)
+        if os.path.islink(path):  # a link to a checkpoint kept elsewhere: remove the link, not its target
+            os.unlink(path)
+        else:
+            shutil.rmtree(path)
     return doomed
 
 
+def set_aside_later_checkpoints(output_dir: str, iteration: int) -> list[tuple[str, str]]:
+    """Rename every checkpoint of ``output_dir`` later than ``iteration`` to ``checkpoint-N.abandoned-<time>``;
+    returns the ``(old, new)`` paths, each logged as a warning.
+
+    Resuming from iteration ``k`` (or starting afresh, ``k = 0``, in an ``output_dir`` that holds an earlier
+    run's checkpoints) starts a new future: the later checkpoints belong to the run that was abandoned. Left
+    in place they would win over the new run's (``save_total_limit`` would prune the new ones as the oldest,
+    and a later ``resume_from_checkpoint=true`` would continue the abandoned run).
+    Renamed, they are kept for the user but no longer listed, pruned or uploaded.
+    """
+    moved = []
+    for checkpoint in list_checkpoints(output_dir):
+        if checkpoint_iteration(checkpoint) > iteration:
+            aside = aside_name(checkpoint, "abandoned")
+            os.replace(checkpoint, aside)
+            moved.append((checkpoint, aside))
+            logger.warning(
+                "Training from iteration %d: the later %s belongs to an abandoned run; renamed it to %s.",
+                iteration,
+                checkpoint,
+                aside,
+            )
+    return moved
+
+
 def write_trainer_state(directory: str, state: TrainerState, config: dict) -> None:
-    """Write ``trainer_state.json`` (the progress and the config it was trained with)."""
+    """Write ``trainer_state.json`` (the progress and the config it was trained with, secrets redacted: the file
+    is uploaded with ``hub_strategy="every_save"``)."""
     with open(os.path.join(directory, TRAINER_STATE), "w") as handle:
-        json.dump({**asdict(state), "config": config}, handle, indent=1)
+        json.dump({**asdict(state), "config": redact(config)}, handle, indent=1)
 
 
 def read_trainer_state(checkpoint: str) -> TrainerState:
@@ -132,18 +207,123 @@ def read_trainer_state(checkpoint: str) -> TrainerState:
 # ---------------------------------------------------------------------------------------------- verification
 
 
-def verify(checkpoint: str, process_index: int = 0) -> None:
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's content (hex), read in 1 MiB chunks so that memory stays flat."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _relative_files(directory: str) -> list[str]:
+    """Every file under ``directory`` but the manifest, as sorted ``/``-separated relative paths."""
+    found = []
+    for root, _, files in os.walk(directory):
+        for name in files:
+            relative = os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/")
+            if relative != MANIFEST:
+                found.append(relative)
+    return sorted(found)
+
+
+def _files_digest(files: dict) -> str:
+    """The SHA-256 of the manifest's file table in a canonical JSON form: the manifest's check of itself."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def build_manifest(directory: str) -> dict:
+    """The manifest of a fully written checkpoint directory: the size and SHA-256 of every file in it (the
+    manifest itself excepted), and the digest of that table, so that damage to the manifest is caught too."""
+    files = {}
+    for relative in _relative_files(directory):
+        path = os.path.join(directory, relative)
+        files[relative] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
+    return {"format": _MANIFEST_FORMAT, "files": files, "files_sha256": _files_digest(files)}
+
+
+def write_manifest(directory: str) -> dict:
+    """Write ``checkpoint_manifest.json`` into ``directory`` (once every process's files are written: it
+    covers what is there); returns the manifest."""
+    manifest = build_manifest(directory)
+    with open(os.path.join(directory, MANIFEST), "w") as handle:
+        json.dump(manifest, handle, indent=1)
+    return manifest
+
+
+def read_manifest(checkpoint: str) -> dict | None:
+    """The manifest of ``checkpoint``, or None for a checkpoint written without one.
+
+    Raises:
+        CheckpointError: the manifest is not valid JSON, has an unknown format, or does not match its own
+            digest.
+    """
+    path = os.path.join(checkpoint, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as handle:
+            manifest = json.load(handle)
+        files, format_, recorded = manifest["files"], manifest["format"], manifest["files_sha256"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise _damaged(checkpoint, MANIFEST, f"it is not a valid manifest ({error!r})") from error
+    if not isinstance(files, dict) or not all(map(_is_manifest_entry, files.values())):
+        raise _damaged(checkpoint, MANIFEST, "its file table is not a mapping of sizes and hashes")
+    if format_ != _MANIFEST_FORMAT:
+        raise CheckpointError(
+            f"Checkpoint {checkpoint}: {MANIFEST} has format {format_!r}; this version of trl-flow-egrpo reads "
+            f"format {_MANIFEST_FORMAT}. Resume with the version that wrote it."
+        )
+    if _files_digest(files) != recorded:
+        raise _damaged(checkpoint, MANIFEST, "its file table does not match its own digest")
+    return manifest
+
+
+def _is_manifest_entry(entry) -> bool:
+    """Whether one row of a manifest's file table has the shape :func:`build_manifest` writes."""
+    return isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+
+
+def _manifest_mismatch(checkpoint: str, manifest: dict) -> tuple[str, str] | None:
+    """The first file of ``checkpoint`` that differs from its manifest, and how; None if all match. Sizes are
+    compared first (no reading), so a truncated file is found before any hashing."""
+    files = manifest["files"]
+    for relative, entry in files.items():
+        path = os.path.join(checkpoint, *relative.split("/"))
+        if not os.path.isfile(path):
+            return relative, "it is missing"
+        size = os.path.getsize(path)
+        if size != entry["size"]:
+            return relative, f"it has {size} bytes, {entry['size']} when it was saved"
+    for relative, entry in files.items():
+        if file_sha256(os.path.join(checkpoint, *relative.split("/"))) != entry["sha256"]:
+            return relative, "its content changed since it was saved (SHA-256 mismatch)"
+    return None
+
+
+def verify(checkpoint: str, num_processes: int = 1) -> None:
     """Check that ``checkpoint`` is complete and undamaged, without loading it into a model.
 
-    Checks: ``trainer_state.json`` parses and holds the iteration; this process's rollout generator file
-    exists; every safetensors file is as long as its header says; every torch archive (``.bin``, ``.pt``,
-    ``.pkl`` written by ``torch.save``) has an intact zip directory, and, up to 256 MiB, intact members.
+    Checks, in order:
+
+    - with a manifest (checkpoints written by this version): every file it lists exists with the recorded
+      size and SHA-256 (files added later are not checked; nothing loads them);
+    - ``trainer_state.json`` parses, and the iteration it records is the ``N`` of the directory's name
+      ``checkpoint-N`` (a renamed checkpoint would resume at another iteration than its name says);
+    - each of ``num_processes`` processes finds its rollout generator file;
+    - without a manifest (written before manifests existed; accepted with a warning): every safetensors file
+      is as long as its header says (and ``trainable_params.safetensors`` holds only finite numbers); every
+      torch archive (``.bin``, ``.pt``, ``.pkl`` written by ``torch.save``) has an intact zip directory and,
+      up to 256 MiB, intact members. These structural checks do not catch changed bytes or missing files.
 
     Raises:
         CheckpointError: naming the checkpoint, the file and what is wrong with it.
     """
     if not os.path.isdir(checkpoint):
         raise CheckpointError(f"Checkpoint {checkpoint} does not exist (or is not a directory).")
+    manifest = read_manifest(checkpoint)
+    if manifest is not None and (mismatch := _manifest_mismatch(checkpoint, manifest)):
+        raise _damaged(checkpoint, *mismatch)
     state_file = os.path.join(checkpoint, TRAINER_STATE)
     if not os.path.isfile(state_file):
         raise CheckpointError(
@@ -153,17 +333,42 @@ def verify(checkpoint: str, process_index: int = 0) -> None:
     try:
         with open(state_file) as handle:
             saved = json.load(handle)
-        int(saved["iteration"]), list(saved["log_history"])
+        iteration = int(saved["iteration"])
+        list(saved["log_history"])
     except (ValueError, KeyError, TypeError) as error:
         raise _damaged(checkpoint, TRAINER_STATE, f"it is not valid trainer state ({error})") from error
-    if not os.path.isfile(generator_file(checkpoint, process_index)):
-        raise _damaged(checkpoint, os.path.basename(generator_file(checkpoint, process_index)), "it is missing")
-    for root, _, files in os.walk(checkpoint):
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            problem = _file_problem(path)
+    named = checkpoint_iteration(checkpoint)
+    if named is not None and named != iteration:
+        raise _damaged(
+            checkpoint,
+            TRAINER_STATE,
+            f"it records iteration {iteration} but the directory is named checkpoint-{named} (renamed by hand?)",
+        )
+    for process_index in range(num_processes):
+        if not os.path.isfile(generator_file(checkpoint, process_index)):
+            raise _damaged(checkpoint, os.path.basename(generator_file(checkpoint, process_index)), "it is missing")
+    if manifest is None:
+        logger.warning(
+            "Checkpoint %s has no %s (written by an earlier version): checking its files' structure only, "
+            "which misses changed bytes and missing files.",
+            checkpoint,
+            MANIFEST,
+        )
+        for relative in _relative_files(checkpoint):
+            path = os.path.join(checkpoint, relative)
+            problem = _file_problem(path) or (_non_finite_problem(path) if relative == TRAINABLE_PARAMS else None)
             if problem:
-                raise _damaged(checkpoint, os.path.relpath(path, checkpoint), problem)
+                raise _damaged(checkpoint, relative, problem)
+
+
+def _non_finite_problem(path: str) -> str | None:
+    """The first tensor of a safetensors file holding NaN or inf, as a problem; None if all are finite."""
+    from safetensors.torch import load_file
+
+    for name, tensor in load_file(path).items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return f"tensor {name} holds NaN or inf"
+    return None
 
 
 def _damaged(checkpoint: str, file: str, problem: str) -> CheckpointError:
@@ -213,18 +418,19 @@ def _safetensors_problem(path: str, size: int) -> str | None:
     return None
 
 
-def resolve(resume_from_checkpoint: str | bool, output_dir: str, process_index: int = 0) -> str:
-    """The checkpoint to resume from, verified.
+def resolve(resume_from_checkpoint: str | bool, output_dir: str, num_processes: int = 1) -> str:
+    """The checkpoint to resume from, verified (:func:`verify`, for ``num_processes`` processes).
 
     ``True`` / ``"true"``: the newest checkpoint in ``output_dir`` that verifies; each newer damaged one is
-    skipped with a warning naming it. A path: that checkpoint, which must verify.
+    skipped with a warning naming it and why. A path: that checkpoint, which must verify; a damaged one is
+    refused, not replaced by another (the user chose it; the error says that ``true`` skips damaged ones).
 
     Raises:
         CheckpointError: nothing to resume from (no checkpoint, or every one damaged), or the named
             checkpoint is damaged. Never falls back to a fresh start.
     """
     if resume_from_checkpoint is not True and str(resume_from_checkpoint).lower() != "true":
-        verify(str(resume_from_checkpoint), process_index)
+        verify(str(resume_from_checkpoint), num_processes)
         return str(resume_from_checkpoint)
     candidates = list_checkpoints(output_dir)
     if not candidates:
@@ -235,7 +441,7 @@ def resolve(resume_from_checkpoint: str | bool, output_dir: str, process_index: 
     problems = []
     for checkpoint in reversed(candidates):
         try:
-            verify(checkpoint, process_index)
+            verify(checkpoint, num_processes)
         except CheckpointError as error:
             logger.warning("Skipping checkpoint %s: %s", checkpoint, error)
             problems.append(str(error))
@@ -244,6 +450,35 @@ def resolve(resume_from_checkpoint: str | bool, output_dir: str, process_index: 
     raise CheckpointError(
         f"resume_from_checkpoint=true but every checkpoint in {output_dir} is damaged:\n" + "\n".join(problems)
     )
+
+
+def resume_checkpoint(accelerator, resume_from_checkpoint: str | bool, output_dir: str) -> str:
+    """The checkpoint every process resumes from; every process calls this.
+
+    The main process alone verifies (:func:`resolve`: reading every file once, not once per process) and
+    renames the checkpoints of ``output_dir`` later than the chosen one aside
+    (:func:`set_aside_later_checkpoints`), before any process goes on; then it sends the choice, or the
+    error, to the others, so that all resume from the same checkpoint or all raise the same error.
+
+    Raises:
+        CheckpointError: as :func:`resolve`, on every process.
+    """
+    choice = [None, None]  # [checkpoint, error message]
+    if accelerator.is_main_process:
+        try:
+            checkpoint = resolve(resume_from_checkpoint, output_dir, accelerator.num_processes)
+            set_aside_later_checkpoints(output_dir, read_trainer_state(checkpoint).iteration)
+            choice = [checkpoint, None]
+        except CheckpointError as error:
+            choice = [None, str(error)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(choice, from_process=0)
+    checkpoint, message = choice
+    if message is not None:
+        raise CheckpointError(message)
+    return checkpoint
 
 
 # ---------------------------------------------------------------------------------------------- saving, loading
@@ -260,7 +495,9 @@ def save(
 ) -> str:
     """Write a resumable checkpoint of ``state.iteration`` atomically and prune old ones; every process
     calls this. ``save_extra(directory)``, if given, writes more files into the checkpoint (all processes
-    call it, e.g. to gather a sharded LoRA). Returns the published directory."""
+    call it, e.g. to gather a sharded LoRA). Once every process has written its files, the main process
+    writes the manifest of all of them (:func:`write_manifest`) and publishes. Returns the published
+    directory."""
     final = checkpoint_dir(output_dir, state.iteration)
     staging = staging_dir(output_dir, state.iteration)
     if accelerator.is_main_process and os.path.exists(staging):
@@ -274,6 +511,7 @@ def save(
         save_extra(staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_manifest(staging)
         publish(staging, final)
         prune(output_dir, save_total_limit)
     accelerator.wait_for_everyone()
@@ -320,6 +558,12 @@ def register_trainable_params_hooks(accelerator) -> None:
                 f"The checkpoint in {input_dir} was written for other trainable parameters (e.g. "
                 "another LoRA rank or target modules). Resume with the configuration it was "
                 "trained with."
+            )
+        non_finite = [name for name, value in params.items() if not torch.isfinite(value).all()]
+        if non_finite:  # saved so by training itself (the manifest matched): training on would stay NaN
+            raise CheckpointError(
+                f"Checkpoint {input_dir}: {TRAINABLE_PARAMS} holds NaN or inf in {non_finite[0]} "
+                f"({len(non_finite)} tensors). Resume from an earlier checkpoint."
             )
         with torch.no_grad():
             for name, parameter in model.named_parameters():
