@@ -2,13 +2,15 @@
 
 The stand-in judge decodes the image it is sent and answers from its mean red level ``r``: "Yes" with
 probability ``r`` (split over the tokens "Yes" and " yes", with "No" taking the rest), or the reply
-"Score: <10 r> out of 10". So every score the reward computes can be checked exactly against the image.
+"<10 r>" (the number alone, as the number question asks). So every score the reward computes can be checked
+exactly against the image. Tests can also make it send given candidates, a given reply, or any payload.
 """
 
 import base64
 import io
 import json
 import math
+import re
 import sys
 import threading
 import time
@@ -20,7 +22,13 @@ import torch
 from PIL import Image
 
 from helpers import tiny_trainer
-from trl_flow_egrpo.rewards.vlm import VLMJudgeError, VLMJudgeReward, first_number, yes_probability
+from trl_flow_egrpo.rewards.vlm import (
+    DEFAULT_NUMBER_QUESTION,
+    VLMJudgeError,
+    VLMJudgeReward,
+    number_answer,
+    yes_probability,
+)
 from trl_flow_egrpo.serve.protocol import quantize
 
 MODEL = "tiny-judge"
@@ -31,14 +39,16 @@ class FakeJudge(ThreadingHTTPServer):
 
     Attributes set by the tests: ``api_key`` (required bearer token, or None), ``failures_before_success``
     (answer 503 to that many requests first), ``omit_logprobs``, ``reply`` (a fixed reply text),
-    ``max_logprobs`` (refuse larger ``top_logprobs`` with a 400), ``delay`` (seconds per request).
+    ``max_logprobs`` (refuse larger ``top_logprobs`` with a 400), ``delay`` (seconds per request),
+    ``candidates`` (the ``top_logprobs`` list to send instead of the image's), ``payload`` (a body to send
+    instead of a completion).
     """
 
     daemon_threads = True
 
     def __init__(self):
         super().__init__(("127.0.0.1", 0), JudgeHandler)
-        self.api_key = self.reply = None
+        self.api_key = self.reply = self.candidates = self.payload = None
         self.failures_before_success, self.omit_logprobs, self.max_logprobs, self.delay = 0, False, 20, 0.0
         self.requests, self.in_flight, self.max_in_flight = [], 0, 0
         self.lock = threading.Lock()
@@ -84,7 +94,7 @@ class JudgeHandler(BaseHTTPRequestHandler):
                 return self.answer(400, {"error": {"message": f"top_logprobs must be <= {judge.max_logprobs}"}})
             if body["model"] != MODEL:
                 return self.answer(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
-            self.answer(200, self.completion(body, judge))
+            self.answer(200, judge.payload if judge.payload is not None else self.completion(body, judge))
         finally:
             with judge.lock:
                 judge.in_flight -= 1
@@ -93,13 +103,14 @@ class JudgeHandler(BaseHTTPRequestHandler):
     def completion(body: dict, judge: FakeJudge) -> dict:
         content = body["messages"][-1]["content"]
         red = mean_red(next(part["image_url"]["url"] for part in content if part["type"] == "image_url"))
-        reply = judge.reply if judge.reply is not None else f"Score: {10 * red} out of 10"
+        reply = judge.reply if judge.reply is not None else f"{10 * red}"
         choice = {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}
         if body.get("logprobs") and not judge.omit_logprobs:
             p = min(max(red, 1e-9), 1 - 1e-9)
             candidates = [("Yes", 0.75 * p), (" yes", 0.25 * p), ("No", 1 - p)]
             choice["message"]["content"] = "Yes" if p >= 0.5 else "No"
             top = [{"token": t, "logprob": math.log(q)} for t, q in candidates][: body["top_logprobs"]]
+            top = judge.candidates if judge.candidates is not None else top
             choice["logprobs"] = {
                 "content": [
                     {"token": choice["message"]["content"], "logprob": math.log(max(p, 1 - p)), "top_logprobs": top}
@@ -107,8 +118,8 @@ class JudgeHandler(BaseHTTPRequestHandler):
             }
         return {"id": "cmpl-test", "object": "chat.completion", "model": MODEL, "choices": [choice]}
 
-    def answer(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
+    def answer(self, status: int, payload: dict | bytes) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -208,7 +219,9 @@ def test_server_errors_are_retried_with_backoff(judge):
 def test_a_judge_slower_than_the_timeout_fails_after_the_retries(judge):
     judge.delay = 1.0
     start = time.monotonic()
-    with pytest.raises(VLMJudgeError, match=r"failed after 2 attempt\(s\) \(TimeoutError: timed out\)"):
+    with pytest.raises(
+        VLMJudgeError, match=r"failed after 2 attempt\(s\) \(TimeoutError: timed out: no complete answer"
+    ):
         VLMJudgeReward(judge.base_url, MODEL, timeout=0.2, retries=1, backoff=0.01)(images_with_red([0.3]), ["a"])
     assert time.monotonic() - start < 0.9  # two timeouts of 0.2 s, not two answers of 1 s
 
@@ -233,15 +246,168 @@ def test_errors_name_the_endpoint_and_the_fix(judge):
         VLMJudgeReward(judge.base_url, "other", api_key="secret", top_logprobs=5)(images_with_red([0.3]), ["a"])
 
 
-def test_replies_without_a_number_or_out_of_range(judge):
+def test_replies_without_a_number_alone_or_out_of_range_are_parse_failures(judge):
     judge.reply = "I cannot rate this."
-    with pytest.raises(VLMJudgeError, match=r"replied 'I cannot rate this.', which holds no number"):
+    with pytest.raises(
+        VLMJudgeError,
+        match=rf"The judge 'tiny-judge' at {judge.base_url}/chat/completions replied with something other "
+        r"than a number alone: 'I cannot rate this.'.*set on_parse_failure",
+    ):
         VLMJudgeReward(judge.base_url, MODEL, score="number")(images_with_red([0.3]), ["a"])
-    scores = VLMJudgeReward(judge.base_url, MODEL, score="number", unparsable_score=-1.0)(images_with_red([0.3]), ["a"])
-    assert scores.tolist() == [-1.0]
-    judge.reply = "Score: 12"
-    with pytest.raises(VLMJudgeError, match=r"12.0 lies outside number_range \(0, 10\)"):
+    judge.reply = "12"
+    with pytest.raises(VLMJudgeError, match=r"replied 12, outside number_range \(0.0, 10.0\): '12'"):
         VLMJudgeReward(judge.base_url, MODEL, score="number", number_range=(0, 10))(images_with_red([0.3]), ["a"])
+    judge.reply = "x" * 500  # a long reply is quoted in part
+    with pytest.raises(VLMJudgeError, match=r": 'x{200}'\.\.\.\. Make question_template"):
+        VLMJudgeReward(judge.base_url, MODEL, score="number")(images_with_red([0.3]), ["a"])
+
+
+def test_the_default_number_question_asks_for_the_number_alone_on_its_range(judge):
+    images = images_with_red([0.2, 0.7])
+    reward = VLMJudgeReward(judge.base_url, MODEL, score="number")
+    torch.testing.assert_close(reward(images, PROMPTS[:2]), 10 * expected_red(images), rtol=1e-5, atol=1e-5)
+    assert reward.question_template == DEFAULT_NUMBER_QUESTION and reward.number_range == (0.0, 10.0)
+    texts = [part["text"] for body in judge.requests for part in body["messages"][-1]["content"] if "text" in part]
+    assert sorted(texts) == sorted(DEFAULT_NUMBER_QUESTION.format(prompt=p) for p in PROMPTS[:2])
+    assert VLMJudgeReward(judge.base_url, MODEL, "Rate {prompt} from 1 to 100.", score="number").number_range is None
+
+
+# The issue's cases (issue 18, section 6). A reply in the wrong form is a parse failure: raised by default,
+# or scored with on_parse_failure and counted in parse_failures.
+@pytest.mark.parametrize(
+    "reply, number_range",
+    [
+        ("I'm sorry\u2026 2 reasons", None),  # scored 2.0 by the first-number parser
+        ("On 2024-01-01 I rate it 9", (0, 10)),  # scored 2024.0, even with the range
+        ("Score: 7 out of 10", (0, 10)),  # a number inside text: not the format the question asks for
+        ("8/10", (0, 10)),
+        ("-1", (0, 10)),
+        ("", None),
+    ],
+)
+def test_number_replies_in_another_form_are_parse_failures(judge, reply, number_range):
+    judge.reply = reply
+    question = "Rate {prompt} from 0 to 10. Answer with the number only."
+    strict = VLMJudgeReward(judge.base_url, MODEL, question, score="number", number_range=number_range)
+    with pytest.raises(
+        VLMJudgeError, match=rf"at {judge.base_url}/chat/completions replied .*: {re.escape(repr(reply))}\."
+    ):
+        strict(images_with_red([0.3]), ["a"])
+    assert strict.parse_failures == 1
+    lenient = VLMJudgeReward(
+        judge.base_url, MODEL, question, score="number", number_range=number_range, on_parse_failure=-1.0
+    )
+    assert lenient(images_with_red([0.3, 0.6]), ["a", "b"]).tolist() == [-1.0, -1.0]
+    assert lenient.parse_failures == 2
+
+
+@pytest.mark.parametrize("reply", ["7", " 7.5\n", "7.", "+3", ".5", "10"])
+def test_a_number_alone_within_the_range_is_the_score(judge, reply):
+    judge.reply = reply
+    reward = VLMJudgeReward(judge.base_url, MODEL, score="number", number_range=(0, 10))
+    assert reward(images_with_red([0.3]), ["a"]).tolist() == [float(reply)]
+    assert reward.parse_failures == 0
+
+
+def test_the_deprecated_unparsable_score_sets_the_fallback(judge):
+    judge.reply = "no idea"
+    with pytest.warns(FutureWarning, match="use on_parse_failure"):
+        reward = VLMJudgeReward(judge.base_url, MODEL, score="number", unparsable_score=-2.0)
+    assert reward(images_with_red([0.3]), ["a"]).tolist() == [-2.0] and reward.parse_failures == 1
+
+
+def candidates(*pairs) -> list[dict]:
+    return [{"token": token, "logprob": logprob} for token, logprob in pairs]
+
+
+def normalized_yes(pairs) -> float:
+    """The reference: P(yes) as the softmax of the answer tokens' logprobs, each distinct token text once."""
+    answers = {}
+    for token, logprob in pairs:
+        if token.strip().lower() in ("yes", "no"):
+            answers[token] = max(answers.get(token, -math.inf), logprob)
+    logits = torch.tensor(list(answers.values()), dtype=torch.float64)
+    is_yes = torch.tensor([t.strip().lower() == "yes" for t in answers])
+    return torch.softmax(logits, 0)[is_yes].sum().item()
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("Yes", 5.0)],  # scored exp(5) = 148.4
+        [("Yes", 5.0), ("No", 0.0)],
+        [("Yes", 0.0), (" yes", 0.0), ("YES", 0.0)],  # scored 3.0
+        [("Yes", 0.0), (" yes", 0.0), ("YES", 0.0), ("No", 0.0)],
+        [("Yes", math.log(0.5)), ("Yes", math.log(0.5)), ("No", math.log(0.5))],  # a repeated entry counts once
+        [("No", math.log(0.9)), ("The", math.log(0.05)), (" yes", math.log(0.05))],  # other tokens do not count
+        [("Yes", 1000.0), ("No", 999.0)],  # would overflow exp
+        [("no", 0.0), ("Yes", -math.inf)],
+    ],
+)
+def test_yes_probability_is_a_probability_normalized_over_the_answer_tokens(judge, pairs):
+    judge.candidates = candidates(*pairs)
+    score = VLMJudgeReward(judge.base_url, MODEL)(images_with_red([0.3]), ["a"]).item()
+    assert 0.0 <= score <= 1.0
+    assert score == pytest.approx(normalized_yes(pairs), rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("pairs", [[("The", 0.0), ("A", -1.0)], [("Yes", -math.inf), ("No", -math.inf)]])
+def test_no_answer_token_among_the_candidates_is_a_parse_failure(judge, pairs):
+    judge.candidates = candidates(*pairs)
+    reward = VLMJudgeReward(judge.base_url, MODEL)
+    with pytest.raises(VLMJudgeError, match=r"gave no 'yes' or 'no' among the 2 answer candidates"):
+        reward(images_with_red([0.3]), ["a"])
+    fallback = VLMJudgeReward(judge.base_url, MODEL, on_parse_failure=0.0)
+    assert fallback(images_with_red([0.3]), ["a"]).tolist() == [0.0]
+    assert (reward.parse_failures, fallback.parse_failures) == (1, 1)
+
+
+def completion(message=None, logprobs=None) -> dict:
+    choice = {"index": 0, "message": message or {"role": "assistant", "content": "Yes"}, "finish_reason": "stop"}
+    if logprobs is not None:
+        choice["logprobs"] = logprobs
+    return {"id": "x", "object": "chat.completion", "choices": [choice]}
+
+
+def with_candidates(top) -> dict:
+    return completion(logprobs={"content": [{"token": "Yes", "logprob": 0.0, "top_logprobs": top}]})
+
+
+# Malformed answers are always errors (never parse failures) that name the endpoint and what is wrong.
+@pytest.mark.parametrize(
+    "score, payload, message",
+    [
+        ("yes_probability", with_candidates(candidates(("Yes", "-0.1"))), r"top_logprobs\[0\].logprob is '-0.1'"),
+        ("yes_probability", with_candidates(candidates(("Yes", None))), r"top_logprobs\[0\].logprob is None"),
+        ("yes_probability", with_candidates([{"token": "Yes"}]), r"top_logprobs\[0\].logprob is None"),
+        ("yes_probability", with_candidates([{"logprob": 0.0}]), r"top_logprobs\[0\].token is None"),
+        ("yes_probability", with_candidates(candidates(("Yes", math.nan))), r"logprob is nan, not a log-prob"),
+        ("yes_probability", with_candidates(["Yes"]), r"top_logprobs\[0\] is a str, not an object"),
+        ("yes_probability", with_candidates("Yes: -0.1"), r"content\[0\].top_logprobs is a str, not a list"),
+        ("yes_probability", completion(logprobs={"content": {"token": "Yes"}}), r"logprobs.content is a dict"),
+        ("yes_probability", completion(logprobs={"content": ["Yes"]}), r"logprobs.content\[0\] is a str"),
+        ("yes_probability", completion(logprobs="Yes"), r"choices\[0\].logprobs is a str, not an object"),
+        ("number", completion({"role": "assistant", "content": [{"type": "text", "text": "7"}]}), r"is a list"),
+        ("number", completion({"role": "assistant", "content": 7}), r"message.content is a int, not a string"),
+        ("number", {"choices": [{"index": 0}]}, r"choices\[0\].message is NoneType, not an object"),
+        ("number", {"choices": ["7"]}, r"did not answer like a chat-completions endpoint \(choices\[0\] is a str"),
+        ("number", {"choices": []}, r"did not answer like a chat-completions endpoint \(it has no 'choices' list"),
+        ("number", {"object": "list", "data": []}, r"did not answer like a chat-completions endpoint"),
+        ("number", ["7"], r"did not answer like a chat-completions endpoint"),
+    ],
+)
+def test_malformed_answers_are_clear_errors_naming_the_endpoint(judge, score, payload, message):
+    judge.payload = payload
+    reward = VLMJudgeReward(judge.base_url, MODEL, score=score, on_parse_failure=0.5)
+    with pytest.raises(VLMJudgeError, match=rf"{judge.base_url}/chat/completions .*{message}"):
+        reward(images_with_red([0.3]), ["a"])
+    assert reward.parse_failures == 0
+
+
+def test_an_answer_that_is_not_json_is_a_clear_error(judge):
+    judge.payload = b"<html>502 Bad Gateway</html>"
+    with pytest.raises(VLMJudgeError, match=r"did not answer like a chat-completions endpoint.*<html>502"):
+        VLMJudgeReward(judge.base_url, MODEL)(images_with_red([0.3]), ["a"])
 
 
 def test_requests_in_flight_stay_within_max_concurrency(judge):
@@ -263,14 +429,23 @@ def test_bad_arguments_and_templates_are_refused():
 
 def test_score_parsers():
     assert yes_probability(
-        [
-            {"token": " YES", "logprob": math.log(0.5)},
-            {"token": "yes", "logprob": math.log(0.25)},
-            {"token": "No", "logprob": math.log(0.25)},
-        ]
+        candidates((" YES", math.log(0.5)), ("yes", math.log(0.25)), ("No", math.log(0.25)))
     ) == pytest.approx(0.75)
-    assert yes_probability([{"token": "No", "logprob": 0.0}]) == 0.0
-    assert first_number("Score: 7.5/10") == 7.5 and first_number("-3") == -3.0 and first_number("none") is None
+    assert yes_probability(candidates(("No", 0.0))) == 0.0
+    assert yes_probability(candidates(("\u2581Yes", 0.0), ("\u0120no", 0.0))) == pytest.approx(0.5)  # tokenizer marks
+    assert yes_probability(candidates(("Maybe", 0.0))) is None and yes_probability([]) is None
+    assert number_answer("7.5") == 7.5 and number_answer(" -3\n") == -3.0
+    for reply in ("Score: 7.5/10", "7.5/10", "none", "1e3", "nan", "inf", "7 7", "2024-01-01", "- 3"):
+        assert number_answer(reply) is None, reply
+
+
+def test_bad_policy_and_range_arguments_are_refused():
+    for policy in ("fallback", None, math.nan, True):
+        with pytest.raises(ValueError, match="on_parse_failure must be 'raise' or a finite number"):
+            VLMJudgeReward("http://127.0.0.1:1/v1", MODEL, on_parse_failure=policy)
+    for number_range in ((10, 0), (0, math.inf), (0,), ("a", "b")):
+        with pytest.raises(ValueError, match="number_range must be"):
+            VLMJudgeReward("http://127.0.0.1:1/v1", MODEL, score="number", number_range=number_range)
 
 
 def test_training_with_the_judge_as_reward(judge, tmp_path):
@@ -278,3 +453,10 @@ def test_training_with_the_judge_as_reward(judge, tmp_path):
     history = tiny_trainer(tmp_path, [reward], max_steps=1).train().log_history
     assert 0.0 <= history[0]["reward/vlm_judge/mean"] <= 1.0
     assert len(judge.requests) == 2 * 4 * 4 + 2  # 2 prompts x 4 merged steps x G=4 rollouts, plus 2 anchors
+
+
+def test_the_trainer_logs_the_judges_parse_failures(judge, tmp_path):
+    judge.reply = "I would rather not say"
+    reward = VLMJudgeReward(judge.base_url, MODEL, score="number", on_parse_failure=0.0, max_concurrency=4)
+    history = tiny_trainer(tmp_path, [reward], max_steps=1).train().log_history
+    assert history[0]["reward/vlm_judge/parse_failures"] == len(judge.requests) == 2 * 4 * 4 + 2

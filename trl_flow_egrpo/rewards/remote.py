@@ -9,7 +9,19 @@ from collections.abc import Sequence
 import torch
 
 from ..serve.protocol import CONTENT_TYPE, TOKEN_ENV, decode_scores, encode_request, quantize
-from ._http import HttpClient, Response, check_retry_settings, with_retries
+from ._http import (
+    HttpClient,
+    Response,
+    ResponseTooLargeError,
+    check_max_response_bytes,
+    check_retry_settings,
+    check_secret,
+    resolve_total_timeout,
+    with_retries,
+)
+
+DEFAULT_MAX_RESPONSE_BYTES = 1 << 24
+"""16 MiB: far above a scores answer (a few dozen bytes per image), far below what could exhaust memory."""
 
 
 class RemoteRewardError(RuntimeError):
@@ -26,21 +38,28 @@ class RemoteReward:
 
     Batches larger than the server's limits (``/health``: images and bytes per request) are split into
     several requests. Connection errors, timeouts and the statuses 429/500/502/503/504 are retried
-    ``retries`` times, waiting ``backoff``, ``2 backoff``, ``4 backoff``... seconds; then a
-    :class:`RemoteRewardError` names the URL and the last failure. It is thread-safe (one connection per
-    thread), so it works with ``async_rewards=True``.
+    ``retries`` times, waiting ``backoff``, ``2 backoff``, ``4 backoff``... seconds, as long as the call stays
+    within ``total_timeout``; then a :class:`RemoteRewardError` names the URL and the last failure. It is
+    thread-safe (one connection per thread), so it works with ``async_rewards=True``. The token never appears
+    in its repr or its errors.
 
     Args:
-        url: the server's base URL, e.g. ``"http://127.0.0.1:8711"``.
+        url: the server's base URL, e.g. ``"http://127.0.0.1:8711"``. Credentials in it
+            (``http://user:pw@host``) are refused: the token goes in ``token`` or the environment.
         token: the bearer token the server was started with; ``None`` reads ``$TRL_EGRPO_REWARD_TOKEN``
             (no token if unset).
-        timeout: seconds to wait for a connection and for each response.
+        timeout: seconds one request may take in all: connecting, sending the images and reading the whole
+            answer (a server that answers byte by byte cannot stretch it).
         retries: how many times a failed request is retried.
         backoff: seconds before the first retry; doubled for each further one (at most 30).
         name: the name logged for this reward; ``None`` takes the served reward's name from ``/health``
             (asked the first time the name is needed, e.g. when the trainer is built).
         encoding: ``"raw"`` (default: uint8 arrays, fastest on fast links) or ``"png"`` (lossless, smaller on
             slow links, costs CPU time on both sides).
+        total_timeout: seconds one request may take with all its retries and backoff waits; no retry starts
+            that would end past it. ``None``: ``2 * timeout``.
+        max_response_bytes: the largest answer accepted (default 16 MiB); a larger one is an error naming the
+            URL and the cap.
     """
 
     def __init__(
@@ -52,13 +71,26 @@ class RemoteReward:
         backoff: float = 1.0,
         name: str | None = None,
         encoding: str = "raw",
+        total_timeout: float | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ):
         check_retry_settings(timeout, retries, backoff)
+        self.total_timeout = resolve_total_timeout(total_timeout, timeout)
+        check_max_response_bytes(max_response_bytes)
         if encoding not in ("raw", "png"):
             raise ValueError(f"encoding must be 'raw' or 'png', got {encoding!r}.")
         token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        if token:
+            check_secret(token, f"The token (token= or ${TOKEN_ENV})")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = HttpClient(url.rstrip("/").removesuffix("/score"), timeout, headers)
+        self._has_token = bool(token)
+        self._client = HttpClient(
+            str(url).rstrip("/").removesuffix("/score"),
+            timeout,
+            headers,
+            max_response_bytes,
+            credential_hint=f"token= or ${TOKEN_ENV}",
+        )
         self.url, self.retries, self.backoff, self.encoding = self._client.base_url, retries, backoff, encoding
         self._name, self._info = name, None
         self._lock = threading.Lock()
@@ -143,12 +175,20 @@ class RemoteReward:
             return RemoteRewardError(
                 f"Remote reward at {url} failed after {attempts} attempt(s) ({problem}). Check "
                 "that the reward server (trl-flow-egrpo serve-reward) is running and reachable "
-                "from here; raise retries/backoff to ride out restarts."
+                "from here; raise retries/backoff (and total_timeout) to ride out restarts, or timeout for "
+                "slow answers."
             )
 
-        response = with_retries(
-            lambda: self._client.request(method, path, body, headers), self.retries, self.backoff, give_up
-        )
+        try:
+            response = with_retries(
+                lambda deadline: self._client.request(method, path, body, headers, deadline),
+                self.retries,
+                self.backoff,
+                give_up,
+                self.total_timeout,
+            )
+        except ResponseTooLargeError as error:
+            raise RemoteRewardError(f"Remote reward: {error}") from error
         if response.status == 401:
             raise RemoteRewardError(
                 f"Remote reward at {url} refused the token (HTTP 401: {response.detail()}). The "
@@ -162,4 +202,5 @@ class RemoteReward:
         return response
 
     def __repr__(self) -> str:
-        return f"RemoteReward({self.url!r}, name={self._name!r})"
+        token = ", token=***" if self._has_token else ""
+        return f"RemoteReward({self.url!r}, name={self._name!r}{token})"
