@@ -43,7 +43,6 @@ def sd3_trainer(output_dir, pipeline=None, **overrides) -> EGRPOTrainer:
         num_generations=6,
         prompts_per_device=2,
         guidance_scale=1.0,
-        negative_prompt=NEGATIVE,
         mixed_precision="no",
         learning_rate=3e-2,
         clip_range=1e-2,
@@ -57,6 +56,8 @@ def sd3_trainer(output_dir, pipeline=None, **overrides) -> EGRPOTrainer:
         seed=0,
     )
     values.update(overrides)
+    if values["guidance_scale"] > 1:  # the negative prompt is used only with classifier-free guidance
+        values.setdefault("negative_prompt", NEGATIVE)
     return EGRPOTrainer(
         EGRPOConfig(**values),
         pipeline or build_tiny_sd3_pipeline(seed=0),

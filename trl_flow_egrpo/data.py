@@ -174,13 +174,17 @@ def as_prompt_dataset(data, prompt_column: str = "prompt", role: str = "train_da
     indexable collection of dicts) is kept; a list of prompt strings, or of dicts, becomes a ``Dataset``.
 
     Raises:
-        ValueError: empty data, rows that are neither strings nor dicts, or no ``prompt_column``; the message
-            names ``role`` and the fix.
+        ValueError: empty data, rows that are neither strings nor dicts, no ``prompt_column``, or a prompt that is
+            not a string (None, a number; :func:`check_prompt_values`); the message names ``role`` and the fix.
     """
     if isinstance(data, (list, tuple)):
-        if data and all(isinstance(row, str) for row in data):
+        # Prompt strings with a few Nones or numbers among them: name the first bad row.
+        if any(isinstance(row, str) for row in data) and not any(isinstance(row, dict) for row in data):
+            check_prompt_values(data, f"{role} (a list of prompts)", prompt_column)
             data = datasets.Dataset.from_dict({prompt_column: list(data)})
         elif data and all(isinstance(row, dict) for row in data):
+            if all(prompt_column in row for row in data):  # before Arrow, which fails on mixed types unhelpfully
+                check_prompt_values([row[prompt_column] for row in data], role, prompt_column)
             data = datasets.Dataset.from_list(list(data))
         elif data:
             kinds = sorted({type(row).__name__ for row in data})
@@ -207,7 +211,36 @@ def as_prompt_dataset(data, prompt_column: str = "prompt", role: str = "train_da
             f"{role} has no prompt column '{prompt_column}' (columns: {columns}). Rename the column "
             f"(dataset.rename_column(..., '{prompt_column}')) or set EGRPOConfig.prompt_column."
         )
+    check_prompt_values(_column_values(data, prompt_column), role, prompt_column)
     return data
+
+
+def _column_values(data, column: str):
+    """The values of ``column`` in every row of ``data``: read as one column from a ``datasets.Dataset`` (fast),
+    row by row from any other indexable collection of dicts."""
+    if isinstance(data, datasets.Dataset):
+        return list(data[column])
+    return [data[index][column] for index in range(len(data))]
+
+
+def check_prompt_values(prompts, role: str, prompt_column: str) -> None:
+    """Every prompt must be a string: a None (an empty cell) or a number would reach the text encoders and fail
+    deep inside a tokenizer mid-run, or be encoded as its text ("None").
+
+    Raises:
+        ValueError: naming ``role``, the column, the first bad row's index and value, how many rows are bad, and
+            the fix.
+    """
+    bad = [index for index, prompt in enumerate(prompts) if not isinstance(prompt, str)]
+    if bad:
+        first = bad[0]
+        raise ValueError(
+            f"{role}: the prompt in column '{prompt_column}' of row {first} is {prompts[first]!r} "
+            f"({type(prompts[first]).__name__}), not a string ({len(bad)} of {len(prompts)} rows are not strings). "
+            "Every prompt must be a string: drop or fill those rows, e.g. "
+            f"dataset.filter(lambda row: isinstance(row['{prompt_column}'], str)), or choose the column of text "
+            "prompts with EGRPOConfig.prompt_column."
+        )
 
 
 @functools.lru_cache(maxsize=4)

@@ -20,6 +20,16 @@ def reward_name(reward_fn: Callable) -> str:
     return getattr(reward_fn, "__name__", None) or type(reward_fn).__name__
 
 
+def reward_parse_failures(reward_fns: Sequence[Callable], names: Sequence[str]) -> dict[str, int]:
+    """The replies each reward could not parse so far, by reward name, for the rewards that count them (an integer
+    ``parse_failures`` attribute, as :class:`~trl_flow_egrpo.rewards.VLMJudgeReward` has); the trainer logs them
+    as ``reward/<name>/parse_failures``."""
+    counts = {
+        name: getattr(reward_fn, "parse_failures", None) for reward_fn, name in zip(reward_fns, names, strict=True)
+    }
+    return {name: count for name, count in counts.items() if isinstance(count, int) and not isinstance(count, bool)}
+
+
 def unique_reward_names(reward_fns: Sequence[Callable]) -> list[str]:
     """Reward names made unique by suffixing repeats (``clip``, ``clip_1``, ...)."""
     names, seen = [], {}
@@ -54,8 +64,9 @@ def call_reward(
     (CPU).
 
     Raises:
-        ValueError: naming the reward, when it returns the wrong number of values, non-numbers, NaN or inf, or
-            fails on videos (an image reward handed videos: the message points to FrameAverageReward).
+        ValueError: naming the reward, when it returns the wrong number of values, non-numbers, NaN or inf, a
+            tensor on the meta device (no values), or fails on videos (an image reward handed videos: the message
+            points to FrameAverageReward).
     """
     try:
         values = reward_fn(images, prompts, **columns)
@@ -75,6 +86,12 @@ def call_reward(
     if isinstance(values, torch.Tensor):
         if values.is_complex():
             raise not_numbers
+        if values.is_meta:
+            raise ValueError(
+                f"Reward '{name}' returned a tensor on the meta device, which holds no values: its model's weights "
+                "were never loaded (e.g. built under init_empty_weights or with a device_map that left them on "
+                "'meta'). Load the reward model's weights onto a real device (CPU or GPU) before training."
+            )
         values = values.detach().to(device="cpu", dtype=torch.float32)
     else:
         try:

@@ -76,6 +76,10 @@ class ModelAdapter(ABC):
     """The guidance used when ``guidance_scale`` is None."""
     default_max_shift: ClassVar[float] = 1.15
     """``max_shift`` of a dynamically shifting scheduler whose config omits it (as the family's pipeline)."""
+    supports_negative_prompt: ClassVar[bool] = True
+    """Whether the family's pipeline can have a negative-prompt pass (classifier-free guidance). False for a
+    guidance-distilled family without one (FLUX.1): the trainer then refuses a ``negative_prompt`` rather than
+    ignore it."""
     is_video: ClassVar[bool] = False
     """Whether the family generates videos: its adapter then takes ``num_frames`` and decodes ``[B, F, 3, H, W]``."""
 

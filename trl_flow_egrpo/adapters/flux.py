@@ -37,6 +37,7 @@ class FluxAdapter(ModelAdapter):
     )
     default_guidance_scale = 3.5
     default_max_shift = 1.15
+    supports_negative_prompt = False  # guidance-distilled: guidance_scale is an embedding, one pass per step
 
     def __init__(
         self,
