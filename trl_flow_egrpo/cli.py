@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from .serve.protocol import TOKEN_ENV
+from .serve.protocol import DEFAULT_REQUEST_TIMEOUT, MIN_TOKEN_LENGTH, TOKEN_ENV, check_token
 
 DEFAULT_PORT = 8711
 
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=TOKEN_ENV,
         metavar="VAR",
         help=f"environment variable holding the bearer token clients must send (default {TOKEN_ENV}); "
-        "unset or empty: no token",
+        f"unset or empty: no token; at least {MIN_TOKEN_LENGTH} visible ASCII characters, no whitespace",
     )
     serve.add_argument(
         "--max-request-mb",
@@ -76,7 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=int,
         default=64,
-        help="concurrent connections served; beyond it requests get 503 and clients retry (default 64)",
+        help="requests handled at once; beyond it requests get 503 and clients retry (default 64). Open "
+        "connections that have not sent a request do not count",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT,
+        metavar="SECONDS",
+        help="a connection that has not sent a complete request head (request line and headers) this many seconds "
+        "after opening, or after the first byte of its next request, is closed; a request body that stalls "
+        f"this long gets 408 (default {DEFAULT_REQUEST_TIMEOUT:g})",
     )
     serve.add_argument(
         "--no-warmup",
@@ -107,7 +117,14 @@ def serve_reward(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
             parser.error(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}.")
     if not args.max_request_mb > 0:
         parser.error(f"--max-request-mb must be > 0, got {args.max_request_mb}.")
+    if not 0 < args.request_timeout < float("inf"):
+        parser.error(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}.")
     token = os.environ.get(args.token_env) or None
+    if token is not None:
+        try:
+            check_token(token)
+        except ValueError as error:
+            parser.error(f"${args.token_env}: {error}")
     if token is None and not server.is_loopback(args.host) and not args.insecure_no_token:
         parser.error(
             f"--host {args.host} accepts connections from other machines, so the server needs a token: set "
@@ -136,6 +153,7 @@ def serve_reward(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         max_request_bytes=int(args.max_request_mb * 1e6),
         max_images=args.max_batch,
         max_connections=args.max_connections,
+        request_timeout=args.request_timeout,
         log_level=args.log_level,
     )
 

@@ -26,8 +26,9 @@ class RewardServerProcess:
         name: the reward: a built-in name or ``module:callable`` (see ``serve-reward --help``).
         *args: more command-line options, e.g. ``"--device", "cuda:1", "--reward-kwargs", '{"dtype": "float16"}'``.
         port: the port; 0 (default) picks a free one.
-        token: the bearer token the server requires, passed in its environment (never on the command line,
-            where other users of the machine could read it); None requires none.
+        token: the bearer token the server requires (at least 16 visible ASCII characters, no whitespace),
+            passed in its environment (never on the command line, where other users of the machine could read
+            it); None requires none.
         log_dir: where the server's output goes (default: a new temporary directory).
         env: extra environment variables for the server (e.g. ``{"CUDA_VISIBLE_DEVICES": "1"}``).
         startup_timeout: seconds :meth:`ready` waits for the server to listen.

@@ -35,7 +35,17 @@ PROTOCOL_VERSION = 1
 CONTENT_TYPE = "application/x-trl-egrpo-images"
 TOKEN_ENV = "TRL_EGRPO_REWARD_TOKEN"
 """The environment variable that holds the bearer token, on the server and (by default) on the client."""
+DEFAULT_REQUEST_TIMEOUT = 5.0
+"""Seconds a server connection has to send a complete request head, and the longest a request body may stall
+(``serve-reward --request-timeout``)."""
+MIN_TOKEN_LENGTH = 16
+"""The fewest characters a bearer token may have (``openssl rand -hex 16`` gives 32)."""
 ENCODINGS = ("raw", "png")
+RESERVED_COLUMNS = ("images", "prompts")
+"""Column names a request cannot use: the reward receives the images and prompts under these names."""
+MAX_HEADER_DEPTH = 32
+"""The deepest nesting of lists and objects a request header may have (a dataset column of lists of lists
+is 5 levels deep); deeper headers are refused before they reach the reward."""
 _LENGTH = struct.Struct(">I")
 
 
@@ -71,6 +81,25 @@ def dequantize(images: torch.Tensor, device: torch.device | str | None = None) -
     return images.to(device).float() / 255
 
 
+def check_token(token: str) -> None:
+    """Check a bearer token: at least :data:`MIN_TOKEN_LENGTH` visible ASCII characters, no whitespace.
+
+    Shorter tokens can be guessed; whitespace cannot travel in an ``Authorization`` header unchanged (HTTP
+    strips it around the value, so a server holding it would match no client); other characters are not
+    sent alike by every HTTP client.
+
+    Raises:
+        ValueError: naming the rule the token breaks (never the token) and how to make a good one.
+    """
+    fix = "Make one with `openssl rand -hex 16` or `python -c 'import secrets; print(secrets.token_hex(16))'`."
+    if any(character.isspace() for character in token):
+        raise ValueError(f"The token contains whitespace, which HTTP does not carry unchanged. {fix}")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ValueError(f"The token has {len(token)} characters; it needs at least {MIN_TOKEN_LENGTH}. {fix}")
+    if not all("!" <= character <= "~" for character in token):
+        raise ValueError(f"The token must be visible ASCII characters only (letters, digits, punctuation). {fix}")
+
+
 # ---------------------------------------------------------------------------------------------- encoding
 
 
@@ -84,6 +113,9 @@ def encode_request(
     """
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}.")
+    reserved = [name for name in columns if name in RESERVED_COLUMNS]
+    if reserved:
+        raise ValueError(_reserved_message(reserved))
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(
             f"encode_request needs uint8 images [B, 3, H, W] (see quantize), got {images.dtype} {tuple(images.shape)}."
@@ -160,8 +192,12 @@ def decode_request(body: bytes, max_images: int, max_pixel_bytes: int) -> ScoreB
         header = json.loads(body[prefix : prefix + header_length])
     except ValueError as error:
         raise ProtocolError(f"The header is not valid JSON ({error}).") from error
+    except RecursionError as error:  # json nests one Python call per level
+        raise ProtocolError(_too_deep_message()) from error
     if not isinstance(header, dict):
-        raise ProtocolError("The header must be a JSON object.")
+        raise ProtocolError(f"The header must be a JSON object, got {type(header).__name__}.")
+    if nesting_depth(header) > MAX_HEADER_DEPTH:
+        raise ProtocolError(_too_deep_message())
     payload = memoryview(body)[prefix + header_length :]
     batch, height, width = _check_header(header, max_images, max_pixel_bytes)
     if header["encoding"] == "raw":
@@ -207,8 +243,41 @@ def _check_header(header: dict, max_images: int, max_pixel_bytes: int) -> tuple[
     columns = header.get("columns", {})
     if not isinstance(columns, dict) or not all(isinstance(v, list) and len(v) == batch for v in columns.values()):
         raise ProtocolError(f"columns must map each column name to a list of {batch} values (one per image).")
+    reserved = [name for name in columns if name in RESERVED_COLUMNS]
+    if reserved:
+        raise ProtocolError(_reserved_message(reserved))
     header["columns"] = columns
     return batch, height, width
+
+
+def nesting_depth(value) -> int:
+    """How deeply lists and dicts nest in a decoded JSON ``value`` (a scalar: 0, ``[]``: 1, ``[[1]]``: 2),
+    counted level by level, without recursion."""
+    depth, level = 0, [value]
+    while True:
+        containers = [item for item in level if isinstance(item, (list, dict))]
+        if not containers:
+            return depth
+        depth += 1
+        level = [child for container in containers for child in _children(container)]
+
+
+def _children(container: list | dict) -> list:
+    return list(container.values()) if isinstance(container, dict) else container
+
+
+def _too_deep_message() -> str:
+    return (
+        f"The header nests lists and objects more than {MAX_HEADER_DEPTH} levels deep. Send dataset columns "
+        "as flat values or shallow lists."
+    )
+
+
+def _reserved_message(names: list[str]) -> str:
+    return (
+        f"Column name(s) {names} cannot be sent: the reward receives the images and prompts under the names "
+        f"{list(RESERVED_COLUMNS)}. Rename or drop the column(s)."
+    )
 
 
 def _decode_raw(payload: memoryview, batch: int, height: int, width: int) -> torch.Tensor:

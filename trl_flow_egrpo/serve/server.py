@@ -11,9 +11,11 @@ column names) into one call, up to ``batch_size`` images, so concurrent requests
 request larger than ``batch_size`` is scored in chunks. If a merged call fails, its requests are scored one
 by one, so one bad request never fails another's.
 
-Errors never stop the server: a body that is not a valid request gets 400, one over the limits 413, a
-missing or wrong token 401, a reward that rejects its input (``ValueError``, including wrong or non-finite
-scores) 422, and any other failure of the reward 500; each with ``{"detail": message}``.
+Errors never stop the server: a body that is not a valid request gets 400, one over the limits 413, a body
+that stalls 408, a missing or wrong token 401, a reward that rejects its input (``ValueError``, including
+wrong or non-finite scores) 422, more requests at once than ``--max-connections`` 503, and any other failure
+of the reward 500; each with ``{"detail": message}``. Connections that send no complete request head within
+the request timeout are closed (:mod:`.guards`).
 """
 
 # No "from __future__ import annotations": FastAPI reads the route handlers' annotations at runtime, and
@@ -34,7 +36,15 @@ import torch
 
 from .. import __version__
 from ..scoring import call_reward, reward_name
-from .protocol import PROTOCOL_VERSION, ProtocolError, ScoreBatch, decode_request, dequantize
+from .protocol import (
+    DEFAULT_REQUEST_TIMEOUT,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    ScoreBatch,
+    check_token,
+    decode_request,
+    dequantize,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -226,15 +236,29 @@ def _merge(batches: list[ScoreBatch]) -> ScoreBatch:
 # ---------------------------------------------------------------------------------------------- HTTP
 
 
-def create_app(scorer: BatchScorer, *, token: str | None, max_request_bytes: int, max_images: int):
+def create_app(
+    scorer: BatchScorer,
+    *,
+    token: str | None,
+    max_request_bytes: int,
+    max_images: int,
+    body_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+):
     """The FastAPI application serving ``scorer``.
 
     Args:
         scorer: the reward and its worker.
-        token: the bearer token every request must carry, or None for none (loopback-only use).
+        token: the bearer token every request must carry (see :func:`~.protocol.check_token`), or None for
+            none (loopback-only use).
         max_request_bytes: the most bytes a request body, and its decoded images, may take.
         max_images: the most images per request.
+        body_timeout: the longest a request body may stall (no bytes arriving) before the request gets 408.
+
+    Raises:
+        ValueError: the token breaks the rules of :func:`~.protocol.check_token`.
     """
+    if token is not None:
+        check_token(token)
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import JSONResponse
@@ -256,7 +280,9 @@ def create_app(scorer: BatchScorer, *, token: str | None, max_request_bytes: int
     }
 
     def error(status: int, message: str) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+        if status == 408:  # a client that stalled its body: do not wait for the rest on this connection
+            headers["Connection"] = "close"
         return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
     @app.get("/health")
@@ -270,7 +296,7 @@ def create_app(scorer: BatchScorer, *, token: str | None, max_request_bytes: int
         if problem:
             return error(401, problem)
         try:
-            body = await read_body(request, max_request_bytes)
+            body = await read_body(request, max_request_bytes, body_timeout)
             batch = await asyncio.to_thread(decode_request, body, max_images, max_request_bytes)
         except ProtocolError as refused:
             return error(refused.status, str(refused))
@@ -285,37 +311,57 @@ def create_app(scorer: BatchScorer, *, token: str | None, max_request_bytes: int
 
 def authorization_problem(header: str | None, token: str | None) -> str | None:
     """Why the ``Authorization`` header does not carry ``token`` (compared in constant time), or None if it does
-    (or no token is required)."""
+    (or no token is required).
+
+    The header is ``Bearer`` and the token, separated by spaces (RFC 6750). The token is taken as sent, never
+    stripped or otherwise changed: tokens hold no whitespace (:func:`~.protocol.check_token`), so a client
+    sending the server's token always matches.
+    """
     if token is None:
         return None
-    scheme, _, supplied = (header or "").partition(" ")
+    parts = (header or "").split(" ")
+    scheme, supplied = parts[0], [part for part in parts[1:] if part]  # RFC 6750 allows several spaces
     if scheme.lower() != "bearer" or not supplied:
         return (
             "This reward server requires a bearer token and the request carries none: pass token= to "
             "RemoteReward or set the client's TRL_EGRPO_REWARD_TOKEN."
         )
-    if not hmac.compare_digest(supplied.strip().encode(), token.encode()):
+    if len(supplied) > 1 or not hmac.compare_digest(supplied[0].encode(), token.encode()):
         return "The bearer token is wrong: use the token the server was started with."
     return None
 
 
-async def read_body(request, limit: int) -> bytes:
+async def read_body(request, limit: int, stall_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> bytes:
     """The request body, refused with a 413 :class:`ProtocolError` as soon as it exceeds ``limit`` bytes (by its
-    declared length, or while it streams in)."""
+    declared length, or while it streams in), and with a 408 one when no bytes arrive for ``stall_timeout``
+    seconds (a client holding a request open without sending its body)."""
+    from starlette.requests import ClientDisconnect  # starlette comes with FastAPI
+
     declared = request.headers.get("content-length")
     too_big = ProtocolError(
         f"The request body is larger than this server's limit of {limit} bytes "
         "(--max-request-mb). Send fewer or smaller images per request.",
         status=413,
     )
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise too_big
-    body = bytearray()
-    async for chunk in request.stream():
+    body, chunks = bytearray(), request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), stall_timeout)
+        except StopAsyncIteration:
+            return bytes(body)
+        except TimeoutError as error:
+            raise ProtocolError(
+                f"The request body stalled: no bytes for {stall_timeout} s (--request-timeout), after "
+                f"{len(body)} bytes.",
+                status=408,
+            ) from error
+        except ClientDisconnect as error:  # nobody reads the answer; a 400 instead of a logged 500 traceback
+            raise ProtocolError(f"The client disconnected after {len(body)} bytes of the body.") from error
         body.extend(chunk)
         if len(body) > limit:
             raise too_big
-    return bytes(body)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -360,16 +406,35 @@ def run(
     max_request_bytes: int,
     max_images: int,
     max_connections: int,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     log_level: str = "info",
 ) -> None:
-    """Serve ``scorer`` on the listening ``sock`` until interrupted (SIGINT / SIGTERM)."""
+    """Serve ``scorer`` on the listening ``sock`` until interrupted (SIGINT / SIGTERM).
+
+    Args:
+        max_connections: the most requests in progress at once; more get 503, which RemoteReward retries.
+        request_timeout: seconds a connection has to send a complete request head before it is closed, and the
+            longest its body may stall (408).
+        (the others: see :func:`create_app`.)
+    """
     try:
         import uvicorn
+
+        from .guards import RequestLimit, head_timeout_protocol
     except ImportError as error:
         raise ImportError(f"The reward server needs FastAPI and uvicorn: {SERVER_HINT}") from error
-    app = create_app(scorer, token=token, max_request_bytes=max_request_bytes, max_images=max_images)
-    # limit_concurrency answers 503 beyond it, which RemoteReward retries with backoff.
-    config = uvicorn.Config(app, log_level=log_level, limit_concurrency=max_connections, timeout_keep_alive=30)
+    app = create_app(
+        scorer, token=token, max_request_bytes=max_request_bytes, max_images=max_images, body_timeout=request_timeout
+    )
+    # Not uvicorn's limit_concurrency: it counts open connections, so clients that connect and send nothing
+    # would lock every real client out (503). RequestLimit counts requests; the protocol closes silent
+    # connections (see .guards).
+    config = uvicorn.Config(
+        RequestLimit(app, max_connections),
+        http=head_timeout_protocol(request_timeout),
+        log_level=log_level,
+        timeout_keep_alive=30,
+    )
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
