@@ -7,10 +7,16 @@ Works with ``transformers.HfArgumentParser`` and ``trl.TrlParser`` (YAML config 
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass, field
+import numbers
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
 
 from .acceleration import COMPILE_MODES
+from .redaction import redact
 
 
 def _doc(text: str, **kwargs):
@@ -21,6 +27,163 @@ QUANTIZATION_METHODS = (None, "int8-weight-only", "float8-weight-only", "nf4")
 """Values of ``EGRPOConfig.quantization`` (None: no quantization)."""
 OPTIMIZERS = ("adamw", "adamw_8bit")
 """Values of ``EGRPOConfig.optimizer``."""
+REWARD_WEIGHT_SUM_LIMIT = 1e6
+"""Largest allowed ``sum(|reward_weights|)``. Rewards are weighted and summed in float32 (largest value 3.4e38):
+below this limit the weighted sum stays finite for any reward up to 1e32 in magnitude, while weights like
+``[1e308, 1e308]`` overflow to inf and the advantages to NaN."""
+
+YAML_BOOLEAN_WORDS = {True: "yes, on and true", False: "no, off and false"}
+"""The unquoted words YAML 1.1 (PyYAML, hence TrlParser) reads as booleans instead of strings."""
+
+_BOOLEAN_MEANINGS = {"resume_from_checkpoint": {True: "true", False: None}}
+"""Fields whose documented values a YAML boolean stands for: ``resume_from_checkpoint: true`` is the documented
+'latest checkpoint', and ``false`` means not resuming."""
+
+
+@functools.cache
+def _field_annotations(cls: type) -> dict[str, object]:
+    """The resolved annotation of every dataclass field of ``cls`` (this module postpones annotations, so
+    ``Field.type`` holds strings)."""
+    hints = typing.get_type_hints(cls)
+    return {item.name: hints[item.name] for item in fields(cls)}
+
+
+def _union_members(annotation) -> tuple:
+    """The alternatives of ``X | Y`` / ``Optional[X]``, or ``(annotation,)``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _describe_type(annotation) -> str:
+    """``annotation`` in words for an error message: ``int``, ``float or None``, ``list of str or None``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(member) for member in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation) or (object,)
+        return f"list of {_describe_type(item)}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+_NO_MATCH = object()
+
+
+def _as_scalar(value, kind, lenient: bool):
+    """``value`` as the scalar type ``kind``, or ``_NO_MATCH``.
+
+    Strict: a bool only for bool (``"no"`` would be truthy), an integral number for int (not ``4.5``, not
+    ``"4"``, not a bool), a real number for float (an int is widened), a str for str. Lenient adds numbers for str
+    (YAML reads an unquoted ``merge: 4`` as an int). Annotations other than these are not checked."""
+    is_bool = isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy's bool is no Python bool
+    if kind is bool:
+        return bool(value) if is_bool else _NO_MATCH
+    if kind is int:
+        return int(value) if isinstance(value, numbers.Integral) and not is_bool else _NO_MATCH
+    if kind is float:
+        return float(value) if isinstance(value, numbers.Real) and not is_bool else _NO_MATCH
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        return str(value) if lenient and isinstance(value, numbers.Real) and not is_bool else _NO_MATCH
+    return value if not isinstance(kind, type) or isinstance(value, kind) else _NO_MATCH
+
+
+def _as_member(value, member, lenient: bool):
+    """``value`` as one alternative ``member`` of a field's annotation, or ``_NO_MATCH``. A ``list[X]`` takes a
+    list or tuple of X, and leniently a single X as a one-element list (YAML ``reward_weights: 1.0``)."""
+    if member is type(None):
+        return None if value is None else _NO_MATCH
+    if typing.get_origin(member) is not list:
+        return _as_scalar(value, member, lenient)
+    (item,) = typing.get_args(member) or (object,)
+    if isinstance(value, (list, tuple)):
+        items = [_as_scalar(element, item, lenient) for element in value]
+        return _NO_MATCH if any(element is _NO_MATCH for element in items) else items
+    if not lenient or isinstance(value, (dict, set, frozenset)):
+        return _NO_MATCH
+    element = _as_scalar(value, item, lenient)
+    return _NO_MATCH if element is _NO_MATCH else [element]
+
+
+def _type_hint(name: str, value, annotation) -> str:
+    """The likely cause and fix of a value of the wrong type, for the error message."""
+    members = _union_members(annotation)
+    takes_text = any(member is str or typing.get_args(member) == (str,) for member in members)
+    if isinstance(value, bool) and takes_text:
+        return (
+            f" YAML 1.1 (and so a --config file) reads the unquoted words {YAML_BOOLEAN_WORDS[value]} as the "
+            f'boolean {value}: quote the word you meant, e.g. {name}: "{"no" if value is False else "yes"}".'
+        )
+    if isinstance(value, str) and bool in members:
+        return " Pass True or False: a non-empty string such as 'no' is truthy and would turn it on."
+    if isinstance(value, str) and (int in members or float in members):
+        try:
+            number = float(value)
+        except ValueError:
+            return ""
+        if int in members and number.is_integer():
+            number = int(number)
+        hint = f" Pass the number itself, not a string: {name}={number!r}."
+        mantissa = value.lower().partition("e")[0]
+        if "e" in value.lower() and "." not in mantissa:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            hint += f" In YAML write {value.strip().lower().replace('e', '.0e', 1)}: YAML 1.1 reads {value} as text."
+        return hint
+    if isinstance(value, float) and int in members:
+        return " Pass a whole number."
+    return ""
+
+
+def coerce_field_types(config) -> None:
+    """Check every field of the dataclass ``config`` against its annotation, in place.
+
+    Derived from the annotations, so every field is covered: an ``int`` field refuses ``4.5``, ``"4"`` and
+    booleans; a ``float`` field takes ints (as floats) and refuses strings; a ``bool`` field takes only booleans
+    (``compile_transformer="no"`` would be truthy); ``X | None`` takes None; a ``list[X]`` field takes a list or
+    tuple of X, or one X as a one-element list (YAML ``lora_target_modules: to_q``); a ``str`` field takes a number
+    as its text (YAML ``merge: 4``). A YAML boolean in a field listed in ``_BOOLEAN_MEANINGS`` becomes the value
+    it stands for.
+
+    Raises:
+        ValueError: ``<field>=<value> (<type>) is not allowed: <field> must be <type>``, with the likely cause
+            (e.g. a YAML word read as a boolean) and the fix.
+    """
+    for name, annotation in _field_annotations(type(config)).items():
+        value = getattr(config, name)
+        if isinstance(value, bool) and name in _BOOLEAN_MEANINGS:
+            setattr(config, name, _BOOLEAN_MEANINGS[name][value])
+            continue
+        members = _union_members(annotation)
+        for lenient in (False, True):
+            matches = (_as_member(value, member, lenient) for member in members)
+            coerced = next((match for match in matches if match is not _NO_MATCH), _NO_MATCH)
+            if coerced is not _NO_MATCH:
+                break
+        if coerced is _NO_MATCH:
+            raise ValueError(
+                f"{name}={value!r} ({type(value).__name__}) is not allowed: {name} must be "
+                f"{_describe_type(annotation)}.{_type_hint(name, value, annotation)}"
+            )
+        setattr(config, name, coerced)
+
+
+def check_mixed_precision_on_device(mixed_precision: str, device_type: str) -> None:
+    """Refuse a mixed precision that accelerate would silently drop on ``device_type``.
+
+    On a CPU accelerate turns fp16 off without a word (no autocast: the run is float32 in full, slower than the
+    user planned and not what the config says), while bf16 autocasts. Measured with accelerate 1.16, torch 2.14:
+    ``Accelerator(mixed_precision="fp16")`` on CPU has ``native_amp=False`` and ``autocast()`` computes float32.
+
+    Raises:
+        ValueError: fp16 on a CPU, with the two settings that work.
+    """
+    if mixed_precision == "fp16" and device_type == "cpu":
+        raise ValueError(
+            "mixed_precision='fp16' is not allowed on a CPU: accelerate has no fp16 autocast there and would "
+            "silently train in float32. Set mixed_precision='bf16' (autocasts on CPUs) or 'no' (float32), or run "
+            "on a GPU."
+        )
 
 
 @dataclass
@@ -49,20 +212,68 @@ class EGRPOConfig:
     algorithm: str = _doc(
         "'e-grpo' (entropy-aware branching, the default), or a baseline of the GRPO family sharing everything "
         "else: 'flow-grpo' (G independent SDE trajectories per prompt), 'dance-grpo' (constant-noise SDE, one "
-        "initial noise per group, random steps trained), 'mix-grpo' (SDE only in a sliding window of steps).",
+        "initial noise per group, random steps trained), 'mix-grpo' (SDE only in a sliding window of steps), "
+        "'mix-grpo-flash' (MixGRPO with a compressed DPM-Solver++ 2M ODE after the window).",
         default="e-grpo",
     )
     timestep_fraction: float | None = _doc(
         "Flow-GRPO / DanceGRPO: the fraction of each trajectory's steps that is trained (Flow-GRPO: the first "
-        "ones; DanceGRPO: drawn at random per trajectory). None: the algorithm's default (0.99 / 0.6).",
+        "int(T * fraction) steps; DanceGRPO: int((T - 1) * fraction) steps drawn at random per trajectory from "
+        "the first T - 1, as its official code). None: the algorithm's default (0.99 / 0.6).",
         default=None,
     )
     dance_eta: float = _doc(
         "DanceGRPO: the constant diffusion coefficient eta of its SDE. DanceGRPO: 0.3.", default=0.3
     )
-    mix_window_size: int = _doc("MixGRPO: SDE (and trained) steps in the window. MixGRPO: 4.", default=4)
-    mix_shift_interval: int = _doc("MixGRPO: iterations between two moves of the window. MixGRPO: 25.", default=25)
-    mix_window_stride: int = _doc("MixGRPO: steps the window moves later each time. MixGRPO: 1.", default=1)
+    mix_window_size: int = _doc(
+        "MixGRPO: SDE (and trained) steps in the window; the window never covers the last two steps, so it is "
+        "shorter near the end of the schedule (as the official code). MixGRPO: 4.",
+        default=4,
+    )
+    mix_shift_interval: int | None = _doc(
+        "MixGRPO: iterations between two moves of the window. None: the algorithm's default (MixGRPO: 25, "
+        "MixGRPO-Flash: 20, as the official scripts).",
+        default=None,
+    )
+    mix_window_stride: int = _doc(
+        "MixGRPO: steps the window moves later each time (back to step 0 once it would start at step T - 2 or "
+        "later). 0 freezes the window at step 0 (MixGRPO-Flash*). MixGRPO: 1.",
+        default=1,
+    )
+    mix_flash_fraction: float = _doc(
+        "MixGRPO-Flash: share of the steps after the window that its DPM-Solver++ 2M ODE keeps: "
+        "max(1, int((n + 1) * fraction) - 1) of the n remaining intervals, evenly spaced in index, as the official "
+        "dpm_post_compress_ratio. Official: 0.4; 0.2 with the frozen window (mix_window_stride=0).",
+        default=0.4,
+    )
+    completion_solver: str = _doc(
+        "E-GRPO: the deterministic ODE that completes each rollout after its merged SDE step (METHOD.md 4b): "
+        "'euler' (the paper, the default) or 'dpmpp_2m' (DPM-Solver++ 2M in data prediction, the documented "
+        "efficient option with completion_steps_fraction < 1). The stochastic step, its log-probability, the merge "
+        "plan and the anchor do not change, so the on-policy ratio stays exactly 1.",
+        default="euler",
+    )
+    completion_steps_fraction: float = _doc(
+        "E-GRPO: share of the n remaining intervals a completion keeps, in (0, 1]: max(1, ceil(n * fraction)) "
+        "intervals evenly spaced in schedule index, always ending at sigma 0 (trl_flow_egrpo.solvers."
+        "completion_indices; METHOD.md 4b). 1 = every step. Below 1 use completion_solver='dpmpp_2m' (second "
+        "order); Euler on the subset is allowed but first order. On the testbed, dpmpp_2m at 0.4 keeps an advantage "
+        "correlation of 0.995 with the full completion at 45% of the rows (docs/concepts.md).",
+        default=1.0,
+    )
+    completion_granularities: list[int] = _doc(
+        "E-GRPO: strides of the completions each rollout gets (METHOD.md 4b, the authors' granular_list; not in "
+        "the paper). With [1, 2] each rollout's x' is also completed on every 2nd remaining index, the rewards of "
+        "each stride form their own groups, and the groups' advantages are added for the one trained step. "
+        "Default [1]: one completion.",
+        default_factory=lambda: [1],
+    )
+    advantage_std: str | None = _doc(
+        "The std that normalizes rewards: 'group' (each group's own, METHOD.md section 5) or 'batch' (the std of "
+        "all rewards of the iteration over all processes, each group keeping its own mean: Flow-GRPO's "
+        "global_std). None: the algorithm's default ('batch' for flow-grpo, 'group' otherwise).",
+        default=None,
+    )
 
     # --- schedule and SDE (METHOD.md sections 1-2) ------------------------------------------------
     num_inference_steps: int = _doc("T, sampling steps per rollout. Paper: 16.", default=16)
@@ -112,12 +323,13 @@ class EGRPOConfig:
         "The model family's guidance: FLUX.1-dev's / FLUX.2 [dev]'s guidance embedding (3.5 / 4.0 by default) or "
         "the classifier-free guidance scale of SD3 (4.5), FLUX.2 [klein] base (4.0), Qwen-Image (its "
         "true_cfg_scale, 4.0) and Z-Image (ZImagePipeline's guidance_scale, 5.0; 0 turns guidance off, as "
-        "Z-Image-Turbo samples). None uses the family's default.",
+        "Z-Image-Turbo samples). Finite; None uses the family's default.",
         default=None,
     )
     negative_prompt: str = _doc(
         "Negative prompt for families with classifier-free guidance (SD3, FLUX.2 [klein] base, Qwen-Image, "
-        "Z-Image); refused where the pipeline has no negative pass.",
+        "Z-Image, Wan); refused where the pipeline has no negative pass: FLUX.1, FLUX.2 [dev], and every family "
+        "with guidance off (guidance_scale <= 1; Z-Image: 0), where it would never be used.",
         default="",
     )
     max_sequence_length: int = _doc("Text-encoder token length of the prompt encoding (at most 512).", default=512)
@@ -139,7 +351,7 @@ class EGRPOConfig:
     prompt_cache_dir: str | None = _doc(
         "Cache prompt embeddings on disk here, one file per prompt keyed by model and prompt: each prompt is "
         "encoded once, across iterations and runs (trl_flow_egrpo.prompts.PromptEncoder.warm precomputes a "
-        "dataset's). None: encode every time.",
+        "dataset's). A directory (created if missing), not a file. None: encode every time.",
         default=None,
     )
 
@@ -147,10 +359,11 @@ class EGRPOConfig:
     clip_range: float = _doc("PPO clip range epsilon on the ratio. Paper: 1e-4.", default=1e-4)
     advantage_clip: float = _doc("A_max: advantages are clipped to [-A_max, A_max]. Reference code: 5.", default=5.0)
     advantage_eps: float = _doc("Added to the group std when normalizing rewards.", default=1e-8)
-    beta: float = _doc(
+    beta: float | None = _doc(
         "Weight of a KL penalty to the frozen base model (LoRA disabled; a frozen copy when full "
-        "fine-tuning). 0 = no penalty, as in the paper.",
-        default=0.0,
+        "fine-tuning). 0 = no penalty, as in the paper. None: the algorithm's default (0.01 for flow-grpo, as "
+        "its official PickScore config; 0 otherwise).",
+        default=None,
     )
     per_device_train_batch_size: int = _doc(
         "Groups per forward/backward micro-batch in the update (one forward per group serves its G "
@@ -183,13 +396,19 @@ class EGRPOConfig:
 
     # --- model ------------------------------------------------------------------------------------
     use_peft: bool = _doc("Train a LoRA (peft) on the transformer; False = full fine-tuning.", default=True)
-    lora_r: int = _doc("LoRA rank.", default=32)
-    lora_alpha: int = _doc("LoRA alpha (scale = alpha / r).", default=64)
+    lora_r: int = _doc("LoRA rank (>= 1).", default=32)
+    lora_alpha: int = _doc("LoRA alpha (scale = alpha / r; >= 1).", default=64)
     lora_dropout: float = _doc("LoRA dropout.", default=0.0)
     lora_target_modules: list[str] | None = _doc(
-        "Module names the LoRA targets (default: the model family's attention and MLP projections).", default=None
+        "Module names the LoRA targets (default: the model family's attention and MLP projections). A single name "
+        "is taken as a one-element list.",
+        default=None,
     )
-    mixed_precision: str = _doc("accelerate mixed precision: 'no', 'fp16' or 'bf16'. Paper: bf16.", default="bf16")
+    mixed_precision: str = _doc(
+        "accelerate mixed precision: 'no', 'fp16' or 'bf16' (quote 'no' in YAML, which reads a bare no as false). "
+        "'fp16' is refused on a CPU, where accelerate would silently run float32. Paper: bf16.",
+        default="bf16",
+    )
     gradient_checkpointing: bool = _doc("Recompute activations in the backward pass to save memory.", default=False)
     allow_tf32: bool = _doc("Allow TF32 matmuls on Ampere+ GPUs.", default=True)
     quantization: str | None = _doc(
@@ -207,7 +426,11 @@ class EGRPOConfig:
     )
 
     # --- rewards and data -------------------------------------------------------------------------
-    reward_weights: list[float] | None = _doc("One weight per reward function (default: all 1).", default=None)
+    reward_weights: list[float] | None = _doc(
+        "One weight per reward function (default: all 1; a single number is a one-element list). Finite, not all 0, "
+        "absolute values summing to at most 1e6 (the weighted rewards are summed in float32).",
+        default=None,
+    )
     reward_aggregation: str = _doc(
         "With several rewards: 'advantage' normalizes each reward in its group, then sums with the weights "
         "(scale-free); 'sum' sums the weighted raw rewards, then normalizes.",
@@ -229,7 +452,11 @@ class EGRPOConfig:
         default=None,
     )
     resume_from_checkpoint: str | None = _doc(
-        "Resume from this checkpoint directory, or 'true' for the latest one in output_dir.", default=None
+        "Resume from this checkpoint directory, or 'true' for the newest intact one in output_dir (damaged ones "
+        "are skipped with a warning; a named damaged one is refused). Checkpoints later than the one resumed (or, "
+        "without resuming, any in output_dir) belong to an abandoned run and are renamed to "
+        "checkpoint-N.abandoned-<time>, kept but never resumed, pruned or uploaded.",
+        default=None,
     )
 
     # --- evaluation -----------------------------------------------------------------------------------
@@ -250,7 +477,13 @@ class EGRPOConfig:
     hub_strategy: str = _doc(
         "'end': push once after training; 'every_save': also push at every checkpoint.", default="end"
     )
-    hub_token: str | None = _doc("Hub token (default: the logged-in token / HF_TOKEN).", default=None)
+    hub_token: str | None = _doc(
+        "Hub token (default: the logged-in token / HF_TOKEN). Used for the Hub calls only, never written: "
+        "checkpoints, tracker configs, logs, the model card and the uploads show it as '***' "
+        "(trl_flow_egrpo.redaction).",
+        default=None,
+        repr=False,  # repr(config) in a log line or a traceback must not show it either
+    )
 
     # --- speed (docs/performance.md) --------------------------------------------------------------------
     compile_transformer: bool = _doc(
@@ -286,6 +519,7 @@ class EGRPOConfig:
         def refuse(name: str, allowed: str):
             raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: {name} must be {allowed}.")
 
+        coerce_field_types(self)  # first: the checks below compare numbers and strings
         if self.num_generations < 2:
             refuse(
                 "num_generations", ">= 2 (advantages are normalized within a group of G rollouts; the paper uses 12)"
@@ -334,17 +568,38 @@ class EGRPOConfig:
                 refuse(name, ">= 1")
         if self.max_sequence_length > 512:
             refuse("max_sequence_length", "<= 512 (the text encoders' limit in the pipelines)")
-        if self.algorithm not in ("e-grpo", "flow-grpo", "dance-grpo", "mix-grpo"):
-            refuse("algorithm", "one of 'e-grpo', 'flow-grpo', 'dance-grpo', 'mix-grpo'")
+        if self.algorithm not in ("e-grpo", "flow-grpo", "dance-grpo", "mix-grpo", "mix-grpo-flash"):
+            refuse("algorithm", "one of 'e-grpo', 'flow-grpo', 'dance-grpo', 'mix-grpo', 'mix-grpo-flash'")
         if self.timestep_fraction is not None and not 0 < self.timestep_fraction <= 1:
             refuse("timestep_fraction", "in (0, 1], or None for the algorithm's default")
         if not (math.isfinite(self.dance_eta) and self.dance_eta > 0):
             refuse("dance_eta", "a finite number > 0")
         if not 1 <= self.mix_window_size <= self.num_inference_steps:
             refuse("mix_window_size", f"between 1 and num_inference_steps ({self.num_inference_steps})")
-        for name in ("mix_shift_interval", "mix_window_stride"):
-            if getattr(self, name) < 1:
-                refuse(name, ">= 1")
+        if self.mix_shift_interval is not None and self.mix_shift_interval < 1:
+            refuse("mix_shift_interval", ">= 1, or None for the algorithm's default")
+        if self.mix_window_stride < 0:
+            refuse("mix_window_stride", ">= 0 (0 freezes the window at step 0)")
+        if not 0 < self.mix_flash_fraction <= 1:
+            refuse("mix_flash_fraction", "in (0, 1] (the share of the steps after the window that are kept)")
+        if self.completion_solver not in ("euler", "dpmpp_2m"):
+            refuse("completion_solver", "'euler' (every remaining step, the paper) or 'dpmpp_2m' (DPM-Solver++ 2M)")
+        if not 0 < self.completion_steps_fraction <= 1:
+            refuse("completion_steps_fraction", "in (0, 1] (the share of the remaining steps a completion keeps)")
+        granularities = self.completion_granularities
+        if not granularities or len(set(granularities)) != len(granularities) or min(granularities) < 1:
+            refuse("completion_granularities", "a non-empty list of distinct integers >= 1, e.g. [1] or [1, 2]")
+        custom_completion = (self.completion_solver, self.completion_steps_fraction, list(granularities))
+        if self.algorithm != "e-grpo" and custom_completion != ("euler", 1.0, [1]):
+            raise ValueError(
+                f"completion_solver, completion_steps_fraction and completion_granularities are E-GRPO's options, "
+                f"but algorithm={self.algorithm!r}: leave them at 'euler', 1.0 and [1] (MixGRPO-Flash has "
+                f"mix_flash_fraction)."
+            )
+        if self.advantage_std not in (None, "group", "batch"):
+            refuse("advantage_std", "'group', 'batch', or None for the algorithm's default")
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta >= 0):
+            refuse("beta", "a finite number >= 0, or None for the algorithm's default")
         for name in ("save_steps", "eval_steps", "warmup_steps"):
             if getattr(self, name) < 0:
                 refuse(name, ">= 0 (0 turns it off)")
@@ -363,7 +618,7 @@ class EGRPOConfig:
         for name in ("learning_rate", "clip_range", "advantage_clip", "advantage_eps"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 refuse(name, "a finite number > 0")
-        for name in ("beta", "weight_decay", "lora_dropout"):
+        for name in ("weight_decay", "lora_dropout"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 refuse(name, "a finite number >= 0")
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
@@ -371,8 +626,31 @@ class EGRPOConfig:
                 "max_grad_norm",
                 "a finite number > 0, or None to disable clipping (a negative norm flips the gradient's sign)",
             )
-        if self.reward_weights is not None and not all(math.isfinite(w) for w in self.reward_weights):
-            refuse("reward_weights", "finite numbers")
+        if self.reward_weights is not None:
+            if not all(math.isfinite(w) for w in self.reward_weights):
+                refuse("reward_weights", "finite numbers")
+            if not sum(abs(w) for w in self.reward_weights) <= REWARD_WEIGHT_SUM_LIMIT:  # inf fails too
+                refuse(
+                    "reward_weights",
+                    f"numbers whose absolute values sum to at most {REWARD_WEIGHT_SUM_LIMIT:g}: the rewards are "
+                    "weighted and summed in float32, where larger weights overflow to inf and the advantages to "
+                    "NaN. Scale them down: with reward_aggregation='sum' only their ratios matter (e.g. [1.0, 1.0]), "
+                    "with 'advantage' each weight scales its reward's normalized advantage (about 1)",
+                )
+            if not any(self.reward_weights):
+                refuse("reward_weights", "weights that are not all 0 (every advantage would be 0: nothing is trained)")
+        if self.guidance_scale is not None and not math.isfinite(self.guidance_scale):
+            refuse("guidance_scale", "a finite number, or None for the model family's default")
+        if self.lora_r < 1:
+            refuse("lora_r", ">= 1 (the LoRA's rank)")
+        if self.lora_alpha < 1:
+            refuse("lora_alpha", ">= 1 (the LoRA's output is scaled by lora_alpha / lora_r: 0 trains nothing)")
+        if self.prompt_cache_dir is not None and os.path.exists(self.prompt_cache_dir):
+            if not os.path.isdir(self.prompt_cache_dir):
+                refuse(
+                    "prompt_cache_dir",
+                    "a directory (it may not exist yet), but it is a file: point it at a directory or remove the file",
+                )
         if self.quantization not in QUANTIZATION_METHODS:
             refuse("quantization", f"one of {QUANTIZATION_METHODS}")
         if self.quantization is not None and not self.use_peft:
@@ -397,5 +675,7 @@ class EGRPOConfig:
         raise ValueError(f"merge must be 'adaptive', 'none' or a positive integer, got {self.merge!r}.")
 
     def to_dict(self) -> dict:
-        """The config as a JSON-serializable dict (for trackers, checkpoints and the model card)."""
-        return asdict(self)
+        """The config as a JSON-serializable dict (for trackers, checkpoints and the model card), with secrets
+        redacted (``hub_token`` -> ``"***"``, URL passwords; :func:`~trl_flow_egrpo.redaction.redact`): this is
+        what every writer uses. ``dataclasses.asdict(config)`` gives the raw values."""
+        return redact(asdict(self))

@@ -21,6 +21,7 @@ from .adapters import Conditioning, ModelAdapter, select_rows
 from .merging import MergeStep
 from .schedule import Schedule
 from .sde import euler_step, sample_gaussian_step, sde_step
+from .solvers import COMPLETION_SOLVERS, dpmpp_2m_step, strided_completion_indices
 
 
 @dataclass
@@ -53,6 +54,10 @@ class Rollouts:
         conditioning: the prompts' encodings, reused by the policy update.
         num_evaluations: per-sample transformer evaluations spent (forward batch rows).
         num_model_calls: transformer calls made.
+        group_target: ``[num_groups]`` or None: the group whose trained samples each group's advantages are added
+            to (:func:`~trl_flow_egrpo.advantages.sum_advantages_into_targets`). E-GRPO's
+            ``completion_granularities`` score each sample ``x'`` once per stride, in groups of their own that
+            all target the first stride's group. None: each group targets itself.
     """
 
     num_prompts: int
@@ -73,11 +78,20 @@ class Rollouts:
     conditioning: Conditioning
     num_evaluations: int
     num_model_calls: int
+    group_target: torch.Tensor | None = None
 
     @property
     def num_groups(self) -> int:
         """Number of groups."""
         return len(self.group_prompt)
+
+    @property
+    def advantage_target(self) -> torch.Tensor:
+        """``[num_groups]`` the group whose samples each group's advantages train: :attr:`group_target`, or
+        every group itself when it is None."""
+        if self.group_target is None:
+            return torch.arange(self.num_groups, device=self.group_prompt.device)
+        return self.group_target
 
 
 def concat_rollouts(parts: list[Rollouts]) -> Rollouts:
@@ -114,6 +128,9 @@ def concat_rollouts(parts: list[Rollouts]) -> Rollouts:
         conditioning={name: torch.cat([part.conditioning[name] for part in parts]) for name in parts[0].conditioning},
         num_evaluations=sum(part.num_evaluations for part in parts),
         num_model_calls=sum(part.num_model_calls for part in parts),
+        group_target=torch.cat(
+            [part.advantage_target + offset for part, offset in zip(parts, group_offsets, strict=True)]
+        ),
     )
 
 
@@ -211,6 +228,19 @@ def sample_images(
     return decode_in_chunks(adapter, latents, decode_batch_size or batch_size)
 
 
+def completion_next_index(num_steps: int, fraction: float, granularities: list[int]) -> torch.Tensor:
+    """The completion paths as a lookup table: ``table[p, i]`` is the index after ``i`` on path ``p``, where path
+    ``p = g * (T + 1) + c`` is the completion from index ``c`` with the ``g``-th granularity
+    (:func:`~trl_flow_egrpo.solvers.strided_completion_indices`); ``-1`` off the path. Each rollout carries its
+    path id, so rollouts landing at different indices advance in lock step, each on its own subset of the sigmas."""
+    table = torch.full((len(granularities) * (num_steps + 1), num_steps + 1), -1, dtype=torch.long)
+    for g, granularity in enumerate(granularities):
+        for start in range(num_steps):
+            path = strided_completion_indices(num_steps, start, fraction, granularity)
+            table[g * (num_steps + 1) + start, path[:-1]] = torch.tensor(path[1:])
+    return table
+
+
 @torch.no_grad()
 def sample_rollouts(
     adapter: ModelAdapter,
@@ -224,6 +254,9 @@ def sample_rollouts(
     generator: torch.Generator | list[torch.Generator],
     batch_size: int,
     decode_batch_size: int | None = None,
+    completion_solver: str = "euler",
+    completion_steps_fraction: float = 1.0,
+    completion_granularities: list[int] | tuple[int, ...] = (1,),
 ) -> Rollouts:
     """Sample the anchors and all branched rollouts of one iteration.
 
@@ -241,10 +274,20 @@ def sample_rollouts(
             which the per-prompt ones are seeded (:func:`prompt_generators`).
         batch_size: transformer rows per call.
         decode_batch_size: images per VAE call (default ``batch_size``).
+        completion_solver: the ODE after each branch's merged SDE step (METHOD.md 4b): ``"euler"`` or
+            ``"dpmpp_2m"`` (:func:`~trl_flow_egrpo.solvers.dpmpp_2m_step`, first order on its first step). The
+            anchors always take every Euler step, so the branch points and the samples ``x'`` do not depend on it.
+        completion_steps_fraction: share of the remaining intervals a completion keeps
+            (:func:`~trl_flow_egrpo.solvers.completion_indices`).
+        completion_granularities: strides; each ``x'`` is completed once per stride, and the completions of
+            stride ``granularities[i]`` form groups ``i * num_base_groups + group`` (``Rollouts.group_target``
+            maps them to the trained group). ``(1,)``: one completion, the paper.
 
     Returns:
         :class:`Rollouts`.
     """
+    if completion_solver not in COMPLETION_SOLVERS:
+        raise ValueError(f"completion_solver must be one of {COMPLETION_SOLVERS}, got {completion_solver!r}.")
     device = initial_noise.device
     sigmas = schedule.sigmas.to(device)
     timesteps = schedule.timesteps.to(device)
@@ -252,7 +295,12 @@ def sample_rollouts(
     num_prompts = initial_noise.shape[0]
     latent_shape = initial_noise.shape[1:]
     num_groups = num_prompts * len(plan)
+    num_granularities = len(completion_granularities)
+    num_branches = num_groups * num_generations  # completions per granularity
     generators = as_prompt_generators(generator, num_prompts)
+    next_on_path = completion_next_index(num_steps, completion_steps_fraction, list(completion_granularities))
+    next_on_path = next_on_path.to(device)
+    multistep = completion_solver == "dpmpp_2m"
 
     # Group g = (prompt g // len(plan), plan step g % len(plan)).
     group_prompt = torch.arange(num_prompts, device=device).repeat_interleave(len(plan))
@@ -262,22 +310,31 @@ def sample_rollouts(
     branch_latents = torch.empty((num_groups, *latent_shape), device=device)
     samples = torch.empty((num_groups, num_generations, *latent_shape), device=device)
     log_probs = torch.empty((num_groups, num_generations), device=device)
-    final_latents = torch.empty((num_groups * num_generations, *latent_shape), device=device)
+    final_latents = torch.empty((num_granularities * num_branches, *latent_shape), device=device)
     anchor_final = torch.empty((num_prompts, *latent_shape), device=device)
 
-    # Live trajectories. `row` is -1 for anchors, else the branch's row in `final_latents`.
+    # Live trajectories. `row` is -1 for anchors, else the completion's row in `final_latents`; `path` is -1 for
+    # anchors (every Euler step), else the completion's row of `next_on_path`. DPM-Solver++ 2M keeps each
+    # trajectory's last data prediction and its sigma (sigma 1: none yet, the step is first order).
     latents = initial_noise.to(torch.float32)
     index = torch.zeros(num_prompts, dtype=torch.long, device=device)
     prompt = torch.arange(num_prompts, device=device)
     row = torch.full((num_prompts,), -1, dtype=torch.long, device=device)
+    path = torch.full((num_prompts,), -1, dtype=torch.long, device=device)
+    previous_x0 = torch.zeros_like(latents)
+    previous_sigma = torch.ones(num_prompts, device=device)
     num_evaluations = num_calls = 0
     plan_starts = torch.tensor([step.start for step in plan], device=device)
     plan_position = torch.full((num_steps,), -1, dtype=torch.long, device=device)
     plan_position[plan_starts] = torch.arange(len(plan), device=device)
     members = torch.arange(num_generations, device=device)
+    view = (-1,) + (1,) * len(latent_shape)
 
     def repeat(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.repeat_interleave(num_generations, dim=0)
+
+    def per_granularity(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.repeat((num_granularities,) + (1,) * (tensor.dim() - 1))
 
     while len(latents):
         velocity = batched_velocity(adapter, model, latents, timesteps[index], conditioning, prompt, batch_size)
@@ -303,20 +360,42 @@ def sample_rollouts(
             branch_latents[groups] = latents[anchors]
             samples[groups] = step.sample.view(len(anchors), num_generations, *latent_shape)
             log_probs[groups] = step.log_prob.view(len(anchors), num_generations)
+            # Each sample x' starts one completion per granularity, granularity-major.
+            landing = repeat(starts + lengths)
+            offsets = torch.arange(num_granularities, device=device).repeat_interleave(len(landing))
+            branch_rows = (groups[:, None] * num_generations + members).flatten()
             branches = (
-                step.sample,
-                repeat(starts + lengths),
-                repeat(prompt[anchors]),
-                (groups[:, None] * num_generations + members).flatten(),
+                per_granularity(step.sample),
+                per_granularity(landing),
+                per_granularity(repeat(prompt[anchors])),
+                offsets * num_branches + per_granularity(branch_rows),
+                offsets * (num_steps + 1) + per_granularity(landing),
+                torch.zeros((len(offsets), *latent_shape), device=device),
+                torch.ones(len(offsets), device=device),
             )
         else:
             branches = None
 
-        latents, index = euler_step(latents, velocity, sigmas, index), index + 1
-        if branches is not None:
-            latents, index, prompt, row = (
-                torch.cat(pair) for pair in zip((latents, index, prompt, row), branches, strict=True)
+        # Anchors take every Euler step; a completion jumps to the next index of its path.
+        completing = row >= 0
+        next_index = torch.where(completing, next_on_path[path.clamp(min=0), index], index + 1)
+        step_sigma, next_sigma = sigmas[index], sigmas[next_index]
+        advanced = latents + (next_sigma - step_sigma).view(view) * velocity.to(torch.float32)
+        if multistep and bool(completing.any()):
+            rows = completing.nonzero().squeeze(1)
+            advanced[rows], previous_x0[rows] = dpmpp_2m_step(
+                latents[rows],
+                velocity[rows],
+                step_sigma[rows],
+                next_sigma[rows],
+                previous_x0[rows],
+                previous_sigma[rows],
             )
+            previous_sigma[rows] = step_sigma[rows]
+        state = (advanced, next_index, prompt, row, path, previous_x0, previous_sigma)
+        if branches is not None:
+            state = tuple(torch.cat(pair) for pair in zip(state, branches, strict=True))
+        latents, index, prompt, row, path, previous_x0, previous_sigma = state
 
         finished = index == num_steps
         if bool(finished.any()):
@@ -324,18 +403,22 @@ def sample_rollouts(
             final_latents[row[is_branch]] = latents[is_branch]
             anchor_final[prompt[is_anchor]] = latents[is_anchor]
             keep = ~finished
-            latents, index, prompt, row = latents[keep], index[keep], prompt[keep], row[keep]
+            latents, index, prompt, row, path, previous_x0, previous_sigma = (
+                tensor[keep] for tensor in (latents, index, prompt, row, path, previous_x0, previous_sigma)
+            )
 
     decode_batch_size = decode_batch_size or batch_size
     images = decode_in_chunks(adapter, torch.cat([final_latents, anchor_final]), decode_batch_size)
     branch_images, anchor_images = images[: len(final_latents)], images[len(final_latents) :]
-    # One trained step per group: its G branches share the anchor latents they leave from.
+    # One trained step per group: its G branches share the anchor latents they leave from. The groups of the
+    # other granularities score the same samples and add their advantages to it (`group_target`).
     groups = torch.arange(num_groups, device=device)
+    granularity = torch.arange(num_granularities, device=device).repeat_interleave(num_groups)
     return Rollouts(
         num_prompts=num_prompts,
-        group_prompt=group_prompt,
-        group_step=group_step,
-        images=branch_images.view(num_groups, num_generations, *branch_images.shape[1:]),
+        group_prompt=per_granularity(group_prompt),
+        group_step=per_granularity(group_step) + granularity * len(plan),
+        images=branch_images.view(num_granularities * num_groups, num_generations, *branch_images.shape[1:]),
         anchor_images=anchor_images,
         anchor_latents=anchor_final,
         step_latents=branch_latents,
@@ -350,6 +433,7 @@ def sample_rollouts(
         conditioning=conditioning,
         num_evaluations=num_evaluations,
         num_model_calls=num_calls,
+        group_target=per_granularity(groups),
     )
 
 
@@ -368,11 +452,12 @@ def sample_trajectories(
     batch_size: int,
     first_index: int = 0,
     end_index: int | None = None,
+    completion: list[int] | None = None,
 ):
     """Advance ``N`` trajectories in lock step from schedule index ``first_index`` to ``end_index`` (default: the
     end of the schedule), drawing the
     ``stochastic`` steps from ``step_distribution`` and recording the ``trained`` ones (the trajectory
-    algorithms: Flow-GRPO, DanceGRPO, MixGRPO).
+    algorithms: Flow-GRPO, DanceGRPO, MixGRPO, MixGRPO-Flash).
 
     Args:
         adapter, model, schedule, conditioning, batch_size: as :func:`sample_rollouts`.
@@ -386,6 +471,11 @@ def sample_trajectories(
             generator seeding them (:func:`prompt_generators`).
         first_index: schedule index the trajectories start at.
         end_index: schedule index where they stop (exclusive), default ``T``.
+        completion: MixGRPO-Flash's compressed ODE: increasing schedule indices ``[c, ..., T]``, none of them
+            stochastic. The trajectories step index by index up to ``c``, then DPM-Solver++ 2M
+            (:func:`~trl_flow_egrpo.solvers.dpmpp_2m_step`) jumps from each index of ``completion`` to the next;
+            its first step extrapolates from the data prediction ``x - sigma v`` of the step before ``c`` (the
+            solver's history covers every step, as in the official MixGRPO-Flash). None: every step is visited.
 
     Returns:
         ``(final_latents, steps, num_evaluations, num_calls)``; ``steps`` is a list of
@@ -395,11 +485,21 @@ def sample_trajectories(
     latents = latents.to(torch.float32)
     generators = as_prompt_generators(generator, int(row_prompt.max()) + 1)
     steps, num_evaluations, num_calls = [], 0, 0
-    for index in range(first_index, schedule.num_steps if end_index is None else end_index):
+    indices = trajectory_indices(schedule.num_steps, first_index, end_index, completion, stochastic)
+    previous_x0 = previous_sigma = None  # DPM-Solver++ 2M's history: the last step's data prediction
+    for index, next_index in zip(indices[:-1], indices[1:], strict=True):
         timesteps = schedule.timesteps[index].expand(len(latents)).to(latents.device)
         velocity = batched_velocity(adapter, model, latents, timesteps, conditioning, row_prompt, batch_size)
         num_evaluations += len(latents)
         num_calls += -(-len(latents) // batch_size)
+        if completion is not None:
+            if index >= completion[0]:
+                latents, previous_x0 = dpmpp_2m_step(
+                    latents, velocity, sigmas[index], sigmas[next_index], previous_x0, previous_sigma
+                )
+                previous_sigma = sigmas[index]
+                continue
+            previous_x0, previous_sigma = latents - sigmas[index] * velocity.to(torch.float32), sigmas[index]
         if not bool(stochastic[index]):
             latents = euler_step(latents, velocity, sigmas, index)
             continue
@@ -412,6 +512,25 @@ def sample_trajectories(
             steps.append((index, rows, latents[rows], step.sample[rows], step.log_prob[rows]))
         latents = step.sample
     return latents, steps, num_evaluations, num_calls
+
+
+def trajectory_indices(
+    num_steps: int, first_index: int, end_index: int | None, completion: list[int] | None, stochastic: torch.Tensor
+) -> list[int]:
+    """The schedule indices a trajectory of :func:`sample_trajectories` visits, its last one included: every index
+    from ``first_index`` to ``end_index`` (default ``T``), or up to ``completion[0]`` and then ``completion``."""
+    if completion is None:
+        return list(range(first_index, (num_steps if end_index is None else end_index) + 1))
+    if end_index not in (None, num_steps) or completion[-1] != num_steps or completion[0] < first_index:
+        raise ValueError(
+            f"A completion must run from an index >= first_index ({first_index}) to the end of the schedule "
+            f"({num_steps}) with end_index=None; got completion={completion}, end_index={end_index}."
+        )
+    if any(later <= earlier for earlier, later in zip(completion[:-1], completion[1:], strict=True)):
+        raise ValueError(f"completion indices must increase, got {completion}.")
+    if bool(stochastic[completion[0] :].any()):
+        raise ValueError(f"completion {completion} covers stochastic steps: it must start after the last SDE step.")
+    return list(range(first_index, completion[0])) + list(completion)
 
 
 def trajectory_rollouts(

@@ -31,10 +31,10 @@ from transformers import get_scheduler
 
 from . import acceleration, backends, checkpoints, quantization, tracking
 from .adapters import get_adapter, select_rows
-from .advantages import group_advantages
+from .advantages import group_advantages, sum_advantages_into_targets
 from .algorithms import build_strategy
 from .checkpoints import TrainerState
-from .config import EGRPOConfig
+from .config import EGRPOConfig, check_mixed_precision_on_device
 from .data import as_prompt_dataset, iteration_prompt_indices, padded_shard
 from .distributed import is_multiprocess_cpu_run
 from .failures import propagate_failures
@@ -42,8 +42,8 @@ from .loss import ppo_clip_loss
 from .metrics import rollout_metrics, throughput_metrics, update_metrics
 from .prompts import PromptEncoder
 from .rollout import Rollouts, concat_rollouts, prompt_generators, sample_images
-from .scoring import score_images, unique_reward_names, validate_reward_fns
-from .sde import gaussian_kl, sample_gaussian_step
+from .scoring import reward_parse_failures, score_images, unique_reward_names, validate_reward_fns
+from .sde import sample_gaussian_step
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,23 @@ class EGRPOTrainer:
             negative_prompt=config.negative_prompt,
             num_frames=config.num_frames,
         )
+        # FLUX.1's pipeline has no negative pass: a negative prompt would be silently ignored.
+        if config.negative_prompt and not self.adapter.supports_negative_prompt:
+            raise ValueError(
+                f"negative_prompt={config.negative_prompt!r} is not allowed with {type(pipeline).__name__}: "
+                f"{type(self.adapter).__name__} samples without a negative-prompt pass (guidance-distilled: "
+                "guidance_scale goes to a guidance embedding, one transformer pass per step), so the prompt would be "
+                "silently ignored. Set negative_prompt to '' (EGRPOConfig.negative_prompt); negative prompts work "
+                "with classifier-free guidance (guidance_scale > 1) on SD3, FLUX.2 [klein] base, Qwen-Image, "
+                "Z-Image and Wan."
+            )
+        if config.negative_prompt and not getattr(self.adapter, "do_classifier_free_guidance", True):
+            raise ValueError(
+                f"negative_prompt={config.negative_prompt!r} would never be used: classifier-free guidance is off "
+                f"for {type(pipeline).__name__} at guidance_scale={self.adapter.guidance_scale}, so there is no "
+                "negative-prompt pass. Raise guidance_scale to turn guidance on (SD3, Qwen-Image and Wan: > 1; "
+                "Z-Image: > 0), or set negative_prompt to ''."
+            )
         self.pipeline = pipeline
 
         self.accelerator = Accelerator(
@@ -133,6 +150,7 @@ class EGRPOTrainer:
             # skipped (fp16 overflow). No dataloader is prepared, so it changes nothing else.
             dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
+        check_mixed_precision_on_device(config.mixed_precision, self.accelerator.device.type)
         # Fail before any model work when the result could not be pushed at the end.
         self.hub_repo_id = self._hub_preflight() if config.push_to_hub else None
         set_seed(config.seed, device_specific=True)
@@ -226,7 +244,7 @@ class EGRPOTrainer:
                     device,
                     "fsdp" if shard_later else "deepspeed" if backends.is_deepspeed(accelerator) else None,
                 )
-        elif config.beta > 0:
+        elif self.strategy.beta > 0:
             if placeholder:
                 raise ValueError(
                     "beta > 0 with full fine-tuning needs a frozen copy of the real weights on every "
@@ -297,6 +315,10 @@ class EGRPOTrainer:
         config, accelerator = self.config, self.accelerator
         if config.resume_from_checkpoint not in (None, "", "false", "False"):
             self.load_checkpoint(config.resume_from_checkpoint)
+        else:  # an earlier run's later checkpoints in output_dir would otherwise outlive (and outrank) this run's
+            if accelerator.is_main_process:
+                checkpoints.set_aside_later_checkpoints(config.output_dir, self.state.iteration)
+            accelerator.wait_for_everyone()
         accelerator.init_trackers(
             config.tracker_project_name,
             config=tracking.flat_config(config.to_dict()),
@@ -351,12 +373,11 @@ class EGRPOTrainer:
                 "time/rewards": time.perf_counter() - start - sampling_seconds,
             }
 
-        advantages = group_advantages(
-            rewards, self.reward_weights, config.reward_aggregation, config.advantage_clip, config.advantage_eps
-        )
+        advantages = self._advantages(rewards)
         start = time.perf_counter()
         with peaks("update"):
-            update_stats = self.update(rollouts, advantages)
+            # E-GRPO's completion granularities: each stride's groups add their advantages to the trained group.
+            update_stats = self.update(rollouts, sum_advantages_into_targets(advantages, rollouts.advantage_target))
         update_seconds = time.perf_counter() - start
 
         self.state.iteration += 1
@@ -374,6 +395,29 @@ class EGRPOTrainer:
         if self.state.iteration % config.logging_steps == 0:
             self.accelerator.log(metrics, step=self.state.iteration)
         return metrics
+
+    def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """This process's group advantages (:func:`~trl_flow_egrpo.advantages.group_advantages`). With
+        ``advantage_std="batch"`` the std is taken over the rewards of all processes (Flow-GRPO's global std),
+        so the rewards are gathered first and this process's groups taken back."""
+        config, accelerator = self.config, self.accelerator
+        std = self.strategy.advantage_std
+        if std == "batch":
+            all_rewards = accelerator.gather(rewards.to(accelerator.device))
+        else:
+            all_rewards = rewards
+        advantages = group_advantages(
+            all_rewards,
+            self.reward_weights,
+            config.reward_aggregation,
+            config.advantage_clip,
+            config.advantage_eps,
+            std=std,
+        )
+        if std == "batch":  # gather concatenates the processes' groups in process order
+            first = accelerator.process_index * len(rewards)
+            advantages = advantages[first : first + len(rewards)].to(rewards.device)
+        return advantages
 
     def _sample_and_score_overlapped(self, rows: list[dict]):
         """Sample prompt by prompt; each prompt's images are scored in a worker thread while the next prompt
@@ -486,6 +530,8 @@ class EGRPOTrainer:
         # The trained steps of each optimizer step (a phase of the strategy's, or all of them).
         if config.optimizer_step == "active_step":
             phases = [(rollouts.step_phase == i).nonzero().flatten() for i in range(self.strategy.num_phases)]
+            # MixGRPO's window is shorter near the end of the schedule: its missing phases take no step.
+            phases = [steps for steps in phases if len(steps)]
         else:
             phases = [torch.arange(len(rollouts.step_start), device=accelerator.device)]
 
@@ -508,7 +554,8 @@ class EGRPOTrainer:
                     boundary = i == len(micro_batches) - 1
                     with backends.accumulation_context(accelerator, self.model, boundary):
                         output, kl = self._policy_loss(rollouts, advantages, micro_batch)
-                        loss = output.loss + config.beta * kl.mean() if config.beta > 0 else output.loss
+                        beta = self.strategy.beta
+                        loss = output.loss + beta * kl.mean() if beta > 0 else output.loss
                         accelerator.backward(loss * len(micro_batch) / len(steps))
                     stats["ratio"].append(output.ratio)
                     stats["clipped"].append(output.clipped.float())
@@ -532,7 +579,7 @@ class EGRPOTrainer:
             if values
         }
         gathered["on_policy_deviation"] = accelerator.gather(torch.cat(on_policy_deviation).to(accelerator.device))
-        if config.beta == 0:
+        if self.strategy.beta == 0:
             gathered.pop("kl")
         metrics = update_metrics(**gathered)
         metrics["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
@@ -596,12 +643,12 @@ class EGRPOTrainer:
         sample_advantages = advantages[rollouts.sample_group[steps], rollouts.sample_member[steps]].flatten()
         output = ppo_clip_loss(log_prob, rollouts.log_probs[steps].flatten(), sample_advantages, config.clip_range)
         kl = torch.zeros(len(steps), device=log_prob.device)
-        if config.beta > 0:
+        if strategy.beta > 0:
             latents, timesteps, conditioning, starts, lengths = self._step_inputs(rollouts, steps)
             with torch.no_grad(), self.accelerator.autocast(), self._reference_model() as reference:
                 reference_velocity = adapter.velocity(reference, latents, timesteps, conditioning)
             reference_mean, _ = strategy.step_distribution(latents, reference_velocity, starts, lengths)
-            kl = gaussian_kl(mean, reference_mean, std)
+            kl = strategy.kl_to_reference(mean, reference_mean, std, starts, lengths)
         return output, kl
 
     @contextlib.contextmanager
@@ -640,6 +687,11 @@ class EGRPOTrainer:
         metrics["transformer_evaluations"] = evaluations
         metrics["transformer_evaluations_per_rollout"] = evaluations / all_rewards.shape[0] / all_rewards.shape[1]
         metrics["transformer_calls"] = rollouts.num_model_calls
+        failures = reward_parse_failures(self.reward_fns, self.reward_names)
+        if failures:  # summed over the processes: each process's reward objects count their own replies
+            totals = gather(torch.tensor(list(failures.values()))).view(-1, len(failures)).sum(0)
+            for name, total in zip(failures, totals, strict=True):
+                metrics[f"reward/{name}/parse_failures"] = int(total)
         metrics.update(update_stats)
         return metrics
 
@@ -791,11 +843,13 @@ class EGRPOTrainer:
     def load_checkpoint(self, checkpoint: str | bool) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint`, so that training continues exactly as if it
         had not stopped. ``True`` / ``"true"``: the newest checkpoint in ``output_dir`` that is undamaged
-        (damaged ones are skipped with a warning; see :func:`~trl_flow_egrpo.checkpoints.resolve`).
+        (damaged ones are skipped with a warning; see :func:`~trl_flow_egrpo.checkpoints.resolve`). The
+        checkpoints of ``output_dir`` later than the one resumed are renamed aside first
+        (:func:`~trl_flow_egrpo.checkpoints.resume_checkpoint`).
 
         Raises:
             CheckpointError: no checkpoint to resume from, or a damaged one (naming it and the file).
         """
-        checkpoint = checkpoints.resolve(checkpoint, self.config.output_dir, self.accelerator.process_index)
+        checkpoint = checkpoints.resume_checkpoint(self.accelerator, checkpoint, self.config.output_dir)
         self.state = checkpoints.load(self.accelerator, checkpoint, self.generator)
         logger.info("Resumed from %s at iteration %d.", checkpoint, self.state.iteration)

@@ -1,6 +1,6 @@
 """The GRPO family behind one switch (``EGRPOConfig.algorithm``): one file per algorithm, registered here.
 
-E-GRPO is the default; Flow-GRPO, DanceGRPO and MixGRPO are the baselines the paper compares against, sharing
+E-GRPO is the default; Flow-GRPO, DanceGRPO, MixGRPO and MixGRPO-Flash are the baselines, sharing
 the rollout engine, rewards, advantages, loss, logging, checkpoints and Hub code. docs/algorithms.md compares
 them side by side.
 """
@@ -12,8 +12,11 @@ from .dance_grpo import DanceGRPO
 from .egrpo import EGRPO
 from .flow_grpo import FlowGRPO
 from .mix_grpo import MixGRPO
+from .mix_grpo_flash import MixGRPOFlash
 
-ALGORITHMS: dict[str, type[RolloutStrategy]] = {cls.name: cls for cls in (EGRPO, FlowGRPO, DanceGRPO, MixGRPO)}
+ALGORITHMS: dict[str, type[RolloutStrategy]] = {
+    cls.name: cls for cls in (EGRPO, FlowGRPO, DanceGRPO, MixGRPO, MixGRPOFlash)
+}
 """Rollout strategies by ``EGRPOConfig.algorithm`` name."""
 
 
@@ -24,4 +27,13 @@ def build_strategy(config, schedule) -> RolloutStrategy:
     return ALGORITHMS[config.algorithm](config, schedule)
 
 
-__all__ = ["ALGORITHMS", "DanceGRPO", "EGRPO", "FlowGRPO", "MixGRPO", "RolloutStrategy", "build_strategy"]
+__all__ = [
+    "ALGORITHMS",
+    "DanceGRPO",
+    "EGRPO",
+    "FlowGRPO",
+    "MixGRPO",
+    "MixGRPOFlash",
+    "RolloutStrategy",
+    "build_strategy",
+]

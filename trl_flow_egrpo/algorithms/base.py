@@ -16,6 +16,7 @@ import torch
 from ..adapters import Conditioning, ModelAdapter
 from ..rollout import Rollouts
 from ..schedule import Schedule
+from ..sde import gaussian_kl
 
 
 class RolloutStrategy(ABC):
@@ -30,9 +31,25 @@ class RolloutStrategy(ABC):
     name: ClassVar[str] = ""
     """The value of ``EGRPOConfig.algorithm`` that selects this strategy."""
 
+    default_beta: ClassVar[float] = 0.0
+    """The KL weight ``EGRPOConfig.beta = None`` stands for with this algorithm."""
+
+    default_advantage_std: ClassVar[str] = "group"
+    """The reward std ``EGRPOConfig.advantage_std = None`` stands for with this algorithm."""
+
     def __init__(self, config, schedule: Schedule):
         self.config = config
         self.schedule = schedule
+
+    @property
+    def beta(self) -> float:
+        """The KL-penalty weight of this run: ``config.beta``, or the algorithm's default when it is None."""
+        return self.default_beta if self.config.beta is None else float(self.config.beta)
+
+    @property
+    def advantage_std(self) -> str:
+        """``"group"`` or ``"batch"``: ``config.advantage_std``, or the algorithm's default when it is None."""
+        return self.config.advantage_std or self.default_advantage_std
 
     @abstractmethod
     def sample(
@@ -52,6 +69,13 @@ class RolloutStrategy(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and per-sample std of the trained steps starting at ``start`` over ``length`` intervals, with
         the policy's ``velocity`` at ``latents``: the Gaussian the samples were drawn from."""
+
+    def kl_to_reference(
+        self, mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor, start: torch.Tensor, length
+    ) -> torch.Tensor:
+        """The KL penalty ``[B]`` of trained steps whose Gaussians have means ``mean`` (policy) and
+        ``reference_mean`` (frozen base) and the same ``std``: :func:`~trl_flow_egrpo.sde.gaussian_kl`."""
+        return gaussian_kl(mean, reference_mean, std)
 
     @property
     @abstractmethod

@@ -22,6 +22,11 @@ class TrajectoryStrategy(RolloutStrategy):
         """``[T]`` bool: the SDE steps at ``iteration`` (default: all of them)."""
         return torch.ones(self.schedule.num_steps, dtype=torch.bool)
 
+    def ode_completion(self, iteration: int) -> list[int] | None:
+        """The schedule indices DPM-Solver++ 2M visits after the last stochastic step, ending at ``T``
+        (MixGRPO-Flash's compressed ODE), or None: Euler on every step (default)."""
+        return None
+
     def trained_steps(self, iteration: int, generator: torch.Generator) -> torch.Tensor:
         """``[G, T]`` bool: the trained steps of one prompt's ``G`` trajectories (drawing from the prompt's
         ``generator`` if random), as many in every row, all stochastic."""
@@ -54,8 +59,15 @@ class TrajectoryStrategy(RolloutStrategy):
         return int(stochastic.nonzero()[0])
 
     def evaluations_per_prompt(self, iteration: int = 0) -> int:
+        """``p + G * (T - p)`` for a shared prefix of ``p`` steps; with a compressed ODE completion visiting
+        ``m + 1`` indices from index ``c``, ``p + G * (c - p + m)``."""
         prefix = self.shared_prefix(iteration)
-        return prefix + self.config.num_generations * (self.schedule.num_steps - prefix)
+        completion = self.ode_completion(iteration)
+        if completion is None:
+            per_trajectory = self.schedule.num_steps - prefix
+        else:
+            per_trajectory = completion[0] - prefix + len(completion) - 1
+        return prefix + self.config.num_generations * per_trajectory
 
     def sample(self, adapter, model, conditioning, generators, iteration):
         config = self.config
@@ -97,6 +109,7 @@ class TrajectoryStrategy(RolloutStrategy):
             generators,
             batch_size,
             first_index=prefix,
+            completion=self.ode_completion(iteration),
         )
         return trajectory_rollouts(
             steps,
