@@ -14,8 +14,8 @@ Offline, on a CPU, in a minute (the embedded tiny FLUX pipeline, a local prompt 
 
     python examples/hpd.py --model_name_or_path tiny --torch_dtype float32 --dataset_name prompts.txt \\
         --reward_funcs color --height 64 --width 64 --max_sequence_length 32 --num_inference_steps 8 \\
-        --num_active_steps 4 --num_generations 4 --mixed_precision no --learning_rate 1e-2 --clip_range 1e-2 \\
-        --max_steps 10 --output_dir tiny-run
+        --num_active_steps 4 --num_generations 4 --prompts_per_device 4 --mixed_precision no --learning_rate 1e-2 \\
+        --clip_range 1e-2 --max_steps 20 --output_dir tiny-run
 
 On CPUs, several processes run with torchrun (``torchrun --nproc_per_node 2 examples/hpd.py ...``);
 ``accelerate launch --cpu --num_processes 2`` would start only one, so the script refuses it.

@@ -6,7 +6,9 @@ The tiny pipeline (random weights, FLUX.1-dev's architecture scaled down, built 
 the paper's sampling recipe (16 steps, shift 3, noise level 0.7, entropy threshold 2.2, the first 8
 steps trained) on a weight-free reward: how close the image's mean colour is to pure red. Every 5
 iterations the same 8 prompts are sampled deterministically from the same noise and scored, so the
-evaluation curve shows the policy itself improving. The curve is saved as a PNG.
+evaluation curve shows the policy itself improving. The curve is saved as a PNG. At the end it prints the
+evaluation's colour change with its standard error over the paired images (same prompt, same noise, before and
+after training), so the change reads against its noise.
 """
 
 import argparse
@@ -37,6 +39,16 @@ PROMPTS = [
     "cherries",
 ]
 EVAL_PROMPTS = ["a red barn", "a ladybug", "a chili pepper", "a fox", "a sunset", "a brick wall", "a heart", "a flag"]
+
+
+def paired_change(before, after) -> tuple[float, float]:
+    """Mean of the per-image changes ``after - before`` and its standard error ``std / sqrt(N)``.
+
+    The images are paired (the same prompt from the same noise, sampled deterministically before and after
+    training), so the spread of the per-image changes is the noise of the mean change.
+    """
+    change = (after - before).double()
+    return change.mean().item(), change.std().item() / len(change) ** 0.5
 
 
 def plot(history, eval_history, path):
@@ -93,24 +105,31 @@ def main():
         save_steps=0,
         disable_tqdm=True,
     )
+    color = ColorReward(target=(1.0, 0.0, 0.0))
     trainer = EGRPOTrainer(
         config,
         build_tiny_flux_pipeline(),
-        [ColorReward(target=(1.0, 0.0, 0.0))],
+        [color],
         Dataset.from_dict({"prompt": PROMPTS}),
         eval_dataset=Dataset.from_dict({"prompt": EVAL_PROMPTS}),
         eval_reward_fns=[BrightnessReward()],
     )
-    before = trainer.evaluate()["eval/color/mean"]
+    seeds = [config.eval_seed + i for i in range(len(EVAL_PROMPTS))]  # the noise of trainer.evaluate()
+    before = color(trainer.sample_images(EVAL_PROMPTS, seeds), EVAL_PROMPTS)
+    trainer.evaluate()  # the curve's first point, at iteration 0
     state = trainer.train()
-    after = state.eval_history[-1]["eval/color/mean"]
+    after = color(trainer.sample_images(EVAL_PROMPTS, seeds), EVAL_PROMPTS)
+    change, error = paired_change(before, after)
     trainer.save_model(args.output_dir)
     seconds = [m["time/sampling"] + m["time/rewards"] + m["time/update"] for m in state.log_history]
     curve = os.path.join(args.output_dir, "reward_curve.png")
     plot(state.log_history, state.eval_history, curve)
     print(
-        f"\neval colour reward: {before:.4f} -> {after:.4f} ({after - before:+.4f}); "
-        f"{sum(seconds) / len(seconds):.2f} s per iteration; "
+        f"\neval colour reward: {before.mean():.4f} -> {after.mean():.4f}, change {change:+.4f} ± {error:.4f} "
+        f"(s.e. over {len(EVAL_PROMPTS)} paired images: {change / error:.0f} standard errors)"
+    )
+    print(
+        f"{sum(seconds) / len(seconds):.2f} s per iteration, "
         f"{state.log_history[-1]['transformer_evaluations']} transformer evaluations per iteration"
     )
     print(f"LoRA saved to {args.output_dir}/pytorch_lora_weights.safetensors; reward curve: {curve}")

@@ -407,6 +407,7 @@ def test_two_rewards_log_both_and_raise_the_weighted_objective(tmp_path, aggrega
         reward_aggregation=aggregation,
         max_steps=8,
         num_generations=6,
+        prompts_per_device=4,  # 4 groups per optimizer step: with 2 the gain was 4.2 s.e. in .venv-min
     )
 
     def objective():
@@ -415,7 +416,9 @@ def test_two_rewards_log_both_and_raise_the_weighted_objective(tmp_path, aggrega
 
     before = objective()
     history = trainer.train().log_history
-    assert_reward_rose(before, objective(), min_gain=0.0)
+    # Measured gain (s.e.): advantage +0.040 (0.0008) in .venv, +0.032 (0.0011) in .venv-min; sum +0.051 (0.0007),
+    # +0.038 (0.0017).
+    assert_reward_rose(before, objective(), min_gain=0.01)
     for name in ("color", "brightness"):
         assert all(f"reward/{name}/mean" in m and f"reward/{name}/std" in m for m in history)
     expected = sum(w * history[-1][f"reward/{n}/mean"] for w, n in zip(weights, ["color", "brightness"], strict=True))
