@@ -233,11 +233,15 @@ def run(tmp_path_factory):
     pytest.importorskip("tensorboard")
     trackers = "tensorboard" + (",wandb" if importlib.util.find_spec("wandb") else "")
     tmp = tmp_path_factory.mktemp("secrets")
-    records, root = LogRecords(), logging.getLogger()
+    records, root, package = LogRecords(), logging.getLogger(), logging.getLogger("trl_flow_egrpo")
     console = io.StringIO()
-    level = root.level
+    # Earlier tests (accelerate's logging, caplog) can leave the package logger at a higher level or not
+    # propagating: every record of the run must reach the handler whatever ran before.
+    saved = root.level, package.level, package.propagate
     root.addHandler(records)
     root.setLevel(logging.DEBUG)
+    package.setLevel(logging.DEBUG)
+    package.propagate = True
     try:
         with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(console):
             with contextlib.redirect_stderr(console):
@@ -258,7 +262,9 @@ def run(tmp_path_factory):
                 trainer.train()
     finally:
         root.removeHandler(records)
-        root.setLevel(level)
+        root.setLevel(saved[0])
+        package.setLevel(saved[1])
+        package.propagate = saved[2]
     return tmp, trainer, fake, records.lines, console.getvalue(), trackers
 
 
