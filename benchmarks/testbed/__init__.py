@@ -74,8 +74,26 @@ def load_testbed_pipeline(directory: str = CHECKPOINT_DIR, build_if_missing: boo
         pipeline, log = build_testbed(Recipe())
         save_testbed(pipeline, log, Recipe(), directory)
     pipeline = FluxPipeline.from_pretrained(directory)
+    _load_flat_clip_weights(pipeline.text_encoder, directory)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def _load_flat_clip_weights(text_encoder, directory: str) -> None:
+    """Load the committed CLIP text encoder's weights where the installed transformers expects other names.
+
+    Recent transformers 5.x save ``CLIPTextModel`` weights flat (``embeddings.*``, ``encoder.*``); transformers 5.0
+    nests them under ``text_model.``, so it reports every committed weight MISSING and leaves the encoder random.
+    There the flat weights are loaded under the nested names (strictly: every weight must match)."""
+    expected = list(text_encoder.state_dict())
+    if not expected or not all(name.startswith("text_model.") for name in expected):
+        return
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(directory, "text_encoder", "model.safetensors"))
+    if any(name.startswith("text_model.") for name in saved):
+        return
+    text_encoder.load_state_dict({f"text_model.{name}": tensor for name, tensor in saved.items()}, strict=True)
 
 
 def egrpo_config(output_dir: str, **overrides):
