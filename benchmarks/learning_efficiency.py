@@ -1,54 +1,80 @@
-"""Learning efficiency: every algorithm of the GRPO family at an equal budget of transformer evaluations.
+"""Learning efficiency with power: every algorithm of the GRPO family on the testbed, paired seeds, a learning-rate
+sweep per algorithm, bootstrap intervals.
 
-    python benchmarks/learning_efficiency.py --quick            # 3 seeds, 30,000 rows: about 10 minutes on 2 cores
-    python benchmarks/learning_efficiency.py                    # the full budget (longer)
+    python benchmarks/learning_efficiency.py --quick            # 3 lrs x 1 sweep seed, 3 report seeds (< 15 min)
+    python benchmarks/learning_efficiency.py                    # 4 lrs x 3 sweep seeds, 20 report seeds (CPU-hours)
+    python benchmarks/learning_efficiency.py --seeds 40         # add report seeds to the cached full run
+    python benchmarks/learning_efficiency.py --report_only      # rebuild the report from the cache, train nothing
     python benchmarks/learning_efficiency.py --smoke --model tiny   # seconds: checks the script works
 
-Each algorithm (``EGRPOConfig.algorithm``) trains a LoRA on the testbed (benchmarks/testbed: a small pretrained
-FLUX-shaped pipeline of coloured shapes, ColourPurityReward) with the same hyperparameters (:data:`SHARED`),
-for seeds 0, 1, 2, until its cumulative cost passes the budget. The cost of an iteration is counted in
-transformer rows (one latent through the transformer once):
+An *arm* is a label and the ``EGRPOConfig`` fields it sets (:data:`ARMS`: the algorithms, MixGRPO-Flash, and
+E-GRPO with its completion options). Every arm trains a LoRA on the testbed (benchmarks/testbed, ColourPurityReward)
+with the shared hyperparameters (:data:`SHARED`), the same ``optimizer_step`` included, until its cumulative cost
+passes the budget. The cost is counted in transformer rows, the same way for every arm:
 
-- sampling rows: the rows the rollouts cost (the trainer's ``transformer_evaluations``);
-- update rows: the rows the policy update forwards and back-propagates, ``len(rollouts.step_start)`` per inner
-  epoch (E-GRPO: one per group; trajectory algorithms: one per trained step of every trajectory);
+- sampling rows: the trainer's ``transformer_evaluations`` metric;
+- update rows: ``len(rollouts.step_start)`` per inner epoch (the trainer's own closed form for its throughput);
 - total = sampling rows + 3 x update rows (a backward pass costs about two forwards in FLOPs).
 
-Every time the total crosses the next of ``--eval_points`` equally spaced fractions of the budget, the policy
-is evaluated: deterministic ODE samples (``trainer.sample_images``) of held-out prompts from fixed noise seeds,
-scored by the training reward. The seed-mean curves give, per algorithm, the total it needs to reach the best
-baseline's final evaluation reward (linear interpolation between evaluations), and E-GRPO's ratio to that
-baseline's own. Writes ``benchmarks/results/learning_efficiency_<mode>.{md,png,json}``.
+Two phases:
+
+1. *Sweep*: each arm at every learning rate of the mode, on the sweep seeds, evaluated on the *validation* prompts
+   (half of the testbed's held-out compositions); each arm's learning rate is the one with the largest mean gain
+   over its evaluation points (the area under its gain curve on the rows axis).
+2. *Report*: each arm at its own learning rate on the report seeds, evaluated on the *report* prompts (the other
+   half of the held-out compositions, disjoint from training and validation).
+
+Seeds are paired: ``config.seed = s`` gives every arm the same training prompts in the same order and the same
+per-prompt random streams, and every evaluation the same prompts and noises (``EVAL_SEED + i``). Evaluations happen
+at ``eval_points`` equal fractions of the budget, recording iterations and rows, so curves have both axes.
+
+Statistics (benchmarks/power.py): rows to reach a fixed gain target (``TARGET_GAIN`` over the arm's own start)
+on the seed-mean gain curve, and E-GRPO's ratio to the best baseline (the baseline that reaches the target in the
+fewest rows, chosen inside every resample) with a paired bootstrap 95% interval over seeds; the per-iteration
+ordering: every arm's gain at the last iteration all arms reached, with paired-difference intervals against
+E-GRPO.
+
+Each (arm, learning rate, split, seed) run writes its curve to ``<out>/cache/learning_efficiency_<mode>/`` as it
+finishes; a later call skips the cached runs, so an interrupted run resumes and ``--seeds`` adds seeds. The report
+is built from what is cached and says how many seeds each arm has. Writes
+``<out>/learning_efficiency_<mode>.{md,png,json}``.
 
 ``--model tiny`` replaces the testbed with the library's random-weight tiny FLUX pipeline and ColorReward
-(prompt-independent: useful to check the machinery, not to compare algorithms).
+(prompt-independent: it checks the machinery, it does not compare algorithms).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import multiprocessing
 import os
+import re
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import power  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
-ALGORITHMS = ["e-grpo", "flow-grpo", "dance-grpo", "mix-grpo"]
-BASELINES = ALGORITHMS[1:]
 UPDATE_ROW_COST = 3
 """Forward-row equivalents of one update row (a forward and a backward, the backward about twice the FLOPs)."""
+
+TARGET_GAIN = 0.02
+"""The fixed gain target: held-out reward 0.02 above the arm's own start (the untrained pipeline's reward)."""
 
 SHARED: dict = dict(
     num_inference_steps=16,
     num_generations=8,
     prompts_per_device=4,
-    learning_rate=1e-3,
-    optimizer_step="iteration",
+    optimizer_step="active_step",
     advantage_eps=0.05,
     clip_range=1e-2,
     noise_level=0.7,
@@ -60,34 +86,78 @@ SHARED: dict = dict(
     save_steps=0,
     disable_tqdm=True,
 )
-"""Hyperparameters every algorithm shares (the testbed's recipe, ``benchmarks.testbed.egrpo_config``, with larger
-update micro-batches for speed: micro-batching does not change the gradient). Each algorithm keeps its own paper
-defaults otherwise."""
+"""Hyperparameters every arm shares (the testbed's recipe, ``benchmarks.testbed.egrpo_config``, with larger update
+micro-batches for speed, which do not change the gradient), except the learning rate, swept per arm. One choice
+matters: ``optimizer_step="active_step"`` for every arm, one optimizer step per phase of the algorithm (E-GRPO: per
+merge-plan step; the trajectory baselines: per trained step index), as in the official code of every one of them,
+so that the PPO clip acts from the second phase of an iteration on. With ``"iteration"`` every ratio is exactly 1,
+the clip never acts and the algorithms' update rules lose what distinguishes them."""
 
 EVAL_SEED = 1000
-"""Held-out prompt ``i`` is always sampled from the noise of seed ``EVAL_SEED + i``."""
+"""Evaluation prompt ``i`` is always sampled from the noise of seed ``EVAL_SEED + i``."""
+
+ARMS: list[tuple[str, dict]] = [
+    ("e-grpo", dict(algorithm="e-grpo")),
+    ("flow-grpo", dict(algorithm="flow-grpo")),
+    ("dance-grpo", dict(algorithm="dance-grpo")),
+    ("mix-grpo", dict(algorithm="mix-grpo")),
+    ("mix-grpo-flash", dict(algorithm="mix-grpo-flash")),
+    ("e-grpo dpm++2m 0.4", dict(algorithm="e-grpo", completion_solver="dpmpp_2m", completion_steps_fraction=0.4)),
+    ("e-grpo granular 1,2", dict(algorithm="e-grpo", completion_granularities=[1, 2])),
+]
+"""(label, EGRPOConfig fields): every arm of the benchmark. Labels starting with 'e-grpo' are E-GRPO's; the others
+are the baselines. An arm the installed library cannot configure is left out with its reason."""
+
+
+def is_egrpo(label: str) -> bool:
+    """Whether an arm is one of E-GRPO's (the others are baselines)."""
+    return label.startswith("e-grpo")
 
 
 @dataclass(frozen=True)
 class Mode:
-    """How much to run: the budget in total rows, evaluations along it, seeds, held-out prompts, an optional
-    iteration cap and config fields that replace :data:`SHARED` ones (the smoke mode's smaller groups)."""
+    """How much to run.
+
+    Attributes: the budget in total rows (or ``max_iterations`` with ``budget_by_iterations``), evaluation points
+    along it, the learning rates swept, the sweep seeds, the report seeds, the number of evaluation prompts per
+    split, config fields that replace :data:`SHARED` ones, and whether the budget is in iterations.
+    """
 
     budget: int
     eval_points: int
     seeds: tuple[int, ...]
     num_eval_prompts: int
+    learning_rates: tuple[float, ...] = ()
+    sweep_seeds: tuple[int, ...] = ()
     max_iterations: int | None = None
     overrides: tuple[tuple[str, object], ...] = ()
+    budget_by_iterations: bool = False
 
 
 MODES: dict[str, Mode] = {
-    "full": Mode(budget=60_000, eval_points=12, seeds=(0, 1, 2), num_eval_prompts=64),
-    "quick": Mode(budget=30_000, eval_points=5, seeds=(0, 1, 2), num_eval_prompts=48),
+    "full": Mode(
+        budget=60_000,
+        eval_points=12,
+        learning_rates=(3e-5, 6e-5, 1.25e-4, 2.5e-4),
+        sweep_seeds=(100, 101, 102),
+        seeds=tuple(range(20)),
+        num_eval_prompts=48,
+    ),
+    "quick": Mode(
+        budget=12_000,
+        eval_points=6,
+        learning_rates=(6e-5, 1.25e-4, 2.5e-4),
+        sweep_seeds=(100,),
+        seeds=(0, 1, 2),
+        num_eval_prompts=16,
+        overrides=(("prompts_per_device", 2),),
+    ),
     "smoke": Mode(
         budget=10**9,
         eval_points=1,
-        seeds=(0,),
+        learning_rates=(5e-4, 1e-3),
+        sweep_seeds=(100,),
+        seeds=(0, 1),
         num_eval_prompts=1,
         max_iterations=2,
         overrides=(("num_generations", 2), ("prompts_per_device", 1)),
@@ -115,32 +185,49 @@ def import_testbed(testbed_root: str):
 
 @dataclass
 class Backend:
-    """What a run trains on: a fresh pipeline per run, the reward, train and held-out prompts, config fields."""
+    """What a run trains on: a fresh pipeline per run, the reward, the training prompts, the evaluation prompts of
+    each split ('validation' and 'report', disjoint from each other and from training), config fields."""
 
     name: str
     build_pipeline: object
     reward: object
     train_prompts: list[str]
-    eval_prompts: list[str]
+    eval_prompts: dict[str, list[str]]
     config_fields: dict = field(default_factory=dict)
+
+
+def split_heldout(heldout: list[str], num_prompts: int) -> dict[str, list[str]]:
+    """The testbed's held-out prompts as two disjoint evaluation splits of ``num_prompts`` each.
+
+    The held-out prompts come in pairs (one composition in both orders, consecutive): compositions alternate
+    between 'validation' and 'report', so no composition is in both; each split is then thinned evenly."""
+    compositions = [heldout[i : i + 2] for i in range(0, len(heldout), 2)]
+    splits = {
+        "validation": [p for pair in compositions[0::2] for p in pair],
+        "report": [p for pair in compositions[1::2] for p in pair],
+    }
+    for name, prompts in splits.items():
+        if num_prompts > len(prompts):
+            raise ValueError(f"{num_prompts} evaluation prompts asked, the {name} split has {len(prompts)}.")
+        stride = len(prompts) // num_prompts
+        splits[name] = prompts[::stride][:num_prompts]
+    return splits
 
 
 def testbed_backend(testbed_root: str, num_eval_prompts: int, checkpoint: str | None = None) -> Backend:
     """The testbed: its pretrained pipeline (the committed one, or the one saved in ``checkpoint``),
-    ColourPurityReward (dense and graded, with headroom: see docs/testbed.md), its training and held-out
-    prompts."""
+    ColourPurityReward (dense and graded, with headroom: see docs/testbed.md), its training prompts and its
+    held-out prompts split into validation and report prompts."""
     testbed = import_testbed(testbed_root)
     from benchmarks.testbed.rewards import ColourPurityReward
 
     directory = checkpoint or testbed.CHECKPOINT_DIR
-    heldout = testbed.heldout_prompts()
-    stride = max(1, len(heldout) // num_eval_prompts)  # spread over the held-out compositions
     return Backend(
         "testbed",
         lambda: testbed.load_testbed_pipeline(directory, build_if_missing=False),
         ColourPurityReward(),
         testbed.train_prompts(),
-        heldout[::stride][:num_eval_prompts],
+        split_heldout(testbed.heldout_prompts(), num_eval_prompts),
         dict(testbed.SAMPLING),
     )
 
@@ -158,7 +245,7 @@ def tiny_backend(num_eval_prompts: int) -> Backend:
         lambda: build_tiny_flux_pipeline(seed=0),
         ColorReward(),
         TINY_PROMPTS[:4],
-        (TINY_PROMPTS * num_eval_prompts)[:num_eval_prompts],
+        {"validation": [TINY_PROMPTS[4]] * num_eval_prompts, "report": [TINY_PROMPTS[5]] * num_eval_prompts},
         dict(height=64, width=64, max_sequence_length=32),
     )
 
@@ -170,12 +257,72 @@ def make_backend(model: str, testbed_root: str, checkpoint: str | None, num_eval
     return tiny_backend(num_eval_prompts)
 
 
+# ---------------------------------------------------------------------------------------------- arms
+
+
+def unavailable_reason(fields: dict) -> str | None:
+    """Why the installed library cannot run an arm (an unknown config field, or a value its validation refuses),
+    or None if it can."""
+    from trl_flow_egrpo import EGRPOConfig
+
+    known = {f.name for f in dataclasses.fields(EGRPOConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        return f"EGRPOConfig has no field {', '.join(unknown)} (not in this version of the library)"
+    with tempfile.TemporaryDirectory() as output_dir:
+        try:
+            EGRPOConfig(output_dir=output_dir, **{**SHARED, "learning_rate": 1e-4, **fields})
+        except (ValueError, TypeError) as error:
+            return f"EGRPOConfig refuses it: {str(error).splitlines()[0]}"
+    return None
+
+
+def available_arms(arms: list[tuple[str, dict]], only: list[str] | None = None) -> list[tuple[str, dict]]:
+    """The arms the installed library can run (each one left out is printed with its reason), restricted to the
+    labels in ``only`` if given."""
+    if only:
+        unknown = sorted(set(only) - {label for label, _ in arms})
+        if unknown:
+            raise SystemExit(f"Unknown arm(s) {unknown}: choose among {[label for label, _ in arms]}.")
+        arms = [arm for arm in arms if arm[0] in only]
+    kept = []
+    for label, fields in arms:
+        reason = unavailable_reason(fields)
+        if reason:
+            print(f"arm '{label}' is unavailable and left out: {reason}", flush=True)
+        else:
+            kept.append((label, fields))
+    return kept
+
+
 # ---------------------------------------------------------------------------------------------- one run
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run: an arm at a learning rate and seed, evaluated on one split."""
+
+    arm: str
+    fields: tuple[tuple[str, object], ...]
+    learning_rate: float
+    seed: int
+    split: str
+
+    def config_fields(self) -> dict:
+        """The EGRPOConfig fields this run sets on top of the shared ones."""
+        return dict(self.fields, learning_rate=self.learning_rate, seed=self.seed)
+
+
+def make_job(arm: str, fields: dict, learning_rate: float, seed: int, split: str) -> Job:
+    """A hashable :class:`Job` (list values become tuples)."""
+    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in fields.items()))
+    return Job(arm, frozen, learning_rate, seed, split)
 
 
 def count_update_rows(trainer) -> list[int]:
     """Make ``trainer`` record the update rows of each iteration: ``len(rollouts.step_start)`` trained-step
-    inputs, each forwarded (and back-propagated) once per inner epoch. Returns the list it appends to."""
+    inputs, each forwarded (and back-propagated) once per inner epoch (the closed form the trainer's throughput
+    metrics use). Returns the list it appends to."""
     rows: list[int] = []
     update = trainer.update
 
@@ -193,12 +340,19 @@ def evaluation_reward(trainer, reward, prompts: list[str]) -> float:
     return float(reward(images, prompts).float().mean())
 
 
-def run_curve(backend: Backend, config_fields: dict, mode: Mode, budget_by_iterations: bool = False) -> dict:
-    """Train one configuration until its total rows pass ``mode.budget`` (or for ``mode.max_iterations``), and
-    evaluate at 0 and each time the total crosses one of ``mode.eval_points`` equal fractions of the budget
-    (``budget_by_iterations``: at equal fractions of ``mode.max_iterations`` instead).
+def evaluation_due(progress: float, next_point: int, scale: float, eval_points: int) -> bool:
+    """Whether ``progress`` (rows or iterations) has reached evaluation point ``next_point`` of ``eval_points``
+    equal fractions of ``scale``."""
+    return progress >= next_point * scale / eval_points
 
-    Returns the curve: per evaluation, the iteration, sampling rows, update rows, total and evaluation reward.
+
+def run_curve(backend: Backend, job: Job, mode: Mode) -> dict:
+    """Train one job until its total rows pass ``mode.budget`` (or for ``mode.max_iterations``), evaluating on the
+    job's split at 0 and each time the progress crosses one of ``mode.eval_points`` equal fractions of the budget
+    (of ``mode.max_iterations`` with ``mode.budget_by_iterations``).
+
+    Returns the run: its job, its curve (per evaluation: iteration, sampling rows, update rows, total, evaluation
+    reward, the training reward of that iteration), wall and CPU seconds, merge plan and rows per iteration.
     """
     import torch
 
@@ -206,11 +360,12 @@ def run_curve(backend: Backend, config_fields: dict, mode: Mode, budget_by_itera
 
     torch.set_num_threads(1)
     quiet_libraries()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    prompts = backend.eval_prompts[job.split]
     with tempfile.TemporaryDirectory() as output_dir:
-        config = EGRPOConfig(
-            output_dir=output_dir, **{**SHARED, **dict(mode.overrides), **backend.config_fields, **config_fields}
-        )
+        values = {**SHARED, **dict(mode.overrides), **backend.config_fields, **job.config_fields()}
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        config = EGRPOConfig(output_dir=output_dir, **values)
         trainer = EGRPOTrainer(config, backend.build_pipeline(), [backend.reward], backend.train_prompts)
         update_rows = count_update_rows(trainer)
         sampling, updates, iteration = 0, 0, 0
@@ -221,9 +376,10 @@ def run_curve(backend: Backend, config_fields: dict, mode: Mode, budget_by_itera
                 update_rows=0,
                 total=0,
                 train_reward=None,
-                reward=evaluation_reward(trainer, backend.reward, backend.eval_prompts),
+                reward=evaluation_reward(trainer, backend.reward, prompts),
             )
         ]
+        scale = mode.max_iterations if mode.budget_by_iterations else mode.budget
         next_point = 1
         while True:
             metrics = trainer.step()
@@ -231,11 +387,12 @@ def run_curve(backend: Backend, config_fields: dict, mode: Mode, budget_by_itera
             sampling += int(metrics["transformer_evaluations"])
             updates += update_rows[-1]
             total = sampling + UPDATE_ROW_COST * updates
-            progress = iteration if budget_by_iterations else total
-            scale = mode.max_iterations if budget_by_iterations else mode.budget
-            done = total >= mode.budget or (mode.max_iterations is not None and iteration >= mode.max_iterations)
-            if done or progress >= next_point * scale / mode.eval_points:
-                while progress >= next_point * scale / mode.eval_points:
+            progress = iteration if mode.budget_by_iterations else total
+            done = (not mode.budget_by_iterations and total >= mode.budget) or (
+                mode.max_iterations is not None and iteration >= mode.max_iterations
+            )
+            if done or evaluation_due(progress, next_point, scale, mode.eval_points):
+                while evaluation_due(progress, next_point, scale, mode.eval_points):
                     next_point += 1
                 points.append(
                     dict(
@@ -243,43 +400,25 @@ def run_curve(backend: Backend, config_fields: dict, mode: Mode, budget_by_itera
                         sampling_rows=sampling,
                         update_rows=updates,
                         total=total,
-                        reward=evaluation_reward(trainer, backend.reward, backend.eval_prompts),
+                        reward=evaluation_reward(trainer, backend.reward, prompts),
                         train_reward=metrics["reward/weighted_mean"],
                     )
                 )
             if done:
                 break
     return dict(
-        config=config_fields,
+        arm=job.arm,
+        fields=dict(job.fields),
+        learning_rate=job.learning_rate,
+        seed=job.seed,
+        split=job.split,
         points=points,
         seconds=time.perf_counter() - start,
+        cpu_seconds=time.process_time() - cpu_start,
         merge_plan=[(step.start, step.length) for step in trainer.merge_plan],
         sampling_rows_per_iteration=sampling / iteration,
         update_rows_per_iteration=updates / iteration,
     )
-
-
-_WORKER_BACKEND: dict = {}
-
-
-def _run_job(job: tuple) -> dict:
-    """Worker entry: build (once per process) the backend, then run one curve."""
-    backend_args, config_fields, mode, budget_by_iterations = job
-    if backend_args not in _WORKER_BACKEND:
-        _WORKER_BACKEND.clear()
-        _WORKER_BACKEND[backend_args] = make_backend(*backend_args)
-    return run_curve(_WORKER_BACKEND[backend_args], config_fields, mode, budget_by_iterations)
-
-
-def run_jobs(
-    backend_args: tuple, configs: list[dict], mode: Mode, workers: int, budget_by_iterations: bool = False
-) -> list[dict]:
-    """Run every configuration (``workers`` single-threaded processes in parallel); results in input order."""
-    jobs = [(backend_args, config, mode, budget_by_iterations) for config in configs]
-    if workers <= 1:
-        return [_run_job(job) for job in jobs]
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return pool.map(_run_job, jobs, chunksize=1)
 
 
 def quiet_libraries() -> None:
@@ -294,74 +433,190 @@ def quiet_libraries() -> None:
     logging.getLogger("trl_flow_egrpo").setLevel(logging.WARNING)
 
 
+# ---------------------------------------------------------------------------------------------- the job cache
+
+
+def fingerprint(job: Job, mode: Mode, backend_args: tuple) -> str:
+    """A hash of everything a run's curve depends on (the job, the mode, the shared fields, the backend): a cached
+    run is reused only if it matches."""
+    model, _, checkpoint, _ = backend_args
+    payload = json.dumps(
+        [dataclasses.asdict(job), dataclasses.asdict(mode), SHARED, UPDATE_ROW_COST, EVAL_SEED, model, checkpoint],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cache_path(cache_dir: str, job: Job) -> str:
+    """Where one job's run is cached: ``<arm>__lr<lr>__<split>__s<seed>.json`` (arm label made file-safe)."""
+    slug = re.sub(r"[^A-Za-z0-9.+-]+", "_", job.arm)
+    return os.path.join(cache_dir, f"{slug}__lr{job.learning_rate:g}__{job.split}__s{job.seed}.json")
+
+
+def load_cached(cache_dir: str, job: Job, key: str) -> dict | None:
+    """The cached run of ``job`` if there is one with fingerprint ``key`` (a stale one is ignored)."""
+    path = cache_path(cache_dir, job)
+    if not os.path.exists(path):
+        return None
+    with open(path) as file:
+        run = json.load(file)
+    return run if run.get("fingerprint") == key else None
+
+
+_WORKER_BACKEND: dict = {}
+
+
+def _run_job(task: tuple) -> str:
+    """Worker entry: build (once per process) the backend, run one job, write it to the cache atomically."""
+    backend_args, job, mode, cache_dir, key = task
+    if backend_args not in _WORKER_BACKEND:
+        _WORKER_BACKEND.clear()
+        _WORKER_BACKEND[backend_args] = make_backend(*backend_args)
+    run = run_curve(_WORKER_BACKEND[backend_args], job, mode)
+    run["fingerprint"] = key
+    path = cache_path(cache_dir, job)
+    with open(path + ".tmp", "w") as file:
+        json.dump(run, file, indent=1)
+    os.replace(path + ".tmp", path)
+    return f"{job.arm} lr={job.learning_rate:g} {job.split} seed={job.seed}: {run['cpu_seconds']:.0f} CPU-s"
+
+
+def run_jobs(backend_args: tuple, jobs: list[Job], mode: Mode, workers: int, cache_dir: str) -> list[dict]:
+    """Every job's run: cached ones are read, the others run (``workers`` single-threaded processes in parallel,
+    each run cached as it finishes). Results in input order."""
+    os.makedirs(cache_dir, exist_ok=True)
+    keys = [fingerprint(job, mode, backend_args) for job in jobs]
+    missing = [
+        (backend_args, job, mode, cache_dir, key)
+        for job, key in zip(jobs, keys, strict=True)
+        if load_cached(cache_dir, job, key) is None
+    ]
+    if missing:
+        print(f"{len(jobs) - len(missing)} of {len(jobs)} runs cached; running {len(missing)}.", flush=True)
+        if workers <= 1:
+            for task in missing:
+                print(_run_job(task), flush=True)
+        else:
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                for message in pool.imap_unordered(_run_job, missing, chunksize=1):
+                    print(message, flush=True)
+    return [load_cached(cache_dir, job, key) for job, key in zip(jobs, keys, strict=True)]
+
+
+def cached_runs(backend_args: tuple, jobs: list[Job], mode: Mode, cache_dir: str) -> list[dict]:
+    """The cached runs of ``jobs`` (those not cached are skipped): what ``--report_only`` reports."""
+    runs = [load_cached(cache_dir, job, fingerprint(job, mode, backend_args)) for job in jobs]
+    return [run for run in runs if run is not None]
+
+
 # ---------------------------------------------------------------------------------------------- analysis
 
 
-def mean_curve(runs: list[dict], x: str = "total") -> tuple[list[float], list[float], list[float]]:
-    """Seed-mean curve of runs with the same evaluation schedule: x, mean reward, standard error of the mean."""
-    length = min(len(run["points"]) for run in runs)
-    xs, means, errors = [], [], []
-    for i in range(length):
-        rewards = [run["points"][i]["reward"] for run in runs]
-        xs.append(sum(run["points"][i][x] for run in runs) / len(runs))
-        mean = sum(rewards) / len(rewards)
-        means.append(mean)
-        variance = sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1) if len(rewards) > 1 else 0.0
-        errors.append(math.sqrt(variance / len(rewards)))
-    return xs, means, errors
+def sweep_score(run: dict) -> float:
+    """How well a sweep run learned: its mean gain over the evaluation points after the start (the area under
+    its gain curve, the points being equally spaced in rows): less noisy than the final gain alone."""
+    gains = power.gains([p["reward"] for p in run["points"]])[1:]
+    return power.mean(gains) if gains else 0.0
 
 
-def cost_to_reach(xs: list[float], rewards: list[float], target: float) -> float | None:
-    """The first x at which the curve reaches ``target`` (linear interpolation between evaluations; the
-    curve starts at x[0]); None if it never does."""
-    if rewards[0] >= target:
-        return xs[0]
-    for x0, r0, x1, r1 in zip(xs, rewards, xs[1:], rewards[1:], strict=False):
-        if r1 >= target:
-            return x0 + (target - r0) / (r1 - r0) * (x1 - x0)
-    return None
+def choose_learning_rates(sweep: list[dict]) -> dict[str, dict]:
+    """Per arm: every swept learning rate's mean score (:func:`sweep_score`) and s.e. over sweep seeds, and the
+    best learning rate (largest mean score)."""
+    choices: dict[str, dict] = {}
+    for run in sweep:
+        choices.setdefault(run["arm"], {}).setdefault(run["learning_rate"], []).append(sweep_score(run))
+    result = {}
+    for arm, by_lr in choices.items():
+        scores = {lr: dict(mean=power.mean(s), se=power.standard_error(s), seeds=len(s)) for lr, s in by_lr.items()}
+        result[arm] = dict(scores=scores, best=max(scores, key=lambda lr: scores[lr]["mean"]))
+    return result
 
 
-def summarize(results: dict[str, list[dict]]) -> dict:
-    """Per algorithm: final seed-mean reward, its s.e., and the rows needed to reach the best baseline's final
-    reward; the best baseline and E-GRPO's ratio to it (None where a curve never reaches the target)."""
-    curves = {name: mean_curve(runs) for name, runs in results.items()}
-    baselines = [name for name in results if name != "e-grpo"]
-    best = max(baselines, key=lambda name: curves[name][1][-1]) if baselines else None
-    target = curves[best][1][-1] if best else None
+def best_baseline_ratio(egrpo: str, baselines: list[str], target: float, x: str = "total"):
+    """The statistic ``rows_to_reach(egrpo) / min over baselines of rows_to_reach`` (the best baseline chosen
+    within each resample, so the interval includes the uncertainty of which baseline is best)."""
+
+    def statistic(runs_by_arm: dict[str, list[dict]]) -> float:
+        best = min(power.rows_to_reach(runs_by_arm[b], target, x) for b in baselines)
+        return power.ratio(power.rows_to_reach(runs_by_arm[egrpo], target, x), best)
+
+    return statistic
+
+
+def common_iteration(runs_by_arm: dict[str, list[dict]]) -> int:
+    """The last iteration every run of every arm evaluated at or beyond (the per-iteration comparison's x)."""
+    return min(run["points"][-1]["iteration"] for runs in runs_by_arm.values() for run in runs)
+
+
+def summarize(runs_by_arm: dict[str, list[dict]], target: float = TARGET_GAIN, num_resamples: int = 2000) -> dict:
+    """The report's numbers from the report runs of each arm (at its chosen learning rate).
+
+    Per arm: seeds, rows and iterations per run, the start reward, the final gain (± s.e.), rows and iterations to
+    reach ``target`` (seed-mean curve). Then, for each E-GRPO arm, its ratio of rows to reach the target to the
+    best baseline's with a paired bootstrap interval; and the per-iteration ordering: each arm's gain at the
+    common iteration with the paired difference to 'e-grpo' and its interval.
+    """
     rows = {}
-    for name, runs in results.items():
-        xs, means, errors = curves[name]
-        reach = cost_to_reach(xs, means, target) if target is not None else None
-        sampling_xs = mean_curve(runs, "sampling_rows")[0]
-        update_xs = mean_curve(runs, "update_rows")[0]
-        rows[name] = dict(
-            final_reward=means[-1],
-            final_se=errors[-1],
-            initial_reward=means[0],
-            final_total=xs[-1],
-            final_sampling_rows=sampling_xs[-1],
-            final_update_rows=update_xs[-1],
-            iterations=runs[0]["points"][-1]["iteration"],
-            total_to_reach=reach,
-            sampling_rows_per_iteration=runs[0]["sampling_rows_per_iteration"],
-            update_rows_per_iteration=runs[0]["update_rows_per_iteration"],
-            seconds=sum(run["seconds"] for run in runs) / len(runs),
+    for arm, runs in runs_by_arm.items():
+        finals = [power.final_gain(run) for run in runs]
+        rows[arm] = dict(
+            seeds=len(runs),
+            initial_reward=power.mean([run["points"][0]["reward"] for run in runs]),
+            final_gain=power.mean(finals),
+            final_gain_se=power.standard_error(finals),
+            final_total=power.mean([run["points"][-1]["total"] for run in runs]),
+            iterations=max(run["points"][-1]["iteration"] for run in runs),
+            rows_to_reach=power.rows_to_reach(runs, target, "total"),
+            iterations_to_reach=power.rows_to_reach(runs, target, "iteration"),
+            sampling_rows_per_iteration=power.mean([run["sampling_rows_per_iteration"] for run in runs]),
+            update_rows_per_iteration=power.mean([run["update_rows_per_iteration"] for run in runs]),
+            cpu_seconds=power.mean([run.get("cpu_seconds", run["seconds"]) for run in runs]),
         )
-    ratio = None
-    degenerate = best is not None and target <= rows[best]["initial_reward"]
-    if best and not degenerate and "e-grpo" in rows and rows["e-grpo"]["total_to_reach"] is not None:
-        ratio = rows["e-grpo"]["total_to_reach"] / rows[best]["total_to_reach"]
-    return dict(best_baseline=best, target=target, rows=rows, egrpo_ratio=ratio, target_not_above_start=degenerate)
+    baselines = [arm for arm in runs_by_arm if not is_egrpo(arm)]
+    ratios = {}
+    if baselines:
+        for arm in (a for a in runs_by_arm if is_egrpo(a)):
+            arms = {a: runs_by_arm[a] for a in [arm, *baselines]}
+            for x in ("total", "iteration"):
+                ratios.setdefault(arm, {})[x] = power.paired_bootstrap(
+                    arms, best_baseline_ratio(arm, baselines, target, x), num_resamples
+                )
+    ordering = {}
+    if "e-grpo" in runs_by_arm and len(runs_by_arm) > 1:
+        at = common_iteration(runs_by_arm)
+        ordering = dict(iteration=at, arms={})
+        for arm, runs in runs_by_arm.items():
+            per_seed = [power.gain_at(run, at) for run in runs]
+            entry = dict(gain=power.mean(per_seed), se=power.standard_error(per_seed))
+            if arm != "e-grpo":
+                entry["difference_to_e_grpo"] = power.paired_difference(
+                    runs, runs_by_arm["e-grpo"], lambda run: power.gain_at(run, at), num_resamples
+                )
+            ordering["arms"][arm] = entry
+    return dict(target_gain=target, rows=rows, ratios=ratios, ordering=ordering, baselines=baselines)
+
+
+# ---------------------------------------------------------------------------------------------- report
 
 
 def _number(value: float | None, digits: int = 0) -> str:
-    return "not reached" if value is None else f"{value:,.{digits}f}"
+    """A count or ratio for the tables: 'not reached' for inf (or None), 'undefined' for NaN."""
+    if value is None or math.isinf(value):
+        return "not reached"
+    return "undefined" if math.isnan(value) else f"{value:,.{digits}f}"
 
 
-def shared_settings(learning_rate: float) -> str:
-    """The shared hyperparameters of a report, with the learning rate the runs used."""
-    values = {**SHARED, "learning_rate": learning_rate}
+def _interval(result: dict, digits: int = 2) -> str:
+    low, high = result["low"], result["high"]
+    if math.isnan(low):
+        return "undefined"
+    return f"[{low:.{digits}f}, {'inf' if math.isinf(high) else f'{high:.{digits}f}'}]"
+
+
+def shared_settings(extra: dict | None = None) -> str:
+    """The shared hyperparameters of a report."""
+    values = {**SHARED, **(extra or {})}
     return (
         "Shared hyperparameters: "
         + ", ".join(f"{k}={v}" for k, v in values.items() if k not in ("mixed_precision", "save_steps", "disable_tqdm"))
@@ -369,81 +624,122 @@ def shared_settings(learning_rate: float) -> str:
     )
 
 
-def result_suffix(learning_rate: float) -> str:
-    """Result files of a run at another learning rate than the shared one get it in their name."""
-    return "" if learning_rate == SHARED["learning_rate"] else f"_lr{learning_rate:g}"
-
-
 def markdown_report(
-    summary: dict, mode_name: str, mode: Mode, backend: str, command: str, seconds: float, learning_rate: float
+    summary: dict | None, choices: dict, mode_name: str, mode: Mode, backend: str, command: str, seconds: float
 ) -> str:
-    """The table of results, with the settings that produced it."""
-    best, target, rows = summary["best_baseline"], summary["target"], summary["rows"]
+    """The sweep table, the report table, the ratios and the per-iteration ordering, with their settings
+    (``summary`` None: the sweep table only)."""
+    target = TARGET_GAIN
+    overrides = "".join(f" This mode sets {name}={value}." for name, value in mode.overrides)
     lines = [
         f"# Learning efficiency ({mode_name} mode, {backend})",
         "",
         f"Command: `{command}`  ",
-        f"Wall time: {seconds:.0f} s. Seeds: {list(mode.seeds)}. "
-        f"Budget: {mode.budget:,} total rows (total = sampling rows + {UPDATE_ROW_COST} x update rows). "
-        f"Evaluation: {mode.num_eval_prompts} held-out prompts, deterministic ODE samples from fixed seeds.  ",
-        shared_settings(learning_rate),
+        f"Wall time of this call: {seconds:.0f} s. Budget: {mode.budget:,} total rows (total = sampling rows + "
+        f"{UPDATE_ROW_COST} x update rows), {mode.eval_points} evaluation points. Evaluation: {mode.num_eval_prompts} "
+        "prompts per split, deterministic ODE samples from fixed seeds; the learning rate is chosen on the "
+        "validation split, the results below are on the report split (both held-out compositions, disjoint).  ",
+        shared_settings() + overrides,
         "",
-        "| algorithm | sampling rows / iteration | update rows / iteration | iterations | eval reward at 0 "
-        "| final eval reward (± s.e.) | total rows to reach target |",
-        "|---|---|---|---|---|---|---|",
+        "## Learning-rate sweep (validation split; score: mean gain over the evaluation points)",
+        "",
+        "| arm | " + " | ".join(f"lr {lr:g}" for lr in mode.learning_rates) + " | chosen |",
+        "|---|" + "---|" * len(mode.learning_rates) + "---|",
     ]
-    for name, row in rows.items():
+    for arm, choice in choices.items():
+        cells = []
+        for lr in mode.learning_rates:
+            score = choice["scores"].get(lr)
+            cells.append("-" if score is None else f"{score['mean']:+.4f} ± {score['se']:.4f} ({score['seeds']})")
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {choice['best']:g} |")
+    if summary is None:
+        return "\n".join([*lines, "", "No report runs are cached yet (run without --phase sweep)."]) + "\n"
+    lines += [
+        "",
+        f"## Report split, each arm at its chosen learning rate (target: gain +{target} over the start)",
+        "",
+        "| arm | lr | seeds | sampling rows / it | update rows / it | iterations | reward at 0 "
+        "| final gain (± s.e.) | rows to reach target | iterations to reach target | CPU-s / run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, row in summary["rows"].items():
         lines.append(
-            f"| {name} | {row['sampling_rows_per_iteration']:,.0f} | {row['update_rows_per_iteration']:,.0f} "
-            f"| {row['iterations']} | {row['initial_reward']:.4f} "
-            f"| {row['final_reward']:.4f} ± {row['final_se']:.4f} "
-            f"| {'n/a' if summary['target_not_above_start'] else _number(row['total_to_reach'])} |"
+            f"| {arm} | {choices[arm]['best']:g} | {row['seeds']} | {row['sampling_rows_per_iteration']:,.0f} "
+            f"| {row['update_rows_per_iteration']:,.0f} | {row['iterations']} | {row['initial_reward']:.4f} "
+            f"| {row['final_gain']:+.4f} ± {row['final_gain_se']:.4f} | {_number(row['rows_to_reach'])} "
+            f"| {_number(row['iterations_to_reach'], 1)} | {row['cpu_seconds']:.0f} |"
         )
-    lines.append("")
-    if summary["target_not_above_start"]:
-        lines.append(
-            f"Target: the best baseline's final evaluation reward, {best} {target:.4f}, is not above the "
-            f"reward before training ({rows[best]['initial_reward']:.4f}): no baseline improved on the "
-            "held-out prompts, so rows-to-reach and E-GRPO's ratio are not defined for this run."
-        )
-    elif best is not None:
-        ratio = summary["egrpo_ratio"]
-        lines.append(
-            f"Target: the best baseline's final evaluation reward, {best} {target:.4f}. "
-            f"E-GRPO / {best} rows to reach it: "
-            + ("E-GRPO did not reach it within the budget." if ratio is None else f"**{ratio:.2f}**")
-            + " (goal: <= 0.5)."
-        )
+    if summary["ratios"]:
+        lines += [
+            "",
+            "## E-GRPO / best baseline, rows (and iterations) to reach the target",
+            "",
+            "Seed-mean gain curves; the best baseline is the one that reaches the target first, chosen again in each "
+            "of the paired bootstrap resamples of seeds (95% percentile interval; inf: E-GRPO's curve does not "
+            "reach the target within the budget in that share of resamples; undefined: neither reaches it). "
+            "Goal: the interval of the rows ratio below 0.5.",
+            "",
+            "| E-GRPO arm | rows ratio | 95% interval | below 0.5? | iterations ratio | 95% interval | seeds |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for arm, by_axis in summary["ratios"].items():
+            rows_ratio, iteration_ratio = by_axis["total"], by_axis["iteration"]
+            goal = "yes" if rows_ratio["high"] < 0.5 else "no"
+            lines.append(
+                f"| {arm} | {_number(rows_ratio['estimate'], 2)} | {_interval(rows_ratio)} | {goal} "
+                f"| {_number(iteration_ratio['estimate'], 2)} | {_interval(iteration_ratio)} | {rows_ratio['seeds']} |"
+            )
+    if summary["ordering"]:
+        ordering = summary["ordering"]
+        lines += [
+            "",
+            f"## Per-iteration ordering: gain at iteration {ordering['iteration']} (the last all runs reached)",
+            "",
+            "| arm | gain (± s.e.) | paired difference to e-grpo | 95% interval | verdict 'arm > e-grpo' |",
+            "|---|---|---|---|---|",
+        ]
+        for arm, entry in sorted(ordering["arms"].items(), key=lambda item: -item[1]["gain"]):
+            difference = entry.get("difference_to_e_grpo")
+            if difference is None:
+                lines.append(f"| {arm} | {entry['gain']:+.4f} ± {entry['se']:.4f} | - | - | - |")
+            else:
+                lines.append(
+                    f"| {arm} | {entry['gain']:+.4f} ± {entry['se']:.4f} | {difference['estimate']:+.4f} "
+                    f"| [{difference['low']:+.4f}, {difference['high']:+.4f}] | {power.verdict(difference)} |"
+                )
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, list[dict]], target: float | None, path: str, title: str) -> None:
-    """Seed-mean evaluation reward (± s.e. band) against total rows and against sampling rows."""
+def plot(runs_by_arm: dict[str, list[dict]], target: float, path: str, title: str) -> None:
+    """Seed-mean gain (± s.e. band) against total rows and against iterations."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for axis, x, label in (
         (axes[0], "total", f"total rows (sampling + {UPDATE_ROW_COST} x update)"),
-        (axes[1], "sampling_rows", "sampling rows"),
+        (axes[1], "iteration", "iteration"),
     ):
-        for name, runs in results.items():
-            xs, means, errors = mean_curve(runs, x)
-            axis.plot(xs, means, marker="o", markersize=3, label=name)
+        for arm, runs in runs_by_arm.items():
+            curves = [power.gains([p["reward"] for p in run["points"]]) for run in runs]
+            means = power.mean_curve(curves)
+            errors = [power.standard_error([c[i] for c in curves]) for i in range(len(means))]
+            xs = power.mean_curve([[p[x] for p in run["points"]] for run in runs])
+            style = dict(linewidth=2.2) if is_egrpo(arm) else dict(linewidth=1.2, linestyle="--")
+            axis.plot(xs, means, marker="o", markersize=3, label=f"{arm} ({len(runs)} seeds)", **style)
             axis.fill_between(
                 xs,
                 [m - e for m, e in zip(means, errors, strict=True)],
                 [m + e for m, e in zip(means, errors, strict=True)],
-                alpha=0.2,
+                alpha=0.15,
             )
-        if target is not None:
-            axis.axhline(target, color="grey", linestyle="--", linewidth=1, label="best baseline's final")
+        axis.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target +{target}")
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out evaluation reward")
-    axes[0].legend(fontsize=8)
+    axes[0].set_ylabel("report-split reward gain over the start")
+    axes[0].legend(fontsize=7)
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -453,13 +749,15 @@ def plot(results: dict[str, list[dict]], target: float | None, path: str, title:
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def parse_args(argv: list[str] | None = None, description: str = __doc__):
+def parse_args(argv: list[str] | None = None, description: str = __doc__, with_learning_rate: bool = False):
+    """The command line of both benchmark scripts (``with_learning_rate``: the ablations' ``--learning_rate``;
+    the learning-efficiency benchmark sweeps it instead)."""
     parser = argparse.ArgumentParser(
         description=description.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="The quick mode (3 seeds, a 30,000-row budget).")
-    group.add_argument("--smoke", action="store_true", help="1 seed, 2 iterations: checks that the script works.")
+    group.add_argument("--quick", action="store_true", help="The quick mode (under 15 minutes on 2 idle cores).")
+    group.add_argument("--smoke", action="store_true", help="2 iterations per run: checks that the script works.")
     parser.add_argument(
         "--model",
         choices=["testbed", "tiny"],
@@ -470,24 +768,43 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__):
         "--testbed_root", default=REPO, help="Repository holding benchmarks/testbed (default: this one)."
     )
     parser.add_argument(
-        "--checkpoint",
-        default=None,
-        help="A testbed pipeline saved elsewhere (default: the testbed's committed checkpoint).",
+        "--checkpoint", default=None, help="A testbed pipeline saved elsewhere (default: the committed one)."
+    )
+    parser.add_argument("--arms", default=None, help="Comma-separated arm labels to run (default: all available).")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="Report seeds 0..N-1 (default: the mode's); more adds to the cache."
     )
     parser.add_argument(
-        "--learning_rate",
-        type=float,
-        default=SHARED["learning_rate"],
-        help="The learning rate of every run (default: the shared one).",
+        "--phase",
+        choices=["all", "sweep", "report"],
+        default="all",
+        help="Run only the sweep, or only the report runs (the sweep must be cached), or both (default).",
     )
+    parser.add_argument(
+        "--report_only", action="store_true", help="Train nothing: build the report from the cached runs."
+    )
+    if with_learning_rate:
+        parser.add_argument(
+            "--learning_rate",
+            type=float,
+            default=None,
+            help="The learning rate of every run (default: E-GRPO's chosen by the learning-efficiency benchmark).",
+        )
     parser.add_argument("--workers", type=int, default=2, help="Runs in parallel (one thread each).")
-    parser.add_argument("--out", default=RESULTS_DIR, help="Where the table, plot and JSON are written.")
-    parser.add_argument(
-        "--from_json",
-        default=None,
-        help="Re-render the table and plot of a run saved as JSON by this script, without training.",
-    )
+    parser.add_argument("--out", default=RESULTS_DIR, help="Where the report, plot, JSON and cache/ are written.")
     return parser.parse_args(argv)
+
+
+def mode_of(args, modes: dict[str, Mode]) -> tuple[str, Mode]:
+    """The mode the flags select: ``(name, mode)``."""
+    name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = modes[name]
+    return name, mode
+
+
+def report_seeds(args, mode: Mode) -> tuple[int, ...]:
+    """The report seeds: ``0..--seeds-1`` if given, else the mode's."""
+    return tuple(range(args.seeds)) if args.seeds else mode.seeds
 
 
 def backend_arguments(args, mode: Mode) -> tuple:
@@ -496,56 +813,81 @@ def backend_arguments(args, mode: Mode) -> tuple:
     return args.model, os.path.abspath(args.testbed_root), checkpoint, mode.num_eval_prompts
 
 
-def mode_of(args) -> tuple[str, Mode]:
-    name = "smoke" if args.smoke else "quick" if args.quick else "full"
-    return name, MODES[name]
+def group_by_arm(runs: list[dict], arms: list[tuple[str, dict]]) -> dict[str, list[dict]]:
+    """Runs grouped by arm label, in the order of ``arms`` (arms without runs left out)."""
+    grouped = {label: [run for run in runs if run["arm"] == label] for label, _ in arms}
+    return {label: runs for label, runs in grouped.items() if runs}
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     command = ("python benchmarks/learning_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    if args.from_json:
-        with open(args.from_json) as file:
-            saved = json.load(file)
-        mode_name, runs, seconds, model = saved["mode"], saved["runs"], saved["seconds"], saved["model"]
-        command = saved.get("command", f"python benchmarks/learning_efficiency.py --{mode_name}")  # older files
-        learning_rate = runs[0]["config"].get("learning_rate", SHARED["learning_rate"])
+    mode_name, mode = mode_of(args, MODES)
+    arms = available_arms(ARMS, args.arms.split(",") if args.arms else None)
+    backend_args = backend_arguments(args, mode)
+    cache_dir = os.path.join(args.out, "cache", f"learning_efficiency_{mode_name}_{args.model}")
+    start = time.perf_counter()
+
+    sweep_jobs = [
+        make_job(label, fields, lr, seed, "validation")
+        for label, fields in arms
+        for lr in mode.learning_rates
+        for seed in mode.sweep_seeds
+    ]
+    if args.report_only or args.phase == "report":
+        sweep = cached_runs(backend_args, sweep_jobs, mode, cache_dir)
     else:
-        mode_name, mode = mode_of(args)
-        start = time.perf_counter()
-        learning_rate, model = args.learning_rate, args.model
-        configs = [
-            dict(algorithm=algorithm, seed=seed, learning_rate=learning_rate)
-            for algorithm in ALGORITHMS
-            for seed in mode.seeds
-        ]
-        runs = run_jobs(backend_arguments(args, mode), configs, mode, args.workers)
-        seconds = time.perf_counter() - start
-    mode = MODES[mode_name]
-    results = {algorithm: [run for run in runs if run["config"]["algorithm"] == algorithm] for algorithm in ALGORITHMS}
-    summary = summarize(results)
-    report = markdown_report(summary, mode_name, mode, model, command, seconds, learning_rate)
+        sweep = run_jobs(backend_args, sweep_jobs, mode, args.workers, cache_dir)
+    choices = choose_learning_rates(sweep)
+    missing = [label for label, _ in arms if label not in choices]
+    if missing:
+        # Only where nothing was to be trained (--report_only, --phase report): report the arms that were swept.
+        print(f"No cached sweep runs of {missing} yet: they are left out (run --phase sweep).", flush=True)
+        arms = [arm for arm in arms if arm[0] in choices]
+
+    report_jobs = [
+        make_job(label, fields, choices[label]["best"], seed, "report")
+        for seed in report_seeds(args, mode)  # seed-major: a run cut short has every arm at its first seeds
+        for label, fields in arms
+    ]
+    if args.report_only or args.phase == "sweep":
+        report_runs = cached_runs(backend_args, report_jobs, mode, cache_dir)
+    else:
+        report_runs = run_jobs(backend_args, report_jobs, mode, args.workers, cache_dir)
+    seconds = time.perf_counter() - start
+    runs_by_arm = group_by_arm(report_runs, arms)
+    summary = summarize(runs_by_arm) if runs_by_arm else None  # None: the sweep only, so far
+    report = markdown_report(summary, choices, mode_name, mode, args.model, command, seconds)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"learning_efficiency_{mode_name}" + result_suffix(learning_rate))
+    stem = os.path.join(args.out, f"learning_efficiency_{mode_name}")
     with open(stem + ".md", "w") as file:
         file.write(report)
     with open(stem + ".json", "w") as file:
         json.dump(
             dict(
-                mode=mode_name, model=model, command=command, seconds=seconds, shared=SHARED, summary=summary, runs=runs
+                mode=mode_name,
+                model=args.model,
+                command=command,
+                seconds=seconds,
+                shared=SHARED,
+                learning_rates={arm: choice["best"] for arm, choice in choices.items()},
+                sweep={arm: {f"{lr:g}": s for lr, s in c["scores"].items()} for arm, c in choices.items()},
+                summary=summary,
+                cpu_seconds_per_run={
+                    arm: power.mean([run.get("cpu_seconds", run["seconds"]) for run in runs])
+                    for arm, runs in group_by_arm(sweep + report_runs, arms).items()
+                },
             ),
             file,
             indent=1,
         )
-    plot(
-        results,
-        summary["target"],
-        stem + ".png",
-        f"Learning efficiency on the {model} ({mode_name}, seeds {list(mode.seeds)})",
-    )
+    if runs_by_arm:
+        seeds = sorted({len(runs) for runs in runs_by_arm.values()})
+        title = f"Learning efficiency on the {args.model} ({mode_name}, {seeds} seeds)"
+        plot(runs_by_arm, TARGET_GAIN, stem + ".png", title)
     print(report)
     print(f"wall time: {seconds:.1f} s; wrote {stem}.md, .png, .json")
-    return summary
+    return dict(summary=summary, choices=choices)
 
 
 if __name__ == "__main__":
