@@ -14,7 +14,8 @@ passes the budget. The cost is counted in transformer rows, the same way for eve
 
 - sampling rows: the trainer's ``transformer_evaluations`` metric;
 - update rows: ``len(rollouts.step_start)`` per inner epoch (the trainer's own closed form for its throughput);
-- total = sampling rows + 3 x update rows (a backward pass costs about two forwards in FLOPs).
+- reference rows: with a KL term (Flow-GRPO's ``beta``), one no-grad forward of the frozen base per update row;
+- total = sampling rows + 3 x update rows + reference rows (a backward pass costs about two forwards in FLOPs).
 
 Two phases:
 
@@ -322,7 +323,8 @@ def make_job(arm: str, fields: dict, learning_rate: float, seed: int, split: str
 def count_update_rows(trainer) -> list[int]:
     """Make ``trainer`` record the update rows of each iteration: ``len(rollouts.step_start)`` trained-step
     inputs, each forwarded (and back-propagated) once per inner epoch (the closed form the trainer's throughput
-    metrics use). Returns the list it appends to."""
+    metrics use). Returns the list it appends to. With a KL term the reference model forwards each of these rows
+    once more, without gradient: :func:`reference_row_cost`."""
     rows: list[int] = []
     update = trainer.update
 
@@ -332,6 +334,17 @@ def count_update_rows(trainer) -> list[int]:
 
     trainer.update = counting_update
     return rows
+
+
+def reference_row_cost(fields: dict) -> int:
+    """Reference-model forwards per update row of an arm with config ``fields``: 1 when its KL weight (``beta``,
+    or its algorithm's default when ``beta`` is unset) is positive, else 0."""
+    from trl_flow_egrpo.algorithms import ALGORITHMS
+
+    beta = fields.get("beta")
+    if beta is None:
+        beta = ALGORITHMS[fields.get("algorithm", "e-grpo")].default_beta
+    return int(beta > 0)
 
 
 def evaluation_reward(trainer, reward, prompts: list[str]) -> float:
@@ -368,12 +381,14 @@ def run_curve(backend: Backend, job: Job, mode: Mode) -> dict:
         config = EGRPOConfig(output_dir=output_dir, **values)
         trainer = EGRPOTrainer(config, backend.build_pipeline(), [backend.reward], backend.train_prompts)
         update_rows = count_update_rows(trainer)
+        reference_cost = reference_row_cost(values)
         sampling, updates, iteration = 0, 0, 0
         points = [
             dict(
                 iteration=0,
                 sampling_rows=0,
                 update_rows=0,
+                reference_rows=0,
                 total=0,
                 train_reward=None,
                 reward=evaluation_reward(trainer, backend.reward, prompts),
@@ -386,7 +401,7 @@ def run_curve(backend: Backend, job: Job, mode: Mode) -> dict:
             iteration += 1
             sampling += int(metrics["transformer_evaluations"])
             updates += update_rows[-1]
-            total = sampling + UPDATE_ROW_COST * updates
+            total = sampling + UPDATE_ROW_COST * updates + reference_cost * updates
             progress = iteration if mode.budget_by_iterations else total
             done = (not mode.budget_by_iterations and total >= mode.budget) or (
                 mode.max_iterations is not None and iteration >= mode.max_iterations
@@ -399,6 +414,7 @@ def run_curve(backend: Backend, job: Job, mode: Mode) -> dict:
                         iteration=iteration,
                         sampling_rows=sampling,
                         update_rows=updates,
+                        reference_rows=reference_cost * updates,
                         total=total,
                         reward=evaluation_reward(trainer, backend.reward, prompts),
                         train_reward=metrics["reward/weighted_mean"],
@@ -418,6 +434,7 @@ def run_curve(backend: Backend, job: Job, mode: Mode) -> dict:
         merge_plan=[(step.start, step.length) for step in trainer.merge_plan],
         sampling_rows_per_iteration=sampling / iteration,
         update_rows_per_iteration=updates / iteration,
+        reference_rows_per_iteration=reference_cost * updates / iteration,
     )
 
 
@@ -440,11 +457,11 @@ def fingerprint(job: Job, mode: Mode, backend_args: tuple) -> str:
     """A hash of everything a run's curve depends on (the job, the mode, the shared fields, the backend): a cached
     run is reused only if it matches."""
     model, _, checkpoint, _ = backend_args
-    payload = json.dumps(
-        [dataclasses.asdict(job), dataclasses.asdict(mode), SHARED, UPDATE_ROW_COST, EVAL_SEED, model, checkpoint],
-        sort_keys=True,
-        default=str,
-    )
+    parts = [dataclasses.asdict(job), dataclasses.asdict(mode), SHARED, UPDATE_ROW_COST, EVAL_SEED, model, checkpoint]
+    reference_cost = reference_row_cost({**SHARED, **dict(mode.overrides), **job.config_fields()})
+    if reference_cost:  # counted since the KL arms' reference forwards were added: those runs' old totals are stale
+        parts.append(dict(reference_row_cost=reference_cost))
+    payload = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -636,7 +653,8 @@ def markdown_report(
         "",
         f"Command: `{command}`  ",
         f"Wall time of this call: {seconds:.0f} s. Budget: {mode.budget:,} total rows (total = sampling rows + "
-        f"{UPDATE_ROW_COST} x update rows), {mode.eval_points} evaluation points. Evaluation: {mode.num_eval_prompts} "
+        f"{UPDATE_ROW_COST} x update rows + one reference forward per update row for arms with a KL term), "
+        f"{mode.eval_points} evaluation points. Evaluation: {mode.num_eval_prompts} "
         "prompts per split, deterministic ODE samples from fixed seeds; the learning rate is chosen on the "
         "validation split, the results below are on the report split (both held-out compositions, disjoint).  ",
         shared_settings() + overrides,
@@ -719,7 +737,7 @@ def plot(runs_by_arm: dict[str, list[dict]], target: float, path: str, title: st
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for axis, x, label in (
-        (axes[0], "total", f"total rows (sampling + {UPDATE_ROW_COST} x update)"),
+        (axes[0], "total", f"total rows (sampling + {UPDATE_ROW_COST} x update + KL reference)"),
         (axes[1], "iteration", "iteration"),
     ):
         for arm, runs in runs_by_arm.items():
