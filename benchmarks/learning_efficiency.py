@@ -12,7 +12,7 @@ E-GRPO with its completion options). Every arm trains a LoRA on the testbed (ben
 with the shared hyperparameters (:data:`SHARED`), the same ``optimizer_step`` included, until its cumulative cost
 passes the budget. The cost is counted in transformer rows, the same way for every arm:
 
-- sampling rows: the trainer's ``transformer_evaluations`` metric;
+- sampling rows: the trainer's ``trajectory_evaluations`` metric (the testbed has no CFG: ``transformer_rows`` too);
 - update rows: ``len(rollouts.step_start)`` per inner epoch (the trainer's own closed form for its throughput);
 - reference rows: with a KL term (Flow-GRPO's ``beta``), one no-grad forward of the frozen base per update row;
 - total = sampling rows + 3 x update rows + reference rows (a backward pass costs about two forwards in FLOPs).
@@ -399,7 +399,7 @@ def run_curve(backend: Backend, job: Job, mode: Mode) -> dict:
         while True:
             metrics = trainer.step()
             iteration += 1
-            sampling += int(metrics["transformer_evaluations"])
+            sampling += int(metrics["trajectory_evaluations"])
             updates += update_rows[-1]
             total = sampling + UPDATE_ROW_COST * updates + reference_cost * updates
             progress = iteration if mode.budget_by_iterations else total

@@ -67,7 +67,11 @@ def test_learning_efficiency_smoke_sweeps_reports_and_caches(tmp_path, monkeypat
     assert len(runs) == len(arms) * (2 + 2)  # 2 learning rates x 1 sweep seed, 2 report seeds
     for run in runs:
         assert [point["iteration"] for point in run["points"]] == [0, 2]
-        assert all(point["total"] == point["sampling_rows"] + 3 * point["update_rows"] for point in run["points"])
+        # Flow-GRPO's KL term (beta 0.01 by default) forwards the frozen base once per update row.
+        reference = 1 if run["arm"] == "flow-grpo" else 0
+        for point in run["points"]:
+            assert point["reference_rows"] == reference * point["update_rows"]
+            assert point["total"] == point["sampling_rows"] + 3 * point["update_rows"] + point["reference_rows"]
     assert (tmp_path / "learning_efficiency_smoke.png").read_bytes()[:8] == PNG_MAGIC
 
     # A second call trains nothing; --seeds 3 trains exactly the new seed of the arms asked for.
