@@ -202,7 +202,7 @@ def main():
             print(
                 f"iteration {iteration + 1}: {result['seconds']:.1f} s (sampling {result['time/sampling']:.1f} s, "
                 f"rewards {result['time/rewards']:.2f} s, update {result['time/update']:.1f} s), "
-                f"{result['transformer_evaluations']} transformer evaluations, "
+                f"{result['transformer_rows']} transformer rows, "
                 f"{result['time/sampling_rows_per_s']:.2f} rows/s sampling, "
                 f"{result['time/update_rows_per_s']:.2f} rows/s update"
                 + (

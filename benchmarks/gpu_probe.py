@@ -21,6 +21,9 @@ measurement prints one JSON line as it completes:
   seconds, s per call, MFU of each, and the largest difference of their outputs. On a CPU it compiles with
   the ``eager`` backend (dynamo's tracing, no code generation), to stay a smoke test;
 * ``update``: one row's forward + backward (one group of the update) with and without gradient checkpointing;
+* ``update_phase``: one optimizer step of the update as the trainer takes it (the recipe's ``active_step``: the
+  phase's rows, forward + backward with the trainer's LoRA and gradient checkpointing, then ``clip_grad_norm_`` +
+  ``optimizer.step``): seconds of each part and the phase over its bare forward + backward (``ratio``);
 * ``sdpa``: the attention backends at the sampling shape;
 * ``vae_decode``: VAE decode at 1, 4 and 16 images: time and peak.
 
@@ -40,6 +43,7 @@ import datetime
 import functools
 import importlib.metadata
 import json
+import math
 import os
 import re
 import subprocess
@@ -55,6 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_iteration import build_trainer, flux_dev_shaped_pipeline, lora_recipe_config, timed_step  # noqa: E402
 from memory import REPO, build_on_meta, forward_flops, parameter_count, transformer_inputs  # noqa: E402
 from trl_flow_egrpo.acceleration import (  # noqa: E402
+    build_optimizer,
     compile_repeated_blocks,
     peak_tflops,
     repeated_blocks,
@@ -293,13 +298,14 @@ def trainer_step_section(probe: Probe, trainer, device, ballast_bytes, flops_per
     result = timed_step(trainer, device)
     del ballast
     # The transformer's FLOPs over the whole sampling phase (its time includes LoRA, the SDE and decoding).
-    sampling_tflops = result["transformer_evaluations"] * flops_per_row / result["time/sampling"] / 1e12
+    sampling_tflops = result["transformer_rows"] * flops_per_row / result["time/sampling"] / 1e12
     values = dict(
         seconds=round(result["seconds"], 2),
         sampling_s=round(result["time/sampling"], 2),
         rewards_s=round(result["time/rewards"], 2),
         update_s=round(result["time/update"], 2),
-        transformer_evaluations=result["transformer_evaluations"],
+        trajectory_evaluations=result["trajectory_evaluations"],
+        transformer_rows=result["transformer_rows"],
         transformer_calls=result["transformer_calls"],
         on_policy_max_abs_dev=result["ratio/on_policy_max_abs_dev"],
         peak_allocated_gib=_round(result.get("peak_allocated_gib"), 2),
@@ -422,6 +428,51 @@ def update_section(probe: Probe, model, size, text_tokens, device, dtype):
             probe.log("update", gradient_checkpointing=enabled, error="out of memory")
         model.zero_grad(set_to_none=True)
     (model.enable_gradient_checkpointing if checkpointing else model.disable_gradient_checkpointing)()
+
+
+def update_phase_section(probe: Probe, trainer, size, text_tokens, device, dtype):
+    """One optimizer step of the update as ``EGRPOTrainer.update`` takes it with ``optimizer_step='active_step'``:
+    the phase's rows (one trained step per prompt) in micro-batches, forward + backward each, then
+    ``accelerator.clip_grad_norm_`` + ``optimizer.step``. Each part is timed on its own (the second on the
+    gradients the first left; a difference of two noisy totals would be noisier), and ``ratio`` is the phase over
+    its bare forwards + backwards. The optimizer is the trainer's AdamW (fused on CUDA) over the LoRA with learning
+    rate 0: the same kernels, and the weights the later sections measure stay as they are."""
+    config, model = trainer.config, trainer.unwrapped_model
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = build_optimizer(parameters, config)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+    rows = config.prompts_per_device
+    micro_batches = [
+        transformer_inputs(len(chunk), size, text_tokens, dict(model.config), device, dtype)
+        for chunk in torch.arange(rows).split(config.per_device_train_batch_size)
+    ]
+
+    def forward_backward():
+        optimizer.zero_grad(set_to_none=True)  # as after the trainer's step: fresh gradients, none accumulated
+        for inputs in micro_batches:
+            with autocast(device):
+                output = model(**inputs)[0]
+            output.float().square().mean().backward()
+
+    def clip_and_step():
+        trainer.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+
+    bare = seconds_per_call(forward_backward, device, warmup=1, repeats=3)
+    step = seconds_per_call(clip_and_step, device, warmup=1, repeats=5)  # the first allocates Adam's state
+    optimizer.zero_grad(set_to_none=True)
+    probe.log(
+        "update_phase",
+        rows=rows,
+        micro_batches=len(micro_batches),
+        gradient_checkpointing=model.is_gradient_checkpointing,
+        trainable_parameters=sum(parameter.numel() for parameter in parameters),
+        forward_backward_s=round(bare, 4),
+        clip_and_step_s=round(step, 4),
+        ratio=round((bare + step) / bare, 3),
+    )
 
 
 def sdpa_section(probe: Probe, rows, heads, tokens, head_dim, device, dtype):
@@ -574,6 +625,9 @@ def main(argv=None):
         lora_forward_section(probe, model, sampling_rows, size, text_tokens, device, dtype)
     if probe.has_time("update", 30 * row_seconds + 15):
         update_section(probe, model, size, text_tokens, device, dtype)
+    # 4 phases of forward + backward (about 4 forwards each with checkpointing), 6 optimizer steps.
+    if probe.has_time("update_phase", 16 * row_seconds * trainer.config.prompts_per_device + 15):
+        update_phase_section(probe, trainer, size, text_tokens, device, dtype)
     if probe.has_time("sdpa", 20):
         sdpa_section(
             probe,

@@ -126,7 +126,7 @@ def measure_recipe_24gb(
         ballast_gib=round(ballast_bytes / GIB, 2),
         on_policy_max_abs_dev=step["ratio/on_policy_max_abs_dev"],
         prompts_encoded_during_step=trainer.prompt_encoder.num_encoded - encoded_before,
-        transformer_evaluations=step["transformer_evaluations"],
+        transformer_rows=step["transformer_rows"],
         target_gib=target_gib,
         within_target=max(peaks) <= target_gib if peaks else None,
         config={

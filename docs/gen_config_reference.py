@@ -20,12 +20,15 @@ HEADER = """\
 # Configuration reference
 
 Every field of `EGRPOConfig`, generated from its source by `docs/gen_config_reference.py`. Each field is
-also an option of the example scripts (`--num_generations 12`) and a key of their YAML recipes
-(`num_generations: 12`); the command line overrides the recipe:
+also an option of `trl-flow-egrpo train` and of the example scripts (`--num_generations 12`) and a key of
+their YAML recipes (`num_generations: 12`); the command line overrides the recipe:
 
 ```bash
-python examples/hpd.py --config examples/recipes/flux_dev_hps.yaml --max_steps 100 --output_dir short-run
+trl-flow-egrpo train --config examples/recipes/flux_dev_hps.yaml --max_steps 100 --output_dir short-run
 ```
+
+`trl-flow-egrpo train --help` lists them all. Trackers are `report_to` (TRL's name) or `log_with`
+(accelerate's, which the recipes use): the same option, give one of the two.
 
 Defaults are the paper's recipe for FLUX.1-dev (see [Reproducing the paper](reproducing.md)), except that a
 LoRA is trained by default (`use_peft: true`, with a LoRA learning rate); the paper fully fine-tunes.

@@ -130,7 +130,7 @@ def main():
     )
     print(
         f"{sum(seconds) / len(seconds):.2f} s per iteration, "
-        f"{state.log_history[-1]['transformer_evaluations']} transformer evaluations per iteration"
+        f"{state.log_history[-1]['transformer_rows']} transformer rows per iteration"
     )
     print(f"LoRA saved to {args.output_dir}/pytorch_lora_weights.safetensors; reward curve: {curve}")
 

@@ -116,10 +116,13 @@ def plain_pipeline_images(pipeline, trainer, prompts: list[str], seed: int) -> t
     return images
 
 
-def assert_training_raises_the_reward(trainer, prompts, min_gain: float = 0.004, seed: int = 123) -> list[dict]:
-    """Train ``trainer`` and require the colour reward of deterministic samples of ``prompts`` (the same noise
-    before and after) to rise (:func:`assert_reward_rose`) with a finite loss every iteration; returns the history."""
-    reward = ColorReward()
+def assert_training_raises_the_reward(
+    trainer, prompts, min_gain: float = 0.004, seed: int = 123, reward=None
+) -> list[dict]:
+    """Train ``trainer`` and require ``reward`` (default: the colour reward) of deterministic samples of ``prompts``
+    (the same noise before and after) to rise (:func:`assert_reward_rose`) with a finite loss every iteration;
+    returns the history."""
+    reward = ColorReward() if reward is None else reward
     before = reward(trainer.sample_images(prompts, seed=seed), prompts)
     history = trainer.train().log_history
     after = reward(trainer.sample_images(prompts, seed=seed), prompts)

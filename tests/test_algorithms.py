@@ -41,7 +41,7 @@ def test_on_policy_ratio_is_one_and_evaluations_are_exact(tmp_path, algorithm):
     assert trainer.evaluations_per_prompt() == expected_per_prompt
     metrics = trainer.step()
     assert metrics["ratio/on_policy_max_abs_dev"] < 1e-5
-    assert metrics["transformer_evaluations"] == 2 * expected_per_prompt
+    assert metrics["trajectory_evaluations"] == 2 * expected_per_prompt
 
 
 def test_trained_steps_and_phases_follow_each_paper(tmp_path):
@@ -299,7 +299,7 @@ def test_mix_grpo_flash_is_on_policy_and_trains(tmp_path, stride):
     for metrics in history:
         assert metrics["ratio/on_policy_max_abs_dev"] < 1e-5
         assert torch.isfinite(torch.tensor([metrics["loss"], metrics["grad_norm"]])).all()
-    assert history[-1]["transformer_evaluations"] == 2 * trainer.strategy.evaluations_per_prompt(2)
+    assert history[-1]["trajectory_evaluations"] == 2 * trainer.strategy.evaluations_per_prompt(2)
 
 
 def test_batch_std_divides_group_deviations_by_the_std_of_all_rewards():

@@ -38,6 +38,7 @@ def test_gpu_probe_tiny_cpu_writes_results_and_row(tmp_path):
         "trainer_step",
         "lora_forward",
         "update",
+        "update_phase",
         "sdpa",
         "vae_decode",
         "forward_compiled",
@@ -66,7 +67,11 @@ def test_gpu_probe_tiny_cpu_writes_results_and_row(tmp_path):
     assert [entry["rows"] for entry in details["forward"]] == [1, 2]
     assert all(entry["s_per_call"] > 0 for entry in details["forward"])
     step = details["trainer_step"]
-    assert step["transformer_evaluations"] > 0 and step["sampling_s"] > 0 and step["config"]["num_generations"] == 2
+    assert step["trajectory_evaluations"] > 0 and step["sampling_s"] > 0 and step["config"]["num_generations"] == 2
+    assert step["transformer_rows"] == step["trajectory_evaluations"]  # FLUX.1-dev: no classifier-free guidance
+    phase = details["update_phase"]
+    assert phase["clip_and_step_s"] > 0 and phase["forward_backward_s"] > 0 and phase["trainable_parameters"] > 0
+    assert phase["ratio"] == pytest.approx(1 + phase["clip_and_step_s"] / phase["forward_backward_s"], abs=2e-3)
     assert {entry["gradient_checkpointing"] for entry in details["update"]} == {True, False}
 
     table = (tmp_path / "RESULTS.md").read_text().splitlines()

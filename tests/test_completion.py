@@ -200,7 +200,7 @@ def test_rows_equal_the_closed_form_and_the_on_policy_ratio_is_one(tmp_path, com
     trainer.adapter.velocity = counting_velocity
     scores, updates = record_calls(trainer, "score"), record_calls(trainer, "update")
     metrics = trainer.step()
-    assert sum(rows) == metrics["transformer_evaluations"] == 2 * expected
+    assert sum(rows) == metrics["trajectory_evaluations"] == 2 * expected
     assert metrics["ratio/on_policy_max_abs_dev"] < 1e-5
     # The update trains each sample with the sum of its groups' advantages, one group per stride.
     rewards = torch.cat([result[0] for _, result in scores])

@@ -140,7 +140,7 @@ def test_ddp_trains_shards_prompts_and_resumes_exactly(ddp_run):
     # Exactly the transformer rows of 2 processes x 2 prompts: T for the anchor, G x (T - end) per merged step.
     steps = ranks[0]["num_inference_steps"]
     per_prompt = steps + 3 * sum(steps - (start + length) for start, length in ranks[0]["merge_plan"])
-    assert all(log["transformer_evaluations"] == 2 * 2 * per_prompt for log in ranks[0]["log_history"])
+    assert all(log["trajectory_evaluations"] == 2 * 2 * per_prompt for log in ranks[0]["log_history"])
     assert_schedule_and_resume(output_dir, ranks, weights, "ddp")
     assert (output_dir / "checkpoint-2" / "trainable_params.safetensors").is_file()
     assert (output_dir / "checkpoint-2" / "rollout_generator_1.pt").is_file()

@@ -240,7 +240,7 @@ def test_paper_protocol_is_the_plain_pipeline_call():
     from trl_flow_egrpo.adapters import get_adapter
     from trl_flow_egrpo.tiny import build_tiny_flux_pipeline
 
-    example = load_example("evaluate")
+    example = importlib.import_module("trl_flow_egrpo.commands.evaluate")
     pipeline = build_tiny_flux_pipeline(seed=0)
     pipeline.set_progress_bar_config(disable=True)
     config = EGRPOConfig(height=64, width=64, max_sequence_length=32, rollout_batch_size=4, mixed_precision="no")
@@ -280,7 +280,7 @@ def test_paper_protocol_is_the_plain_pipeline_call():
 
 
 def test_paper_numbers_only_next_to_the_papers_protocol():
-    example = load_example("evaluate")
+    example = importlib.import_module("trl_flow_egrpo.commands.evaluate")
     flux = example.PAPER_PROTOCOLS["flux"]
     assert (flux.height, flux.width, flux.num_inference_steps, flux.guidance_scale, flux.shift) == (
         1024,

@@ -1,68 +1,16 @@
-"""We drive FLUX exactly as diffusers does: the anchor trajectory equals FluxPipeline.__call__."""
+"""FLUX.1 specifics of the rollout engine: branches leave the anchor with one stochastic step and rejoin the ODE;
+an unsupported pipeline is a clear error. The checks every family shares (the anchor is ``FluxPipeline.__call__``'s
+sample, on-policy ratios, LoRA round trip, ...) are in ``test_conformance.py``."""
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 from trl_flow_egrpo import plan_merges
-from trl_flow_egrpo.adapters import FluxAdapter, get_adapter
-from trl_flow_egrpo.rollout import sample_ode, sample_rollouts
+from trl_flow_egrpo.adapters import get_adapter
+from trl_flow_egrpo.rollout import sample_rollouts
 from trl_flow_egrpo.tiny import build_tiny_flux_pipeline
 
 PROMPTS = ["a red apple", "a fire truck on a bridge"]
-
-
-@pytest.mark.parametrize("shift", [2.0, None])
-def test_anchor_trajectory_equals_pipeline_call(shift):
-    # The tiny scheduler shifts dynamically (configured shift 3.0): a static 2.0 is the adapter's doing alone.
-    pipe = build_tiny_flux_pipeline(seed=1)
-    adapter = get_adapter(pipe, height=64, width=64, max_sequence_length=32)
-    assert isinstance(adapter, FluxAdapter)
-    schedule = adapter.schedule(16, shift)
-    if shift is not None:  # the pipeline must sample with the same static shift
-        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-            pipe.scheduler.config, shift=shift, use_dynamic_shifting=False
-        )
-    noise = adapter.initial_noise(2, torch.Generator().manual_seed(0))
-    conditioning = adapter.encode_prompts(PROMPTS)
-    plan = plan_merges(schedule.sigmas, 0.7, 2.2, 4)
-    rollouts = sample_rollouts(
-        adapter,
-        pipe.transformer,
-        schedule,
-        plan,
-        conditioning,
-        noise,
-        num_generations=3,
-        noise_level=0.7,
-        generator=torch.Generator().manual_seed(1),
-        batch_size=7,
-    )
-
-    expected = pipe(
-        PROMPTS,
-        latents=noise,
-        num_inference_steps=16,
-        guidance_scale=3.5,
-        height=64,
-        width=64,
-        max_sequence_length=32,
-        output_type="latent",
-    ).images
-    torch.testing.assert_close(rollouts.anchor_latents, expected, rtol=1e-5, atol=1e-5)
-    expected_images = pipe(
-        PROMPTS,
-        latents=noise,
-        num_inference_steps=16,
-        guidance_scale=3.5,
-        height=64,
-        width=64,
-        max_sequence_length=32,
-        output_type="pt",
-    ).images
-    torch.testing.assert_close(rollouts.anchor_images, expected_images, rtol=1e-5, atol=1e-5)
-    ode = sample_ode(adapter, pipe.transformer, schedule, conditioning, noise, batch_size=1)
-    torch.testing.assert_close(ode, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_branches_leave_the_anchor_with_one_stochastic_step():

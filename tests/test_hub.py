@@ -498,14 +498,21 @@ def test_model_card_calls_the_pipeline_with_the_familys_arguments():
         config_dict=EGRPOConfig(num_frames=33, shift=None, negative_prompt="blurry").to_dict(),
     )
     # The trainer samples Euler steps; the released Wan scheduler is UniPC.
-    assert "pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=pipe.scheduler.config.flow_shift)" in wan.text
+    assert (
+        "pipe.scheduler = FlowMatchEulerDiscreteScheduler("
+        "num_train_timesteps=pipe.scheduler.config.num_train_timesteps, shift=pipe.scheduler.config.flow_shift)"
+    ) in wan.text
     assert "num_frames=33" in wan.text and "negative_prompt='blurry'" in wan.text
     assert ".frames[0]" in wan.text and 'export_to_video(video, "sample.mp4"' in wan.text
     assert ".images[0]" not in wan.text
 
     flux = _card().text.split("```python")[1].split("```")[0]  # the snippet
     assert "shift=3.0, use_dynamic_shifting=False" in flux  # static shift 3.0: the Euler scheduler with that shift
-    assert "negative_prompt" not in flux and "guidance_scale" not in flux  # FLUX.1-dev's default guidance
+    assert "negative_prompt" not in flux  # FLUX.1 has no negative pass
+    # What a plain call would take from the pipeline's defaults is explicit: the adapter's guidance, the prompt length.
+    assert "    guidance_scale=3.5,\n    max_sequence_length=512,\n" in flux
+    assert 'device = "cuda" if torch.cuda.is_available() else "cpu"' in flux and "pipe.to(device)" in flux
+    assert 'generator=torch.Generator("cpu").manual_seed(0)' in flux
 
 
 def test_every_save_pushes_the_checkpoint_and_resumes_from_it(tmp_path, monkeypatch):

@@ -48,7 +48,7 @@ def test_phase_peaks_of_a_whole_step_are_the_largest_phase_values():
 def test_throughput_metrics_are_the_counts_over_the_phase_times(tmp_path):
     trainer = tiny_trainer(tmp_path, max_steps=1, peak_tflops=2.0)
     metrics = trainer.step()
-    rows = metrics["transformer_evaluations"]  # one process: its own rows
+    rows = metrics["transformer_rows"]  # one process: its own rows
     assert rows > 0
     assert metrics["time/sampling_rows_per_s"] == pytest.approx(rows / metrics["time/sampling"])
     # The update forwards each (prompt, merged step) group's latent once.
@@ -210,7 +210,7 @@ def test_compiled_transformer_samples_and_trains_on_policy(tmp_path):
     # Without the log-probabilities recomputed on the update's graph this measured 7e-5 (bf16, CPU).
     assert metrics["ratio/on_policy_max_abs_dev"] < 1e-5
     assert metrics["time/recompute_log_probs"] > 0
-    assert metrics["transformer_evaluations"] == 2 * trainer.evaluations_per_prompt()
+    assert metrics["trajectory_evaluations"] == 2 * trainer.evaluations_per_prompt()
 
 
 def test_log_probs_recomputed_on_the_training_path_equal_the_sampled_ones_in_eager_mode(tmp_path):

@@ -191,8 +191,9 @@ def peak_tflops(device: torch.device, override: float | None = None) -> float | 
 def transformer_flops_per_row(
     adapter, model: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, conditioning
 ) -> int:
-    """FLOPs of one transformer row (``adapter.velocity`` on one sample), counted by ``FlopCounterMode`` on a
-    meta-device model of ``model``'s configuration, so nothing is computed or allocated.
+    """FLOPs of one row of the transformer's forward batch, counted by ``FlopCounterMode`` on a meta-device model of
+    ``model``'s configuration, so nothing is computed or allocated: ``adapter.velocity`` on one sample, divided by
+    the rows it runs (``adapter.transformer_rows_per_evaluation``: 2 under classifier-free guidance).
 
     Counts the base transformer (matmuls and attention: ``2 * m * n * k`` per matmul); the LoRA adds
     ``2 * r * (in + out)`` per token and layer (about 2% at FLUX.1-dev's width with r = 32) and is left out,
@@ -225,7 +226,7 @@ def transformer_flops_per_row(
             "No time/sampling_mfu: counting the FLOPs of a transformer row on the meta device failed (%s).", error
         )
         return 0
-    return counter.get_total_flops()
+    return counter.get_total_flops() // adapter.transformer_rows_per_evaluation
 
 
 class PhasePeakMemory:

@@ -1,33 +1,68 @@
 """The ``trl-flow-egrpo`` command.
 
-``trl-flow-egrpo serve-reward NAME``: serve one reward over HTTP for
-:class:`~trl_flow_egrpo.rewards.remote.RemoteReward` (see ``docs/remote-rewards.md``). ``NAME`` is a built-in
-reward (``hps``, ``clip``, ``pickscore``, ``image_reward``, ``color``, ...) or ``module:callable``.
-Without the console script: ``python -m trl_flow_egrpo.cli serve-reward NAME``.
+- ``trl-flow-egrpo train --config RECIPE.yaml [--field value ...]``: train with E-GRPO
+  (:mod:`trl_flow_egrpo.commands.train`, the same as ``examples/hpd.py``).
+- ``trl-flow-egrpo evaluate [--config RECIPE.yaml] --trained_model DIR ...``: score a base model and its
+  fine-tune (:mod:`trl_flow_egrpo.commands.evaluate`, the same as ``examples/evaluate.py``).
+- ``trl-flow-egrpo serve-reward NAME``: serve one reward over HTTP for
+  :class:`~trl_flow_egrpo.rewards.remote.RemoteReward` (see ``docs/remote-rewards.md``). ``NAME`` is a built-in
+  reward (``hps``, ``clip``, ``pickscore``, ``image_reward``, ``color``, ...) or ``module:callable``.
+
+Without the console script, and under a launcher: ``python -m trl_flow_egrpo.cli COMMAND ...``,
+``accelerate launch -m trl_flow_egrpo.cli train --config RECIPE.yaml``. Nothing heavy (torch, diffusers) is
+imported before a command runs, so ``--help`` and ``--version`` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 
-from .serve.protocol import DEFAULT_REQUEST_TIMEOUT, MIN_TOKEN_LENGTH, TOKEN_ENV, check_token
+from . import __version__
 
 DEFAULT_PORT = 8711
 
+RECIPE_COMMANDS = {
+    "train": "train with E-GRPO from a YAML recipe (--config) and options (the fields of EGRPOConfig)",
+    "evaluate": "score a base model and its fine-tune side by side, with the paper's metrics",
+}
+"""The subcommands that parse their own options (``trl.TrlParser``), in :mod:`trl_flow_egrpo.commands`."""
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``trl-flow-egrpo`` command."""
-    parser = argparse.ArgumentParser(prog="trl-flow-egrpo", description="trl-flow-egrpo command-line tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
+
+def build_parser(serve_arguments: bool = True) -> argparse.ArgumentParser:
+    """The argument parser of the ``trl-flow-egrpo`` command.
+
+    ``train`` and ``evaluate`` are listed only: :func:`main` hands their options to their own parsers.
+    ``serve_arguments=False`` leaves out the options of ``serve-reward``, whose defaults come from a module that
+    imports torch: the top-level ``--help`` does not need them.
+    """
+    parser = argparse.ArgumentParser(
+        prog="trl-flow-egrpo",
+        description="E-GRPO for flow-matching text-to-image models: train, evaluate, serve rewards.",
+        epilog="`trl-flow-egrpo COMMAND --help` lists the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, summary in RECIPE_COMMANDS.items():
+        commands.add_parser(name, help=summary, add_help=False)
     serve = commands.add_parser(
         "serve-reward",
         help="serve a reward over HTTP for RemoteReward",
         description="Serve one reward over HTTP (POST /score, GET /health) for trl_flow_egrpo.rewards.RemoteReward. "
         "Binds to 127.0.0.1 unless --host says otherwise.",
     )
+    if serve_arguments:
+        add_serve_arguments(serve)
+    return parser
+
+
+def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    """The options of ``serve-reward``."""
+    from .serve.protocol import DEFAULT_REQUEST_TIMEOUT, MIN_TOKEN_LENGTH, TOKEN_ENV
+
     serve.add_argument(
         "name",
         help="a built-in reward (hps, clip, pickscore, image_reward, color, brightness, "
@@ -99,12 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow a non-loopback --host without a token (anyone reaching the port can use the reward)",
     )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    return parser
 
 
 def serve_reward(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Build the reward and its scorer, bind the port, print the URL, serve until interrupted."""
     from .serve import server
+    from .serve.protocol import check_token
 
     try:
         reward_kwargs = json.loads(args.reward_kwargs)
@@ -159,12 +194,22 @@ def serve_reward(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``trl-flow-egrpo`` console script."""
-    parser = build_parser()
+    """Entry point of the ``trl-flow-egrpo`` console script (and of ``python -m trl_flow_egrpo.cli``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv else None
+    if command in RECIPE_COMMANDS:
+        module = importlib.import_module(f".commands.{command}", __package__)
+        prog = f"trl-flow-egrpo {command}"
+        if command == "train":  # what torchrun must run, should accelerate's CPU launch be refused
+            module.main(argv[1:], prog=prog, launched_as=["-m", "trl_flow_egrpo.cli", command])
+        else:
+            module.main(argv[1:], prog=prog)
+        return
+    parser = build_parser(serve_arguments=command == "serve-reward")
     args = parser.parse_args(argv)
     if args.command == "serve-reward":
         serve_reward(args, parser)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

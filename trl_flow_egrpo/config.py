@@ -15,7 +15,6 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 
-from .acceleration import COMPILE_MODES
 from .redaction import redact
 
 
@@ -186,6 +185,27 @@ def check_mixed_precision_on_device(mixed_precision: str, device_type: str) -> N
         )
 
 
+def resolve_trackers(report_to: str | None, log_with: str | None) -> str | None:
+    """The trackers of a config that names them as ``report_to`` (TRL's name), ``log_with`` (accelerate's), or both.
+
+    ``"none"`` (any case, TRL's spelling of no tracker) and ``""`` mean no tracker; None means not given.
+
+    Raises:
+        ValueError: both names are given, with different trackers (``report_to: none`` on the command line over a
+            recipe's ``log_with: wandb`` included: the run would otherwise log to the tracker it was told not to).
+    """
+
+    def trackers(value: str | None) -> str | None:
+        return None if value is None or value.strip().lower() in ("", "none") else value
+
+    if report_to is not None and log_with is not None and trackers(report_to) != trackers(log_with):
+        raise ValueError(
+            f"report_to={report_to!r} and log_with={log_with!r} disagree: they are the same option (TRL's and "
+            "accelerate's name for the trackers). Give only one, e.g. replace log_with by report_to in the recipe."
+        )
+    return trackers(report_to if report_to is not None else log_with)
+
+
 @dataclass
 class EGRPOConfig:
     r"""Configuration of :class:`~trl_flow_egrpo.EGRPOTrainer`.
@@ -201,8 +221,14 @@ class EGRPOConfig:
     seed: int = _doc("Seed of the data order, initial noise and SDE noise (each process adds its rank).", default=42)
     max_steps: int = _doc("Number of E-GRPO iterations (sample rollouts, then update). Paper: 300.", default=300)
     logging_steps: int = _doc("Log metrics to the trackers every this many iterations.", default=1)
+    report_to: str | None = _doc(
+        "Comma-separated trackers the metrics go to ('tensorboard', 'wandb', 'trackio', 'all'; accelerate's "
+        "trackers), or None / 'none' for none. TRL's name; log_with is the same option under accelerate's name.",
+        default=None,
+    )
     log_with: str | None = _doc(
-        "Comma-separated accelerate trackers ('tensorboard', 'wandb', 'trackio', 'all'), or None.", default=None
+        "The same as report_to (accelerate's name for it, kept for existing recipes): give one of the two.",
+        default=None,
     )
     tracker_project_name: str = _doc("Project name handed to the trackers.", default="trl-flow-egrpo")
     run_name: str | None = _doc("Run name for the trackers (default: the output_dir's name).", default=None)
@@ -258,7 +284,7 @@ class EGRPOConfig:
         "intervals evenly spaced in schedule index, always ending at sigma 0 (trl_flow_egrpo.solvers."
         "completion_indices; METHOD.md 4b). 1 = every step. Below 1 use completion_solver='dpmpp_2m' (second "
         "order); Euler on the subset is allowed but first order. On the testbed, dpmpp_2m at 0.4 keeps an advantage "
-        "correlation of 0.995 with the full completion at 45% of the rows (docs/concepts.md).",
+        "correlation of 0.995 with the full completion at 45 percent of the rows (docs/concepts.md).",
         default=1.0,
     )
     completion_granularities: list[int] = _doc(
@@ -520,6 +546,7 @@ class EGRPOConfig:
             raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: {name} must be {allowed}.")
 
         coerce_field_types(self)  # first: the checks below compare numbers and strings
+        self.report_to = self.log_with = resolve_trackers(self.report_to, self.log_with)
         if self.num_generations < 2:
             refuse(
                 "num_generations", ">= 2 (advantages are normalized within a group of G rollouts; the paper uses 12)"
@@ -605,6 +632,8 @@ class EGRPOConfig:
                 refuse(name, ">= 0 (0 turns it off)")
         if self.decode_batch_size is not None and self.decode_batch_size < 1:
             refuse("decode_batch_size", ">= 1, or None")
+        from .acceleration import COMPILE_MODES  # here, not at the top: the config imports without torch
+
         if self.compile_mode not in COMPILE_MODES:
             refuse("compile_mode", f"one of {COMPILE_MODES}")
         if self.attention_backend is not None:

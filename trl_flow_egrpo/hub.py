@@ -12,6 +12,7 @@ grid into ``output_dir``, writes ``README.md`` with :func:`build_model_card` and
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 import shlex
@@ -39,6 +40,13 @@ _OR_NO_PUSH = "or set push_to_hub=False to train without uploading"
 DEFAULT_IGNORE_PATTERNS = ("checkpoint-*/**", "logs/**", "*.tmp/**")
 """What :func:`upload_folder` leaves out of ``output_dir`` by default: resumable checkpoints (optimizer
 state, many GB when fully fine-tuning), tracker logs and interrupted checkpoint saves."""
+
+USAGE_IMAGE_PROMPT = "a photo of an astronaut riding a horse"
+"""The prompt of the model card's snippet for an image family."""
+USAGE_VIDEO_PROMPT = "a cat walking on the beach"
+"""The prompt of the model card's snippet for a video family."""
+USAGE_SEED = 0
+"""The snippet samples what ``trainer.sample_images([prompt], seed=USAGE_SEED)`` returns."""
 
 _SCAN_CHUNK_BYTES = 8 * 2**20
 """Files are searched for the token in blocks of this size (the memory :func:`find_secret` needs)."""
@@ -98,8 +106,12 @@ iterations. The weights derive from the base model and are subject to its licens
 {{ usage }}
 ```
 
-Training sampled with {{ schedule }}; the snippet samples the same way. Other step counts and shifts
-work too, but this schedule is the one the policy was optimized for.
+The snippet samples what `trainer.sample_images([prompt], seed={{ seed }})` samples, with the training
+schedule ({{ schedule }}), guidance, prompt length, size and initial noise (up to rounding: a bfloat16
+pipeline keeps its latents in bfloat16 between steps, the trainer in float32). A plain `pipe(prompt)`
+{{ plain_load }} applies the same learned weights but samples with the pipeline's own defaults (its
+schedule, guidance and prompt length), so its images differ. Other step counts and shifts work too, but
+this schedule is the one the policy was optimized for.
 
 ## Rewards
 
@@ -202,8 +214,10 @@ def build_model_card(
             ``EGRPOTrainer.evaluate``); empty when no evaluation was run.
         image_grid_path: path of the eval image grid relative to the uploaded folder, or None.
         adapter: the run's model adapter (class or instance, :class:`~trl_flow_egrpo.adapters.ModelAdapter`):
-            its ``family`` is a tag, its first ``pipeline_class_names`` entry and its ``transformer_class_name``
-            are the classes of the usage snippet.
+            its ``family`` is a tag, its pipeline's class (a class: its first ``pipeline_class_names`` entry) and
+            its ``transformer_class_name`` are the classes of the usage snippet, and its ``card_call_arguments``
+            and ``sampling_scheduler_code`` make the snippet sample as the trainer did. An instance also gives the
+            snippet the dtype the base pipeline was loaded in (a class: bfloat16).
         use_lora: True when the repository holds a LoRA (``pytorch_lora_weights.safetensors``), False when
             it holds a fully fine-tuned ``transformer/``.
 
@@ -236,10 +250,12 @@ def build_model_card(
         card_data,
         template_str=_TEMPLATE,
         repo_id=repo_id,
-        base_model_text=_base_model_text(base_model, adapter.pipeline_class_names[0]),
+        base_model_text=_base_model_text(base_model, _pipeline_class_name(adapter)),
         model_kind="A LoRA" if use_lora else "A full fine-tune",
+        plain_load="after `load_lora_weights`" if use_lora else "with the fine-tuned transformer",
         max_steps=config.get("max_steps"),
         schedule=schedule,
+        seed=USAGE_SEED,
         usage=_usage(base_model, repo_id, adapter, use_lora, config),
         reward_aggregation=config.get("reward_aggregation"),
         reward_rows=[
@@ -480,25 +496,48 @@ def _is_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not os.path.exists(name)
 
 
+def _pipeline_class_name(adapter) -> str:
+    """The class of the pipeline the snippet loads: an adapter instance's own pipeline's (FLUX.2 [klein] is
+    ``Flux2KleinPipeline``, not its family's first class), else the family's first ``pipeline_class_names``."""
+    pipeline = getattr(adapter, "pipeline", None)
+    if pipeline is not None:
+        for klass in type(pipeline).__mro__:
+            if klass.__name__ in adapter.pipeline_class_names:
+                return klass.__name__
+    return adapter.pipeline_class_names[0]
+
+
+def _usage_dtype(adapter) -> str:
+    """The snippet's ``torch_dtype``: the dtype the base pipeline was loaded in (read from its VAE, which training
+    never casts; the transformer holds float32 trained weights), or bfloat16 for an adapter class."""
+    pipeline = getattr(adapter, "pipeline", None)
+    return str(pipeline.vae.dtype) if pipeline is not None else "torch.bfloat16"
+
+
 def _usage(base_model: str | None, repo_id: str, adapter, use_lora: bool, config: dict) -> str:
     """The card's Python snippet: load the base pipeline (or, when it was built in memory, start from the
-    user's own), put the trained weights in, sample with the training schedule and the family's call arguments
-    (``adapter.pipeline_call_arguments``); a video family saves an mp4."""
-    pipeline_class, transformer_class = adapter.pipeline_class_names[0], adapter.transformer_class_name
+    user's own), put the trained weights in, and sample what ``trainer.sample_images([prompt], seed=USAGE_SEED)``
+    samples: the training schedule (``adapter.sampling_scheduler_code``), the family's call arguments
+    (``adapter.card_call_arguments``) and the trainer's initial noise, which a CPU generator seeded ``USAGE_SEED``
+    draws in the pipeline as in the trainer. The device is chosen when the snippet runs; a video family saves an
+    mp4."""
+    pipeline_class, transformer_class = _pipeline_class_name(adapter), adapter.transformer_class_name
+    dtype = _usage_dtype(adapter)
     scheduler = adapter.sampling_scheduler_code(config.get("shift"))
     imports = ["FlowMatchEulerDiscreteScheduler"] if scheduler else []
     if not use_lora:
         imports.append(transformer_class)
     if base_model is not None:
         imports.append(pipeline_class)
-    lines = ["import torch"] + ([f"from diffusers import {', '.join(imports)}"] if imports else [])
+    lines = [*adapter.card_imports, "import torch"]
+    lines += [f"from diffusers import {', '.join(imports)}"] if imports else []
     if adapter.is_video:
         lines.append("from diffusers.utils import export_to_video")
-    lines.append("")
+    lines += ["", 'device = "cuda" if torch.cuda.is_available() else "cpu"']
     if not use_lora:
         lines.append(
             f'transformer = {transformer_class}.from_pretrained("{repo_id}", subfolder="transformer", '
-            "torch_dtype=torch.bfloat16)"
+            f"torch_dtype={dtype})"
         )
     if base_model is None:
         lines.append(
@@ -507,28 +546,28 @@ def _usage(base_model: str | None, repo_id: str, adapter, use_lora: bool, config
         lines.append(f'pipe.load_lora_weights("{repo_id}")' if use_lora else "pipe.transformer = transformer")
     elif use_lora:
         lines += [
-            f'pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16)',
+            f'pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype={dtype})',
             f'pipe.load_lora_weights("{repo_id}")',
         ]
     else:
         lines.append(
-            f'pipe = {pipeline_class}.from_pretrained("{base_model}", transformer=transformer, '
-            "torch_dtype=torch.bfloat16)"
+            f'pipe = {pipeline_class}.from_pretrained("{base_model}", transformer=transformer, torch_dtype={dtype})'
         )
     if scheduler:
         lines += ["# The schedule the model was trained with:", f"pipe.scheduler = {scheduler}"]
-    call = ", ".join(f"{name}={value!r}" for name, value in adapter.pipeline_call_arguments(config).items())
-    lines.append('pipe.to("cuda")')
+    lines.append("pipe.to(device)")
+    prompt, output = (USAGE_VIDEO_PROMPT, "video") if adapter.is_video else (USAGE_IMAGE_PROMPT, "image")
+    lines += [
+        f"# The trainer's sample_images([prompt], seed={USAGE_SEED}): its noise comes from a CPU generator.",
+        f"{output} = pipe(",
+        f"    prompt={json.dumps(prompt)},",
+        *(f"    {name}={code}," for name, code in adapter.card_call_arguments(config).items()),
+        f'    generator=torch.Generator("cpu").manual_seed({USAGE_SEED}),',
+    ]
     if adapter.is_video:
-        lines += [
-            f'video = pipe("a cat walking on the beach", {call}).frames[0]',
-            'export_to_video(video, "sample.mp4", fps=16)',
-        ]
+        lines += [").frames[0]", 'export_to_video(video, "sample.mp4", fps=16)']
     else:
-        lines += [
-            f'image = pipe("a photo of an astronaut riding a horse", {call}).images[0]',
-            'image.save("sample.png")',
-        ]
+        lines += [").images[0]", 'image.save("sample.png")']
     return "\n".join(lines)
 
 

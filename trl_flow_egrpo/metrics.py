@@ -87,6 +87,39 @@ def update_metrics(
     return metrics
 
 
+DEPRECATED_ALIASES = {
+    "transformer_evaluations": "trajectory_evaluations",
+    "transformer_evaluations_per_rollout": "trajectory_evaluations_per_rollout",
+}
+"""Metric names kept for one release after their rename, each logging the value of the name it maps to (the old
+``transformer_evaluations`` counted trajectory evaluations, not the transformer's rows). Removed in the next
+release (CHANGELOG.md)."""
+
+
+def sampling_cost_metrics(trajectory_evaluations: int, transformer_rows: int, num_rollouts: int) -> dict[str, float]:
+    """What an iteration's sampling cost, in the two units that differ under classifier-free guidance.
+
+    Args:
+        trajectory_evaluations: velocity evaluations of all processes, one per trajectory per step (the unit of
+            ``evaluations_per_prompt`` and of the algorithms' closed-form costs).
+        transformer_rows: rows of the transformer's forward batches of all processes: the evaluations times 2
+            under true classifier-free guidance (a conditional and a negative row), else equal.
+        num_rollouts: rollouts of all processes (``groups * G``).
+
+    Returns:
+        ``trajectory_evaluations``, ``transformer_rows``, both per rollout (``..._per_rollout``), and the
+        :data:`DEPRECATED_ALIASES`.
+    """
+    metrics = {
+        "trajectory_evaluations": trajectory_evaluations,
+        "transformer_rows": transformer_rows,
+        "trajectory_evaluations_per_rollout": trajectory_evaluations / num_rollouts,
+        "transformer_rows_per_rollout": transformer_rows / num_rollouts,
+    }
+    metrics.update({old: metrics[new] for old, new in DEPRECATED_ALIASES.items()})
+    return metrics
+
+
 def throughput_metrics(
     sampling_rows: int,
     sampling_seconds: float,
@@ -98,11 +131,12 @@ def throughput_metrics(
     """Transformer throughput of one process's iteration, and the sampling phase's MFU when it is known.
 
     Args:
-        sampling_rows: transformer rows (per-sample evaluations) this process sampled.
+        sampling_rows: rows of the transformer's forward batches this process sampled (two per trajectory
+            evaluation under classifier-free guidance).
         sampling_seconds: the sampling phase's wall time (transformer, SDE steps and VAE decoding).
-        update_rows: transformer rows of the update's policy forwards (each also pays a backward).
+        update_rows: rows of the update's policy forwards, counted alike (each also pays a backward).
         update_seconds: the update phase's wall time.
-        flops_per_row: FLOPs of one transformer row's forward, or None.
+        flops_per_row: FLOPs of one row of the transformer's forward, or None.
         peak_tflops: the device's dense peak in TFLOP/s, or None.
 
     Returns:

@@ -13,6 +13,7 @@ ODE step, so branching costs no extra evaluation.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +53,13 @@ class Rollouts:
         sample_group: ``[num_steps, K]`` the group of each sample's rollout.
         sample_member: ``[num_steps, K]`` the rollout's position in its group (``0..G-1``).
         conditioning: the prompts' encodings, reused by the policy update.
-        num_evaluations: per-sample transformer evaluations spent (forward batch rows).
+        num_evaluations: velocity evaluations spent, one per trajectory per step (logged as
+            ``trajectory_evaluations``): classifier-free guidance's conditional and negative rows count once.
         num_model_calls: transformer calls made.
+        num_transformer_rows: rows of the transformer's forward batches (logged as ``transformer_rows``):
+            ``num_evaluations`` times the adapter's
+            :attr:`~trl_flow_egrpo.adapters.ModelAdapter.transformer_rows_per_evaluation` (2 under classifier-free
+            guidance). What the transformer computes, so what MFU counts.
         group_target: ``[num_groups]`` or None: the group whose trained samples each group's advantages are added
             to (:func:`~trl_flow_egrpo.advantages.sum_advantages_into_targets`). E-GRPO's
             ``completion_granularities`` score each sample ``x'`` once per stride, in groups of their own that
@@ -78,6 +84,7 @@ class Rollouts:
     conditioning: Conditioning
     num_evaluations: int
     num_model_calls: int
+    num_transformer_rows: int
     group_target: torch.Tensor | None = None
 
     @property
@@ -128,10 +135,23 @@ def concat_rollouts(parts: list[Rollouts]) -> Rollouts:
         conditioning={name: torch.cat([part.conditioning[name] for part in parts]) for name in parts[0].conditioning},
         num_evaluations=sum(part.num_evaluations for part in parts),
         num_model_calls=sum(part.num_model_calls for part in parts),
+        num_transformer_rows=sum(part.num_transformer_rows for part in parts),
         group_target=torch.cat(
             [part.advantage_target + offset for part, offset in zip(parts, group_offsets, strict=True)]
         ),
     )
+
+
+def in_adapter_phase(function):
+    """Run ``function(adapter, ...)`` inside ``adapter.phase()``: the model's dtype is read once per sampling or
+    decoding phase, not at every transformer or VAE call (:meth:`~trl_flow_egrpo.adapters.ModelAdapter.phase`)."""
+
+    @functools.wraps(function)
+    def wrapper(adapter: ModelAdapter, *args, **kwargs):
+        with adapter.phase():
+            return function(adapter, *args, **kwargs)
+
+    return wrapper
 
 
 def prompt_generators(generator: torch.Generator, num_prompts: int) -> list[torch.Generator]:
@@ -162,7 +182,9 @@ def batched_velocity(
     prompt_rows: torch.Tensor,
     batch_size: int,
 ) -> torch.Tensor:
-    """Velocities for a batch of trajectories, in chunks of ``batch_size`` transformer rows."""
+    """Velocities for a batch of trajectories, in chunks of ``batch_size`` trajectories (the transformer's batch
+    holds ``adapter.transformer_rows_per_evaluation`` rows per trajectory: twice as many under classifier-free
+    guidance)."""
     chunks = []
     for begin in range(0, len(latents), batch_size):
         rows = slice(begin, begin + batch_size)
@@ -172,12 +194,14 @@ def batched_velocity(
     return torch.cat(chunks)
 
 
+@in_adapter_phase
 def decode_in_chunks(adapter: ModelAdapter, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Decode ``[N, ...]`` latents to images in chunks of ``batch_size``."""
     return torch.cat([adapter.decode(latents[i : i + batch_size]) for i in range(0, len(latents), batch_size)])
 
 
 @torch.no_grad()
+@in_adapter_phase
 def sample_ode(
     adapter: ModelAdapter,
     model,
@@ -202,6 +226,7 @@ def sample_ode(
 
 
 @torch.no_grad()
+@in_adapter_phase
 def sample_images(
     adapter: ModelAdapter,
     model,
@@ -242,6 +267,7 @@ def completion_next_index(num_steps: int, fraction: float, granularities: list[i
 
 
 @torch.no_grad()
+@in_adapter_phase
 def sample_rollouts(
     adapter: ModelAdapter,
     model,
@@ -272,7 +298,7 @@ def sample_rollouts(
         generator: one generator per prompt, drawing the SDE noise of that prompt's branches in plan order, so
             that a prompt's rollouts do not depend on the other prompts sampled with it; or one generator, from
             which the per-prompt ones are seeded (:func:`prompt_generators`).
-        batch_size: transformer rows per call.
+        batch_size: trajectories per transformer call (2 rows each under classifier-free guidance).
         decode_batch_size: images per VAE call (default ``batch_size``).
         completion_solver: the ODE after each branch's merged SDE step (METHOD.md 4b): ``"euler"`` or
             ``"dpmpp_2m"`` (:func:`~trl_flow_egrpo.solvers.dpmpp_2m_step`, first order on its first step). The
@@ -433,11 +459,13 @@ def sample_rollouts(
         conditioning=conditioning,
         num_evaluations=num_evaluations,
         num_model_calls=num_calls,
+        num_transformer_rows=num_evaluations * adapter.transformer_rows_per_evaluation,
         group_target=per_granularity(groups),
     )
 
 
 @torch.no_grad()
+@in_adapter_phase
 def sample_trajectories(
     adapter: ModelAdapter,
     model,
@@ -478,7 +506,8 @@ def sample_trajectories(
             solver's history covers every step, as in the official MixGRPO-Flash). None: every step is visited.
 
     Returns:
-        ``(final_latents, steps, num_evaluations, num_calls)``; ``steps`` is a list of
+        ``(final_latents, steps, num_evaluations, num_calls)`` (``num_evaluations``: velocity evaluations, one per
+        trajectory per step); ``steps`` is a list of
         ``(index, rows, latents, samples, log_probs)``, one per recorded schedule index, in time order.
     """
     sigmas = schedule.sigmas.to(latents.device)
@@ -574,4 +603,5 @@ def trajectory_rollouts(
         conditioning=conditioning,
         num_evaluations=num_evaluations,
         num_model_calls=num_calls,
+        num_transformer_rows=num_evaluations * adapter.transformer_rows_per_evaluation,
     )

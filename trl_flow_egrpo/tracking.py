@@ -66,7 +66,7 @@ def summary_line(metrics: dict[str, float], max_steps: int) -> str:
         f"iteration {metrics['iteration']}/{max_steps} | reward {metrics['reward/weighted_mean']:.4f} "
         f"(std {metrics['reward/weighted_std']:.4f}) | loss {metrics['loss']:+.2e} | "
         f"on-policy max|r-1| {metrics['ratio/on_policy_max_abs_dev']:.1e} | "
-        f"{metrics['transformer_evaluations']} evals | {seconds:.2f}s"
+        f"{metrics['trajectory_evaluations']} evals ({metrics['transformer_rows']} transformer rows) | {seconds:.2f}s"
     )
 
 

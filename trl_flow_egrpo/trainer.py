@@ -36,10 +36,10 @@ from .algorithms import build_strategy
 from .checkpoints import TrainerState
 from .config import EGRPOConfig, check_mixed_precision_on_device
 from .data import as_prompt_dataset, iteration_prompt_indices, padded_shard
-from .distributed import is_multiprocess_cpu_run
+from .distributed import allow_mixed_precision_change, is_multiprocess_cpu_run
 from .failures import propagate_failures
 from .loss import ppo_clip_loss
-from .metrics import rollout_metrics, throughput_metrics, update_metrics
+from .metrics import rollout_metrics, sampling_cost_metrics, throughput_metrics, update_metrics
 from .prompts import PromptEncoder
 from .rollout import Rollouts, concat_rollouts, prompt_generators, sample_images
 from .scoring import reward_parse_failures, score_images, unique_reward_names, validate_reward_fns
@@ -137,10 +137,11 @@ class EGRPOTrainer:
             )
         self.pipeline = pipeline
 
+        allow_mixed_precision_change(config.mixed_precision)  # a second trainer in a notebook
         self.accelerator = Accelerator(
             cpu=is_multiprocess_cpu_run(),
             mixed_precision=config.mixed_precision,
-            log_with=tracking.available_trackers(config.log_with),
+            log_with=tracking.available_trackers(config.report_to),
             project_config=ProjectConfiguration(
                 project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
             ),
@@ -375,7 +376,7 @@ class EGRPOTrainer:
 
         advantages = self._advantages(rewards)
         start = time.perf_counter()
-        with peaks("update"):
+        with peaks("update"), self.adapter.phase():  # the phase: the transformer's dtype is read once for the update
             # E-GRPO's completion granularities: each stride's groups add their advantages to the trained group.
             update_stats = self.update(rollouts, sum_advantages_into_targets(advantages, rollouts.advantage_target))
         update_seconds = time.perf_counter() - start
@@ -683,9 +684,13 @@ class EGRPOTrainer:
             self.reward_names,
             self.strategy.group_labels,
         )
-        evaluations = gather(torch.tensor([rollouts.num_evaluations])).sum().item()
-        metrics["transformer_evaluations"] = evaluations
-        metrics["transformer_evaluations_per_rollout"] = evaluations / all_rewards.shape[0] / all_rewards.shape[1]
+        metrics.update(
+            sampling_cost_metrics(
+                gather(torch.tensor([rollouts.num_evaluations])).sum().item(),
+                gather(torch.tensor([rollouts.num_transformer_rows])).sum().item(),
+                all_rewards.shape[0] * all_rewards.shape[1],
+            )
+        )
         metrics["transformer_calls"] = rollouts.num_model_calls
         failures = reward_parse_failures(self.reward_fns, self.reward_names)
         if failures:  # summed over the processes: each process's reward objects count their own replies
@@ -697,8 +702,9 @@ class EGRPOTrainer:
 
     def _throughput(self, rollouts: Rollouts, sampling_seconds: float, update_seconds: float) -> dict[str, float]:
         """This process's transformer rows per second in sampling and update, and the sampling MFU where the
-        device's peak is known (:func:`~trl_flow_egrpo.metrics.throughput_metrics`). The update forwards every
-        trained step once per inner epoch."""
+        device's peak is known (:func:`~trl_flow_egrpo.metrics.throughput_metrics`). Rows are the transformer's
+        forward-batch rows (two per trajectory under classifier-free guidance); the update forwards every trained
+        step once per inner epoch."""
         peak = acceleration.peak_tflops(self.accelerator.device, self.config.peak_tflops)
         if peak and self.flops_per_row is None:
             first = torch.tensor([0], device=rollouts.step_start.device)
@@ -709,26 +715,32 @@ class EGRPOTrainer:
                 self.schedule.timesteps.to(first.device)[rollouts.step_start[first]],
                 select_rows(rollouts.conditioning, rollouts.step_prompt[first]),
             )
-        update_rows = len(rollouts.step_start) * self.config.num_inner_epochs
+        update_rows = (
+            len(rollouts.step_start) * self.config.num_inner_epochs * self.adapter.transformer_rows_per_evaluation
+        )
         return throughput_metrics(
-            rollouts.num_evaluations, sampling_seconds, update_rows, update_seconds, self.flops_per_row, peak
+            rollouts.num_transformer_rows, sampling_seconds, update_rows, update_seconds, self.flops_per_row, peak
         )
 
     def _log_start(self):
         if self.accelerator.is_main_process:
             logger.info(self.strategy.describe())
             logger.info(
-                "Per prompt: %d rollouts, %d transformer evaluations; %d trainable parameters; %d process(es).",
+                "Per prompt: %d rollouts, %d trajectory evaluations (%d transformer rows); %d trainable parameters; "
+                "%d process(es).",
                 self.config.num_generations * max(1, len(self.strategy.group_labels)),
                 self.evaluations_per_prompt(),
+                self.evaluations_per_prompt() * self.adapter.transformer_rows_per_evaluation,
                 self.num_trainable_parameters,
                 self.accelerator.num_processes,
             )
             logger.info("Speed switches: %s.", "; ".join(self.speed_switches))
 
     def evaluations_per_prompt(self) -> int:
-        """Transformer evaluations (rows) the rollouts of one prompt cost at the current iteration (E-GRPO: ``T``
-        for the anchor plus ``G * (T - k - l)`` per merged step, the branch step reusing the anchor's velocity)."""
+        """Velocity evaluations (trajectory evaluations) the rollouts of one prompt cost at the current iteration
+        (E-GRPO: ``T`` for the anchor plus ``G * (T - k - l)`` per merged step, the branch step reusing the anchor's
+        velocity). The transformer runs ``adapter.transformer_rows_per_evaluation`` rows for each: two under
+        classifier-free guidance."""
         return self.strategy.evaluations_per_prompt(self.state.iteration)
 
     # ------------------------------------------------------------------ saving

@@ -7,6 +7,7 @@ The trainer and the rollout engine never touch a pipeline's internals; they go t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from abc import ABC, abstractmethod
 from typing import ClassVar
@@ -148,6 +149,25 @@ class ModelAdapter(ABC):
             f"shift={shift}, use_dynamic_shifting=False)"
         )
 
+    card_imports: ClassVar[tuple[str, ...]] = ()
+    """Import lines (other than torch and diffusers) that :meth:`card_call_arguments`' code needs."""
+
+    @classmethod
+    def card_call_arguments(cls, config: dict) -> dict[str, str]:
+        """Python source of each keyword argument with which the model card's snippet calls the family pipeline
+        (``pipe`` and ``device`` are defined there) so that, from the trainer's initial noise, it samples as
+        ``trainer.sample_images`` did in a run with ``config`` (an ``EGRPOConfig.to_dict()``).
+
+        :meth:`pipeline_call_arguments`, plus what a plain call would take from the pipeline's own defaults: the
+        guidance the adapter used (the family's default where the run left it None: SD3's pipeline defaults to
+        7.0, the adapter to 4.5) and the prompt encoding's ``max_sequence_length`` (the pipelines default to 512 or
+        256 tokens, which encodes prompts differently)."""
+        arguments = {name: repr(value) for name, value in cls.pipeline_call_arguments(config).items()}
+        guidance = config.get("guidance_scale")
+        arguments[cls.guidance_argument] = repr(cls.default_guidance_scale if guidance is None else guidance)
+        arguments["max_sequence_length"] = repr(config.get("max_sequence_length"))
+        return arguments
+
     @property
     def vae_scale_factor(self) -> int:
         """The VAE's spatial downsampling (the pipeline's ``vae_scale_factor``; video pipelines name it otherwise)."""
@@ -178,6 +198,53 @@ class ModelAdapter(ABC):
     def device(self) -> torch.device:
         """Where the denoiser lives."""
         return next(self.transformer.parameters()).device
+
+    @property
+    def transformer_rows_per_evaluation(self) -> int:
+        """Rows of the transformer's forward batches per velocity evaluation (per trajectory row of
+        :meth:`velocity`): 2 with true classifier-free guidance (a conditional and a negative row), else 1.
+        MFU and the logged ``transformer_rows`` count these rows."""
+        return 2 if getattr(self, "do_classifier_free_guidance", False) else 1
+
+    _phase_reads: dict[str, torch.dtype] | None = None  # what this phase has read, None outside a phase
+
+    @contextlib.contextmanager
+    def phase(self):
+        """Within ``with adapter.phase():`` (a sampling phase, an update, a decoding), :attr:`transformer_dtype`
+        and :attr:`vae_dtype` are read once, at their first use, instead of at every call.
+
+        diffusers' ``ModelMixin.dtype`` walks every submodule (milliseconds per read on a LoRA-wrapped
+        transformer), and :meth:`velocity` and :meth:`decode` run per batch. A nested phase keeps the outer one's
+        reads. Each phase reads afresh, so a cast (``.to(dtype)``, mixed precision, a LoRA added) between phases is
+        seen; casting the model inside a phase is not.
+        """
+        if self._phase_reads is not None:
+            yield
+            return
+        self._phase_reads = {}
+        try:
+            yield
+        finally:
+            self._phase_reads = None
+
+    def _read_once_per_phase(self, name: str, read) -> torch.dtype:
+        """``read()``, or inside :meth:`phase` the value its first call in this phase returned."""
+        reads = self._phase_reads
+        if reads is None:
+            return read()
+        if name not in reads:
+            reads[name] = read()
+        return reads[name]
+
+    @property
+    def transformer_dtype(self) -> torch.dtype:
+        """The transformer's dtype (what :meth:`velocity` casts the latents to), read once per :meth:`phase`."""
+        return self._read_once_per_phase("transformer", lambda: self.transformer.dtype)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The VAE's dtype (what decoding casts the latents to), read once per :meth:`phase`."""
+        return self._read_once_per_phase("vae", lambda: self.pipeline.vae.dtype)
 
     @property
     def frozen_modules(self) -> list[torch.nn.Module]:
@@ -243,7 +310,7 @@ class ModelAdapter(ABC):
         is not ``scaling_factor`` / ``shift_factor`` (FLUX.2's batch-norm statistics): they undo their own and
         call this."""
         vae = self.pipeline.vae
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        images = vae.decode(latents.to(self.vae_dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def save_transformer(self, directory: str, state_dict: dict[str, torch.Tensor]) -> None:

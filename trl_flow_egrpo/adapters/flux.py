@@ -76,7 +76,7 @@ class FluxAdapter(ModelAdapter):
 
     def velocity(self, model, latents, timesteps, conditioning):
         transformer = self.transformer
-        dtype = transformer.dtype
+        dtype = self.transformer_dtype
         batch_size = latents.shape[0]
         device = latents.device
         image_ids = self.pipeline._prepare_latent_image_ids(

@@ -86,6 +86,20 @@ class Flux2Adapter(ModelAdapter):
     )
     """The LoRA targets whose names do not depend on the number of blocks."""
 
+    @classmethod
+    def card_call_arguments(cls, config: dict) -> dict[str, str]:
+        """As the base class, but a negative prompt goes in as ``negative_prompt_embeds`` (its encoding by the
+        pipeline, at the run's ``max_sequence_length``): the FLUX.2 pipelines take no ``negative_prompt``, and
+        ``Flux2KleinPipeline`` encodes the empty prompt unless given another one's embedding."""
+        arguments = super().card_call_arguments(config)
+        negative = arguments.pop("negative_prompt", None)
+        if negative is not None:
+            arguments["negative_prompt_embeds"] = (
+                f"pipe.encode_prompt({negative}, device=device, "
+                f"max_sequence_length={arguments['max_sequence_length']})[0]"
+            )
+        return arguments
+
     def __init__(
         self,
         pipeline,
@@ -188,7 +202,7 @@ class Flux2Adapter(ModelAdapter):
         """The policy's velocity: one pass with the guidance embedding ([dev]) or none (distilled [klein]), or
         the classifier-free-guided combination of a conditional and a negative pass made in one batched call
         ([klein] base). The grid is flattened into tokens for the transformer and its output folded back."""
-        dtype = self.transformer.dtype
+        dtype = self.transformer_dtype
         batch_size = latents.shape[0]
         hidden_states = self.pipeline._pack_latents(latents.to(dtype))
         # As the pipelines: the timestep in the latents' dtype, divided by 1000.

@@ -158,7 +158,7 @@ class QwenImageAdapter(ModelAdapter):
     def velocity(self, model, latents, timesteps, conditioning):
         """The policy's velocity: the transformer's, or the norm-rescaled classifier-free-guided combination of
         a conditional and a negative pass made in one batched call (rows ``[cond, negative]``)."""
-        dtype = self.transformer.dtype
+        dtype = self.transformer_dtype
         hidden_states = latents.to(dtype)
         # As the pipeline: the timestep in the latents' dtype, divided by 1000.
         timestep = timesteps.to(device=latents.device, dtype=hidden_states.dtype) / 1000

@@ -73,6 +73,16 @@ class SD3Adapter(ModelAdapter):
     )
     default_guidance_scale = 4.5
     default_max_shift = 1.16  # the SD3 pipeline's fallback (FLUX's is 1.15)
+    card_imports = ("import numpy as np",)
+
+    @classmethod
+    def card_call_arguments(cls, config: dict) -> dict[str, str]:
+        """As the base class, plus the schedule's unshifted sigmas ``np.linspace(1, 1/T, T)``: unlike FLUX's,
+        SD3's pipeline does not pass them itself, and its default spacing differs (see the class docstring)."""
+        arguments = super().card_call_arguments(config)
+        steps = config.get("num_inference_steps")
+        arguments["sigmas"] = f"np.linspace(1.0, 1.0 / {steps}, {steps})"
+        return arguments
 
     def __init__(
         self,
@@ -130,7 +140,7 @@ class SD3Adapter(ModelAdapter):
         """The policy's velocity: the transformer's, or the classifier-free-guided combination of an
         unconditional and a conditional pass made in one batched call (rows ``[uncond, cond]``, as the
         pipeline orders them)."""
-        dtype = self.transformer.dtype
+        dtype = self.transformer_dtype
         hidden_states = latents.to(dtype)
         # As the pipeline: the raw float32 timestep in [0, 1000]; the transformer embeds it in float32.
         timestep = timesteps.to(device=latents.device, dtype=torch.float32)

@@ -137,9 +137,11 @@ class WanAdapter(ModelAdapter):
     @classmethod
     def sampling_scheduler_code(cls, shift: float | None) -> str | None:
         """Always an Euler scheduler: the released checkpoints ship a UniPC multistep solver, the trainer samples
-        Euler steps with its ``flow_shift`` (or the run's static ``shift``)."""
+        Euler steps with its ``flow_shift`` (or the run's static ``shift``): the scheduler :meth:`euler_scheduler`
+        builds from a UniPC one."""
         return (
-            f"FlowMatchEulerDiscreteScheduler(shift={'pipe.scheduler.config.flow_shift' if shift is None else shift})"
+            "FlowMatchEulerDiscreteScheduler(num_train_timesteps=pipe.scheduler.config.num_train_timesteps, "
+            f"shift={'pipe.scheduler.config.flow_shift' if shift is None else float(shift)})"
         )
 
     def euler_scheduler(self, shift: float | None = None):
@@ -219,7 +221,7 @@ class WanAdapter(ModelAdapter):
     def velocity(self, model, latents, timesteps, conditioning):
         """The policy's velocity ``[B, 16, k + 1, H/8, W/8]``: the transformer's, or the classifier-free-guided
         combination of a conditional and a negative pass made in one batched call (rows ``[cond, negative]``)."""
-        hidden_states = latents.to(self.transformer.dtype)
+        hidden_states = latents.to(self.transformer_dtype)
         timestep = timesteps.to(latents.device)  # the pipeline passes the scheduler's float32 timestep as it is
         embeds = conditioning["prompt_embeds"]
         if self.do_classifier_free_guidance:

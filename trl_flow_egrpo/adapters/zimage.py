@@ -177,7 +177,7 @@ class ZImageAdapter(ModelAdapter):
         """The policy's velocity: minus the transformer's prediction, or minus the classifier-free-guided
         combination ``p_cond + g (p_cond - p_neg)`` of a conditional and a negative pass made in one call (rows
         ``[cond, negative]``). The transformer takes and returns per-sample lists with a frame axis of one."""
-        hidden_states = latents.to(self.transformer.dtype)
+        hidden_states = latents.to(self.transformer_dtype)
         # As the pipeline: float32 time 1 - sigma, computed from the scheduler's timestep.
         time = (1000 - timesteps.to(device=latents.device, dtype=torch.float32)) / 1000
         captions = self._captions(conditioning["prompt_embeds"], conditioning["prompt_embeds_mask"])
