@@ -423,6 +423,7 @@ FLUX = Family(
     parity_steps=16,
     parity_rtol=1e-5,
     training=dict(max_steps=12, prompts_per_device=4),
+    recipe="flux_dev_hps.yaml",
     card=(
         ("static-shift", dict(height=64, width=64, max_sequence_length=32, shift=3.0)),
         ("full-fine-tune", dict(height=64, width=64, max_sequence_length=32, shift=None, use_peft=False)),
@@ -448,6 +449,7 @@ SD3 = Family(
     config=dict(guidance_scale=1.0),
     # 4 prompts per iteration: with 2, the gain after 20 iterations depends on the seed (some seeds lose).
     training=dict(max_steps=20, prompts_per_device=4),
+    recipe="sd3_5_medium_pickscore.yaml",
     card=(("cfg-negative", dict(height=64, width=64, max_sequence_length=32, negative_prompt="blurry")),),
 )
 
