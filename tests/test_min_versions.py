@@ -19,12 +19,12 @@ NOT_CONSTRAINED = {"torch", "torchvision"}
 
 
 def declared_lower_bounds() -> dict[str, Version]:
-    """``name -> version`` of every ``>=`` bound of the core dependencies and the ``rewards``, ``quantization`` and
-    ``server`` extras (the ones the tests import)."""
+    """``name -> version`` of every ``>=`` bound of the core dependencies and the ``rewards``, ``quantization``,
+    ``server`` and ``ocr`` extras (the ones the tests import)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     bounds = {}
     extras = project["optional-dependencies"]
-    for line in project["dependencies"] + extras["rewards"] + extras["quantization"] + extras["server"]:
+    for line in project["dependencies"] + extras["rewards"] + extras["quantization"] + extras["server"] + extras["ocr"]:
         requirement = Requirement(line)
         lower = [spec.version for spec in requirement.specifier if spec.operator == ">="]
         assert len(lower) == 1, f"{line!r} in pyproject.toml needs exactly one '>=' lower bound"

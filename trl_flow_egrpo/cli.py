@@ -6,7 +6,7 @@
   fine-tune (:mod:`trl_flow_egrpo.commands.evaluate`, the same as ``examples/evaluate.py``).
 - ``trl-flow-egrpo serve-reward NAME``: serve one reward over HTTP for
   :class:`~trl_flow_egrpo.rewards.remote.RemoteReward` (see ``docs/remote-rewards.md``). ``NAME`` is a built-in
-  reward (``hps``, ``clip``, ``pickscore``, ``image_reward``, ``color``, ...) or ``module:callable``.
+  reward (``hps``, ``clip``, ``pickscore``, ``image_reward``, ``ocr``, ``color``, ...) or ``module:callable``.
 
 Without the console script, and under a launcher: ``python -m trl_flow_egrpo.cli COMMAND ...``,
 ``accelerate launch -m trl_flow_egrpo.cli train --config RECIPE.yaml``. Nothing heavy (torch, diffusers) is
@@ -65,7 +65,7 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
 
     serve.add_argument(
         "name",
-        help="a built-in reward (hps, clip, pickscore, image_reward, color, brightness, "
+        help="a built-in reward (hps, clip, pickscore, image_reward, ocr, color, brightness, "
         "jpeg_compressibility, ...) or module:callable",
     )
     serve.add_argument(

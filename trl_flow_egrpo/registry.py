@@ -17,6 +17,7 @@ from .rewards import (
     ImageRewardReward,
     JpegCompressibilityReward,
     JpegIncompressibilityReward,
+    OCRReward,
     PickScoreReward,
     TemporalConsistencyReward,
 )
@@ -26,6 +27,7 @@ REWARDS: dict[str, Callable[..., Callable]] = {
     "clip": CLIPScoreReward,
     "pickscore": PickScoreReward,
     "image_reward": ImageRewardReward,
+    "ocr": OCRReward,
     "jpeg_compressibility": JpegCompressibilityReward,
     "jpeg_incompressibility": JpegIncompressibilityReward,
     "color": ColorReward,
@@ -44,6 +46,8 @@ REWARD_SOURCES: dict[str, str] = {
     "pickscore": "PickScore v1: `yuvalkirstain/PickScore_v1` with the `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` "
     "processor",
     "image_reward": "ImageReward v1.0: `ImageReward.pt` of the Hub repo `THUDM/ImageReward`",
+    "ocr": "OCR (Flow-GRPO's text rendering): 1 - normalized edit distance of the text PP-OCRv4 reads (the weights "
+    "of the `rapidocr-onnxruntime` wheel) to the prompt's quoted text",
     "jpeg_compressibility": "JPEG compressibility (weight-free): minus the JPEG size in kB at quality 95",
     "jpeg_incompressibility": "JPEG incompressibility (weight-free): the JPEG size in kB at quality 95",
     "color": "Colour (weight-free): minus the distance of the mean RGB colour to a target (default red)",

@@ -26,6 +26,7 @@ REWARD_NAMES = (
     "clip",
     "pickscore",
     "image_reward",
+    "ocr",
     "jpeg_compressibility",
     "jpeg_incompressibility",
     "color",

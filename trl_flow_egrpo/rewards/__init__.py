@@ -7,7 +7,8 @@ A reward is any callable ``fn(images, prompts, **columns)`` that returns one flo
 ``[B, F, 3, H, W]``: :class:`FrameAverageReward` scores them with any image reward, frame by frame.
 
 Model-based rewards load their weights lazily, on first call; importing this package needs none of their
-optional dependencies (``pip install "trl-flow-egrpo[rewards]"`` for the open_clip ones). Rewards served from
+optional dependencies (``pip install "trl-flow-egrpo[rewards]"`` for the open_clip ones, ``[ocr]`` for
+:class:`OCRReward`). Rewards served from
 another process, GPU or machine (:class:`RemoteReward`) and vision-language-model judges
 (:class:`VLMJudgeReward`) are described in ``docs/remote-rewards.md``.
 """
@@ -15,6 +16,7 @@ another process, GPU or machine (:class:`RemoteReward`) and vision-language-mode
 from .clip_score import CLIPScoreReward
 from .hps import HPSv2Reward
 from .image_reward import ImageRewardReward
+from .ocr import OCRReward
 from .pickscore import PickScoreReward
 from .remote import RemoteReward, RemoteRewardError
 from .video import FrameAverageReward, TemporalConsistencyReward
@@ -30,6 +32,7 @@ __all__ = [
     "ImageRewardReward",
     "JpegCompressibilityReward",
     "JpegIncompressibilityReward",
+    "OCRReward",
     "PickScoreReward",
     "RemoteReward",
     "RemoteRewardError",

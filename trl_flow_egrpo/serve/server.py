@@ -394,8 +394,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def warm_up(scorer: BatchScorer) -> None:
-    """Score one grey 64 x 64 image, so that the model loads before the first client waits for it."""
-    scorer.score(ScoreBatch(torch.full((1, 3, 64, 64), 128, dtype=torch.uint8), ["a photo"], {}))
+    """Score one grey 64 x 64 image, so that the model loads before the first client waits for it. The prompt quotes
+    a text because OCRReward scores against a prompt's quoted span and refuses prompts without one."""
+    scorer.score(ScoreBatch(torch.full((1, 3, 64, 64), 128, dtype=torch.uint8), ['a photo of a sign saying "hi"'], {}))
 
 
 def run(
