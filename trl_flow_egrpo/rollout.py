@@ -283,6 +283,7 @@ def sample_rollouts(
     completion_solver: str = "euler",
     completion_steps_fraction: float = 1.0,
     completion_granularities: list[int] | tuple[int, ...] = (1,),
+    sde_type: str = "sde",
 ) -> Rollouts:
     """Sample the anchors and all branched rollouts of one iteration.
 
@@ -308,6 +309,7 @@ def sample_rollouts(
         completion_granularities: strides; each ``x'`` is completed once per stride, and the completions of
             stride ``granularities[i]`` form groups ``i * num_base_groups + group`` (``Rollouts.group_target``
             maps them to the trained group). ``(1,)``: one completion, the paper.
+        sde_type: the branch step's sampler, ``"sde"`` or ``"cps"`` (:func:`~trl_flow_egrpo.sde.step_mean_std`).
 
     Returns:
         :class:`Rollouts`.
@@ -382,6 +384,7 @@ def sample_rollouts(
                 repeat(lengths),
                 noise_level,
                 noise=prompt_noise(generators, repeat(prompt[anchors]), latent_shape, device),
+                sde_type=sde_type,
             )
             branch_latents[groups] = latents[anchors]
             samples[groups] = step.sample.view(len(anchors), num_generations, *latent_shape)

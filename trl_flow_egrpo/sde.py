@@ -11,6 +11,9 @@ A merged step starts at schedule index ``k``, spans ``l >= 1`` intervals and lan
 
 where ``s~ = s`` except at ``s = 1``, where ``s~ = sigmas[1]`` (avoids the division by zero). Everything
 runs in float32 whatever the model's dtype. ``a = 0`` is exactly the Euler (ODE) step.
+
+``sde_type="cps"`` replaces this SDE by coefficient-preserving sampling (:func:`cps_mean_std`, Wang & Yu 2025):
+the step re-noises the predicted clean image with noise of total scale exactly ``s'``, docs/concepts.md.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from dataclasses import dataclass
 import torch
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+SDE_TYPES = ("sde", "cps")
+"""The samplers of the stochastic step (``EGRPOConfig.sde_type``): Flow-GRPO's SDE, or coefficient-preserving
+sampling."""
 
 
 @dataclass
@@ -102,12 +109,18 @@ def constant_noise_sde_mean_std(
     )
 
 
+def _step_end(latents, sigmas, start, merge_length) -> torch.Tensor:
+    """The landing index ``start + merge_length`` ``[B]`` of merged steps, checked to lie inside the schedule."""
+    end = start + _per_sample(merge_length, latents.shape[0], latents.device)
+    if bool((end >= len(sigmas)).any()) or bool((end <= start).any()):
+        raise ValueError(f"Merged steps must satisfy 1 <= merge_length and index + merge_length <= {len(sigmas) - 1}.")
+    return end
+
+
 def _gaussian_step(latents, velocity, sigmas, start, merge_length, c):
     """``mu = x + (v + c^2 / (2 s) (x + (1 - s) v)) d`` and ``std = c sqrt(-d)`` for per-sample ``c`` ``[B]``."""
     batch_size = latents.shape[0]
-    end = start + _per_sample(merge_length, batch_size, latents.device)
-    if bool((end >= len(sigmas)).any()) or bool((end <= start).any()):
-        raise ValueError(f"Merged steps must satisfy 1 <= merge_length and index + merge_length <= {len(sigmas) - 1}.")
+    end = _step_end(latents, sigmas, start, merge_length)
     view = (batch_size,) + (1,) * (latents.dim() - 1)
     x = latents.to(torch.float32)
     v = velocity.to(torch.float32)
@@ -116,6 +129,76 @@ def _gaussian_step(latents, velocity, sigmas, start, merge_length, c):
     s = s.view(view)
     mean = x + (v + (c.view(view) ** 2 / (2 * s)) * (x + (1 - s) * v)) * d
     return mean, c * torch.sqrt(-d.view(batch_size))
+
+
+def cps_angle(noise_level: float, merge_length) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(cos(theta_l), sin(theta_l))`` of a CPS step over ``merge_length`` intervals, float64: the effective angle
+    with ``cos(theta_l) = cos(theta)^l`` and ``theta = a pi / 2`` (:func:`cps_mean_std`).
+
+    ``sin(theta_l) = sqrt(1 - cos(theta)^{2l})``, the share of the landing sigma that is fresh noise.
+    """
+    if not 0 <= noise_level <= 1:
+        raise ValueError(
+            f"noise_level={noise_level!r} is not allowed with sde_type='cps': it must be in [0, 1] (the angle "
+            "a * pi / 2 runs from the Euler step, a = 0, to fully fresh noise, a = 1)."
+        )
+    cos_l = math.cos(noise_level * math.pi / 2) ** torch.as_tensor(merge_length, dtype=torch.float64)
+    return cos_l, torch.sqrt(1 - cos_l**2)
+
+
+def cps_mean_std(
+    latents: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index, merge_length, noise_level: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The Gaussian of one merged coefficient-preserving (CPS) step from ``s = sigmas[index]`` to
+    ``s' = sigmas[index + merge_length]``: float32 mean (shaped like ``latents``) and per-sample std ``[B]``.
+
+    With the predicted clean image ``x0 = x - s v`` and noise ``e = x + (1 - s) v`` (so ``x = (1 - s) x0 + s e``),
+    ``theta = a pi / 2`` and ``cos(theta_l) = cos(theta)^l``:
+
+    .. math:: \mu = (1 - s') \hat x_0 + s' \cos(	heta_l)\, \hat e, \qquad
+              \mathrm{std} = s' \sin(	heta_l) = s' \sqrt{1 - \cos(	heta)^{2l}}
+
+    ``l = 1`` is the CPS step (std ``s' sin(theta)``, mean ``(1 - s') x0 + sqrt(s'^2 - std^2) e``). A merged step
+    is ``l`` CPS steps with the clean-image prediction ``x0`` frozen at the left end (the one velocity
+    evaluation): each one maps the noise part ``e`` to ``cos(theta) e + sin(theta) eps_j``, so after ``l`` of them
+    it is ``cos(theta)^l e + sqrt(1 - cos(theta)^{2l}) eps``, a single CPS step of angle ``theta_l``. The noise
+    part keeps unit variance (the "coefficient" of noise is exactly ``s'``) whenever ``e`` has it. ``a = 0`` is
+    the Euler step over the merged interval; landing at ``s' = 0`` gives ``std = 0`` (no density: such a step
+    can be sampled but not trained). Arguments as :func:`sde_mean_std`, with ``0 <= noise_level <= 1``.
+    """
+    batch_size = latents.shape[0]
+    sigmas = sigmas.to(device=latents.device, dtype=torch.float32)
+    start = _per_sample(index, batch_size, latents.device)
+    end = _step_end(latents, sigmas, start, merge_length)
+    # The angle in float64 on the CPU: 1 - cos^2l loses digits in float32 for small noise levels.
+    cos_l, sin_l = (
+        value.to(device=latents.device, dtype=torch.float32)
+        for value in cps_angle(noise_level, _per_sample(merge_length, batch_size, "cpu"))
+    )
+    view = (batch_size,) + (1,) * (latents.dim() - 1)
+    x = latents.to(torch.float32)
+    v = velocity.to(torch.float32)
+    s, s_next = sigmas[start].view(view), sigmas[end]
+    clean, noise = x - s * v, x + (1 - s) * v
+    mean = (1 - s_next.view(view)) * clean + (s_next * cos_l).view(view) * noise
+    return mean, s_next * sin_l
+
+
+def step_mean_std(
+    latents: torch.Tensor,
+    velocity: torch.Tensor,
+    sigmas: torch.Tensor,
+    index,
+    merge_length,
+    noise_level: float,
+    sde_type: str = "sde",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian of a merged stochastic step under the sampler ``sde_type``: :func:`sde_mean_std` (``"sde"``)
+    or :func:`cps_mean_std` (``"cps"``). Other arguments as :func:`sde_mean_std`."""
+    if sde_type not in SDE_TYPES:
+        raise ValueError(f"sde_type={sde_type!r} is not allowed: sde_type must be one of {SDE_TYPES}.")
+    step = cps_mean_std if sde_type == "cps" else sde_mean_std
+    return step(latents, velocity, sigmas, index, merge_length, noise_level)
 
 
 def sde_step(
@@ -128,9 +211,10 @@ def sde_step(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     sample: torch.Tensor | None = None,
+    sde_type: str = "sde",
 ) -> SDEStepOutput:
-    """One merged SDE step from ``sigmas[index]`` to ``sigmas[index + merge_length]``: the Gaussian of
-    :func:`sde_mean_std`, a draw ``x' = mu + std * eps`` from it, and the draw's log-density.
+    """One merged stochastic step from ``sigmas[index]`` to ``sigmas[index + merge_length]``: the Gaussian of
+    :func:`step_mean_std`, a draw ``x' = mu + std * eps`` from it, and the draw's log-density.
 
     Args:
         latents, velocity, sigmas, index, merge_length, noise_level: as :func:`sde_mean_std`.
@@ -139,11 +223,12 @@ def sde_step(
         generator: random generator for ``noise``. Noise is drawn on the generator's device, then moved.
         sample: evaluate ``log_prob`` at this given ``x'`` instead of drawing one (training recomputes
             the log-probability of the stored samples under the current model this way).
+        sde_type: the sampler, ``"sde"`` (Flow-GRPO's SDE) or ``"cps"`` (coefficient-preserving sampling).
 
     Returns:
         :class:`SDEStepOutput` with the float32 ``sample``, ``mean``, per-sample ``std`` and ``log_prob``.
     """
-    mean, std = sde_mean_std(latents, velocity, sigmas, index, merge_length, noise_level)
+    mean, std = step_mean_std(latents, velocity, sigmas, index, merge_length, noise_level, sde_type)
     return sample_gaussian_step(mean, std, noise, generator, sample)
 
 

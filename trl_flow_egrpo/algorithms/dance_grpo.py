@@ -14,7 +14,8 @@ class DanceGRPO(TrajectoryStrategy):
     trajectory trains ``int((T - 1) * timestep_fraction)`` steps drawn at random from its first ``T - 1``: the
     official code keeps ``timesteps[:, :-1]`` (the last step is sampled but never trained) and trains
     ``int(len * timestep_fraction)`` of them (default fraction 0.6 as its scripts: 9 of the first 15 at
-    ``T = 16``). ``G * T`` transformer rows per prompt."""
+    ``T = 16``). ``G * T`` transformer rows per prompt. Its official code has no CPS form of this SDE, so
+    ``sde_type="cps"`` is refused (:class:`~trl_flow_egrpo.EGRPOConfig`)."""
 
     name = "dance-grpo"
     same_noise_in_group = True

@@ -6,7 +6,7 @@ import torch
 
 from ..merging import format_merge_plan, plan_merges
 from ..rollout import sample_rollouts
-from ..sde import sde_mean_std
+from ..sde import step_mean_std
 from ..solvers import completion_evaluations
 from .base import RolloutStrategy
 
@@ -31,6 +31,7 @@ class EGRPO(RolloutStrategy):
             config.merge_length,
             config.merge_windows,
             first_step=config.first_active_step,
+            sde_type=config.sde_type,
         )
 
     def sample(self, adapter, model, conditioning, generators, iteration):
@@ -51,10 +52,14 @@ class EGRPO(RolloutStrategy):
             completion_solver=config.completion_solver,
             completion_steps_fraction=config.completion_steps_fraction,
             completion_granularities=config.completion_granularities,
+            sde_type=config.sde_type,
         )
 
     def step_distribution(self, latents, velocity, start, length):
-        return sde_mean_std(latents, velocity, self.schedule.sigmas, start, length, self.config.noise_level)
+        config = self.config
+        return step_mean_std(
+            latents, velocity, self.schedule.sigmas, start, length, config.noise_level, config.sde_type
+        )
 
     @property
     def num_phases(self) -> int:
@@ -93,7 +98,7 @@ class EGRPO(RolloutStrategy):
         return (
             f"E-GRPO merge plan (T={self.schedule.num_steps}, a={config.noise_level:.3g}, "
             f"tau={config.entropy_threshold:.3g}, {config.num_active_steps} active steps from step "
-            f"{config.first_active_step}):\n"
+            f"{config.first_active_step}{', CPS sampler' if config.sde_type == 'cps' else ''}):\n"
             + format_merge_plan(self.merge_plan, self.schedule.sigmas)
             + self._describe_completion()
         )

@@ -31,10 +31,13 @@ class FlowGRPO(TrajectoryStrategy):
         return first_steps(self.config.num_generations, num_steps, fraction_of(num_steps, fraction))
 
     def kl_to_reference(self, mean, reference_mean, std, start, length):
-        """The official Flow-GRPO KL: ``mean((mu - mu_ref)^2) / (2 c^2)`` with the diffusion coefficient ``c``
-        (its ``std_dev_t``), not the step's std ``c sqrt(sigma_k - sigma_{k+1})``; i.e. the KL between the step's
-        two Gaussians (:func:`~trl_flow_egrpo.sde.gaussian_kl`) times the step's sigma decrease. ``beta`` weighs
-        it on the official scale."""
+        """The official Flow-GRPO KL: ``mean((mu - mu_ref)^2) / (2 std_dev_t^2)``. Under its SDE ``std_dev_t`` is
+        the diffusion coefficient ``c``, not the step's std ``c sqrt(sigma_k - sigma_{k+1})``: the KL between the
+        step's two Gaussians (:func:`~trl_flow_egrpo.sde.gaussian_kl`) times the step's sigma decrease. Under CPS
+        its ``std_dev_t`` is the step's std ``sigma_{k+1} sin(a pi / 2)``: exactly the KL between the two
+        Gaussians. ``beta`` weighs it on the official scale."""
+        if self.config.sde_type == "cps":
+            return super().kl_to_reference(mean, reference_mean, std, start, length)
         sigmas = self.schedule.sigmas.to(device=mean.device, dtype=torch.float32)
         return gaussian_kl(mean, reference_mean, std) * (sigmas[start] - sigmas[start + length])
 

@@ -9,8 +9,8 @@ from .trajectories import TrajectoryStrategy
 
 class MixGRPO(TrajectoryStrategy):
     """Per prompt, ``G`` trajectories from the same initial noise; the steps inside a window of
-    ``mix_window_size`` steps are SDE steps (Flow-GRPO's SDE, ``noise_level``) and trained, the others are ODE
-    steps. The official "progressive" strategy with roll-back (``GRPOTrainingStates`` with
+    ``mix_window_size`` steps are SDE steps (Flow-GRPO's SDE or CPS: ``noise_level``, ``sde_type``) and trained,
+    the others are ODE steps. The official "progressive" strategy with roll-back (``GRPOTrainingStates`` with
     ``max_timesteps = T - 2``): the window starts at step 0, moves ``mix_window_stride`` steps later every
     ``mix_shift_interval`` iterations, never covers the last two steps (it is cut at step ``T - 2``, so it
     shortens near the end), and goes back to step 0 once it would start at step ``T - 2`` or later. The ODE
@@ -23,12 +23,12 @@ class MixGRPO(TrajectoryStrategy):
     """``mix_shift_interval`` when the config leaves it None (the official MixGRPO script's ``iters_per_group``)."""
 
     def __init__(self, config, schedule):
-        super().__init__(config, schedule)
-        if schedule.num_steps < 3:
+        if schedule.num_steps < 3:  # first: the base class looks at the windows, which need 3 steps
             raise ValueError(
                 f"algorithm={config.algorithm!r} needs num_inference_steps >= 3: its window never covers the last "
                 f"two steps, so with {schedule.num_steps} steps nothing could be trained. Raise num_inference_steps."
             )
+        super().__init__(config, schedule)
 
     @property
     def shift_interval(self) -> int:

@@ -6,17 +6,30 @@ from __future__ import annotations
 import torch
 
 from ..rollout import sample_trajectories, trajectory_rollouts
-from ..sde import sde_mean_std
+from ..sde import step_mean_std
 from .base import RolloutStrategy
 
 
 class TrajectoryStrategy(RolloutStrategy):
     """Base of the trajectory algorithms. Subclasses choose the initial noises (:attr:`same_noise_in_group`),
     the stochastic and trained steps (:meth:`stochastic_steps`, :meth:`trained_steps`) and, when it is not
-    Flow-GRPO's (METHOD.md section 2 with ``l = 1`` and ``noise_level``), the SDE (:meth:`step_distribution`)."""
+    Flow-GRPO's (METHOD.md section 2 with ``l = 1`` and ``noise_level``, or CPS with ``sde_type="cps"``), the SDE
+    (:meth:`step_distribution`).
+
+    Under ``sde_type="cps"`` the last step lands at sigma 0 with no noise: it is still sampled (it is then the
+    Euler step) but cannot be trained, so a strategy that trains it is refused."""
 
     same_noise_in_group = False
     """Whether the ``G`` trajectories of a prompt start from the same initial noise."""
+
+    def __init__(self, config, schedule):
+        super().__init__(config, schedule)
+        if config.sde_type == "cps" and bool(self.trained_steps(0, torch.Generator().manual_seed(0))[:, -1].any()):
+            raise ValueError(
+                f"algorithm={config.algorithm!r} with sde_type='cps' would train the last step, which lands at "
+                "sigma 0 where the CPS step has no noise and no log-probability. Lower timestep_fraction so that "
+                f"int(T * timestep_fraction) < T = {schedule.num_steps} (default 0.99), or use sde_type='sde'."
+            )
 
     def stochastic_steps(self, iteration: int) -> torch.Tensor:
         """``[T]`` bool: the SDE steps at ``iteration`` (default: all of them)."""
@@ -33,7 +46,10 @@ class TrajectoryStrategy(RolloutStrategy):
         raise NotImplementedError
 
     def step_distribution(self, latents, velocity, start, length):
-        return sde_mean_std(latents, velocity, self.schedule.sigmas, start, length, self.config.noise_level)
+        config = self.config
+        return step_mean_std(
+            latents, velocity, self.schedule.sigmas, start, length, config.noise_level, config.sde_type
+        )
 
     @property
     def num_phases(self) -> int:
