@@ -47,7 +47,7 @@ def run(variant: str, iterations: int, output_dir: str) -> None:
         compile_transformer=variant != "eager",
     )
     if variant == "compiled, no recompute":
-        trainer._recompute_log_probs = lambda rollouts, phases: 0.0
+        trainer._recompute_log_probs = lambda rollouts, phases, old_means=None: 0.0
     for iteration in range(1, iterations + 1):
         start = time.perf_counter()
         metrics = trainer.step()

@@ -309,6 +309,14 @@ class EGRPOConfig:
         default=3.0,
     )
     noise_level: float = _doc("a, the SDE noise level of the stochastic step (> 0). Paper: 0.7.", default=0.7)
+    sde_type: str = _doc(
+        "The sampler of the stochastic steps: 'sde' (Flow-GRPO's SDE, METHOD.md section 2, the paper) or 'cps' "
+        "(coefficient-preserving sampling: noise std sigma' * sin(a * pi / 2), so the sample keeps its noise scale; "
+        "needs noise_level <= 1). Used by e-grpo (its entropy and merge plan too, docs/concepts.md), flow-grpo, "
+        "mix-grpo and mix-grpo-flash; dance-grpo has its own constant-noise SDE and refuses 'cps'. Under 'cps' a "
+        "step landing at sigma 0 has no noise, so the last step cannot be trained.",
+        default="sde",
+    )
 
     # --- entropy-aware merging (METHOD.md section 3) ----------------------------------------------
     entropy_threshold: float = _doc(
@@ -405,6 +413,25 @@ class EGRPOConfig:
         default="active_step",
     )
     num_inner_epochs: int = _doc("Passes over each iteration's rollouts (PPO epochs). Paper: 1.", default=1)
+    ratio_normalization: bool = _doc(
+        "GRPO-Guard's ratio normalization (Wang et al. 2025, arXiv 2510.22319): the clip acts on "
+        "exp(s * (log r + mean((mu - mu_old)^2) / (2 s^2))) instead of r, s the step's std, mu and mu_old its mean "
+        "now and at sampling. This removes the ratio's left shift and its growth on low-noise steps: mean 0 and the "
+        "same spread at every step in log space, exactly 1 on-policy (trl_flow_egrpo.loss.normalized_log_ratio). "
+        "Works with every algorithm (E-GRPO's merged steps included). Costs one forward per trained step and "
+        "iteration before the first optimizer step, to record mu_old (shared with compile_transformer's log-prob "
+        "recomputation). Its gradients are s times the raw ones: step_reweighting evens them out across steps. "
+        "Off by default (not part of E-GRPO).",
+        default=False,
+    )
+    step_reweighting: bool = _doc(
+        "GRPO-Guard's gradient reweighting, with ratio_normalization: each trained step's loss term is weighted by "
+        "1 / (T * (sigma_k - sigma_{k+l})), its interval's inverse (the paper's 1/dt, here times 1/T so that a "
+        "uniform schedule's weights are 1), which gives every step the same gradient per unit of velocity "
+        "(trl_flow_egrpo.loss.step_weights). For Flow-GRPO's SDE (sde_type='sde'): refused with dance-grpo and "
+        "sde_type='cps'. Off by default.",
+        default=False,
+    )
 
     # --- optimization -----------------------------------------------------------------------------
     learning_rate: float = _doc(
@@ -601,6 +628,16 @@ class EGRPOConfig:
             refuse("timestep_fraction", "in (0, 1], or None for the algorithm's default")
         if not (math.isfinite(self.dance_eta) and self.dance_eta > 0):
             refuse("dance_eta", "a finite number > 0")
+        if self.sde_type not in ("sde", "cps"):
+            refuse("sde_type", "'sde' (Flow-GRPO's SDE, the default) or 'cps' (coefficient-preserving sampling)")
+        if self.sde_type == "cps" and self.algorithm == "dance-grpo":
+            raise ValueError(
+                "sde_type='cps' is not allowed with algorithm='dance-grpo': DanceGRPO samples with its own "
+                "constant-noise SDE (dance_eta), which has no CPS form. Use sde_type='sde', or a CPS-capable "
+                "algorithm: 'e-grpo', 'flow-grpo', 'mix-grpo' or 'mix-grpo-flash'."
+            )
+        if self.sde_type == "cps" and self.noise_level > 1:
+            refuse("noise_level", "<= 1 with sde_type='cps' (the CPS angle a * pi / 2 stops at fully fresh noise)")
         if not 1 <= self.mix_window_size <= self.num_inference_steps:
             refuse("mix_window_size", f"between 1 and num_inference_steps ({self.num_inference_steps})")
         if self.mix_shift_interval is not None and self.mix_shift_interval < 1:
@@ -625,6 +662,20 @@ class EGRPOConfig:
             )
         if self.advantage_std not in (None, "group", "batch"):
             refuse("advantage_std", "'group', 'batch', or None for the algorithm's default")
+        if self.step_reweighting and not self.ratio_normalization:
+            refuse(
+                "step_reweighting",
+                "False without ratio_normalization: the weights even out the normalized ratio's gradients (s times "
+                "the raw ones); set ratio_normalization=True as well, or leave step_reweighting off",
+            )
+        if self.step_reweighting and (self.algorithm == "dance-grpo" or self.sde_type != "sde"):
+            raise ValueError(
+                f"step_reweighting=True is not allowed with algorithm={self.algorithm!r} and "
+                f"sde_type={self.sde_type!r}: its 1/interval weights even out the steps of Flow-GRPO's SDE only "
+                "(sde_type='sde', whose mean moves with the velocity by a constant multiple of the interval); "
+                "DanceGRPO's constant-noise SDE and CPS steps have other multiples. Leave step_reweighting off "
+                "(ratio_normalization works with every algorithm and sampler)."
+            )
         if self.beta is not None and not (math.isfinite(self.beta) and self.beta >= 0):
             refuse("beta", "a finite number >= 0, or None for the algorithm's default")
         for name in ("save_steps", "eval_steps", "warmup_steps"):

@@ -1,4 +1,5 @@
-r"""The PPO-clip objective of the policy update (METHOD.md section 6).
+r"""The PPO-clip objective of the policy update (METHOD.md section 6), with GRPO-Guard's ratio normalization as an
+option.
 
 .. math:: L = \mathrm{mean}_j \max\big(-A_j r_j,\; -A_j \,\mathrm{clip}(r_j, 1 - \epsilon, 1 + \epsilon)\big),
           \qquad r_j = \exp(\log p_\theta(x'_j) - \log p_{old}(x'_j))
@@ -17,9 +18,10 @@ class PolicyLossOutput:
 
     Attributes:
         loss: scalar PPO-clip loss (mean over samples), with gradient.
-        ratio: the per-sample ratios ``r_j`` (detached).
+        ratio: the per-sample ratios ``r_j`` the clip acts on (GRPO-Guard's normalized ratios when enabled; detached).
         clipped: per-sample bool, True where the clipped term was the active one.
-        approx_kl: ``mean(((r - 1) - log r))``, the non-negative k3 estimator of KL(old || new).
+        approx_kl: ``mean(((r - 1) - log r))`` of the raw (unnormalized) ratios, the non-negative k3 estimator of
+            KL(old || new).
     """
 
     loss: torch.Tensor
@@ -28,16 +30,84 @@ class PolicyLossOutput:
     approx_kl: torch.Tensor
 
 
+@dataclass
+class RatioNormalization:
+    """What GRPO-Guard's ratio normalization needs of each sample's Gaussian step, all ``[N]``.
+
+    Attributes:
+        mean_drift: ``mean((mu_theta - mu_old)^2)`` over the latent elements, the squared drift of the step's mean
+            since sampling, with gradient through ``mu_theta`` (:func:`mean_drift`).
+        std: the step's std ``s`` (shared by the old and the current policy: it depends on the schedule only).
+    """
+
+    mean_drift: torch.Tensor
+    std: torch.Tensor
+
+
+def mean_drift(mean: torch.Tensor, old_mean: torch.Tensor) -> torch.Tensor:
+    """``mean((mean - old_mean)^2)`` over each row's elements, ``[B]``: the averaged squared drift of a Gaussian
+    step's mean, on the element-averaged scale of :func:`~trl_flow_egrpo.sde.gaussian_log_prob`."""
+    return (mean - old_mean.detach()).pow(2).flatten(1).mean(dim=1)
+
+
+def normalized_log_ratio(log_ratio: torch.Tensor, mean_drift: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    r"""GRPO-Guard's ratio normalization (RatioNorm) of the element-averaged log-ratio of Gaussian steps, ``[N]``.
+
+    For ``x' = mu_old + s eps`` (``eps ~ N(0, I)``, ``D`` elements) and the current mean ``mu = mu_old + d``:
+
+    .. math:: \log r = \frac{\overline{\epsilon\, d}}{s} - \frac{\overline{d^2}}{2 s^2}, \qquad
+              \log \hat r = s\Big(\log r + \frac{\overline{d^2}}{2 s^2}\Big) = \overline{\epsilon\, d}
+
+    (bars: means over the elements). The raw log-ratio's mean ``-mean(d^2) / (2 s^2)`` and its spread
+    ``rms(d) / (s sqrt(D))`` both grow as the step's std ``s`` shrinks: low-noise steps' ratios drift below 1 and
+    scatter, so the clip misses their positive-advantage samples. Adding the mean shift back and scaling by ``s``
+    leaves ``mean(eps d)``: mean 0 and spread ``rms(d) / sqrt(D)`` at every step, whatever its noise level.
+    On-policy (``d = 0``) it is exactly 0. Its gradient is ``mean(eps * dmu)``: ``s`` times the raw one.
+    """
+    return (log_ratio + mean_drift / (2 * std**2)) * std
+
+
+def step_weights(sigmas: torch.Tensor, start: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    r"""GRPO-Guard's gradient reweighting of Gaussian steps spanning ``sigmas[start]`` to ``sigmas[start + length]``,
+    ``[B]``, for a schedule of ``T = len(sigmas) - 1`` steps from 1 to 0:
+
+    .. math:: w = \frac{1}{T\,(\sigma_{k} - \sigma_{k + l})}
+
+    A step's mean moves with its velocity by a multiple of its interval ``sigma_k - sigma_{k+l}``, so the gradient
+    of the normalized ratio (``mean(eps * dmu)``, :func:`normalized_log_ratio`) is proportional to the interval:
+    ``1 / interval`` gives every step the same weight per unit of velocity. The ``1 / T`` keeps a uniform
+    schedule's weights at 1, so the learning rate and ``max_grad_norm`` keep their scale (the paper's weight is
+    ``1 / interval`` alone).
+    """
+    intervals = sigmas[start] - sigmas[start + length]
+    return 1.0 / ((len(sigmas) - 1) * intervals)
+
+
 def ppo_clip_loss(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    normalization: RatioNormalization | None = None,
+    weights: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
-    """PPO-clip loss (to minimize) for per-sample log-probabilities and advantages, all ``[N]``."""
+    """PPO-clip loss (to minimize) for per-sample log-probabilities and advantages, all ``[N]``.
+
+    With ``normalization``, the clip acts on GRPO-Guard's normalized ratio ``exp(normalized_log_ratio(...))``
+    (:func:`normalized_log_ratio`) instead of the raw one. ``weights`` ``[N]`` (e.g. :func:`step_weights`) weight
+    each sample's term in the mean.
+    """
     log_ratio = log_prob - old_log_prob.detach()
-    ratio = torch.exp(log_ratio)
+    raw_ratio = torch.exp(log_ratio)
+    if normalization is None:
+        ratio = raw_ratio
+    else:
+        ratio = torch.exp(normalized_log_ratio(log_ratio, normalization.mean_drift, normalization.std))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    per_sample = torch.maximum(unclipped, clipped)
+    loss = (per_sample if weights is None else weights * per_sample).mean()
     with torch.no_grad():
-        approx_kl = ((ratio - 1) - log_ratio).mean()
+        approx_kl = ((raw_ratio - 1) - log_ratio).mean()
         is_clipped = clipped > unclipped
     return PolicyLossOutput(loss=loss, ratio=ratio.detach(), clipped=is_clipped, approx_kl=approx_kl)

@@ -38,7 +38,7 @@ from .config import EGRPOConfig, check_mixed_precision_on_device
 from .data import as_prompt_dataset, iteration_prompt_indices, padded_shard
 from .distributed import allow_mixed_precision_change, is_multiprocess_cpu_run
 from .failures import propagate_failures
-from .loss import ppo_clip_loss
+from .loss import RatioNormalization, mean_drift, ppo_clip_loss, step_weights
 from .metrics import rollout_metrics, sampling_cost_metrics, throughput_metrics, update_metrics
 from .prompts import PromptEncoder
 from .rollout import Rollouts, concat_rollouts, prompt_generators, sample_images
@@ -547,14 +547,21 @@ class EGRPOTrainer:
         on_policy_deviation = []
         on_policy = True
         self.model.train()
-        recompute_seconds = self._recompute_log_probs(rollouts, phases) if config.compile_transformer else None
+        # GRPO-Guard's ratio normalization needs each trained step's mean under the sampling policy: the rollouts
+        # do not keep it, so the pre-pass records it from the training path before any optimizer step.
+        old_means = torch.empty_like(rollouts.step_latents) if config.ratio_normalization else None
+        recompute_seconds = (
+            self._recompute_log_probs(rollouts, phases, old_means)
+            if config.compile_transformer or config.ratio_normalization
+            else None
+        )
         for _ in range(config.num_inner_epochs):
             for steps in phases:
                 micro_batches = steps.split(config.per_device_train_batch_size)
                 for i, micro_batch in enumerate(micro_batches):
                     boundary = i == len(micro_batches) - 1
                     with backends.accumulation_context(accelerator, self.model, boundary):
-                        output, kl = self._policy_loss(rollouts, advantages, micro_batch)
+                        output, kl = self._policy_loss(rollouts, advantages, micro_batch, old_means)
                         beta = self.strategy.beta
                         loss = output.loss + beta * kl.mean() if beta > 0 else output.loss
                         accelerator.backward(loss * len(micro_batch) / len(steps))
@@ -597,9 +604,12 @@ class EGRPOTrainer:
             )
         return metrics
 
-    def _recompute_log_probs(self, rollouts: Rollouts, phases: list[torch.Tensor]) -> float:
-        """Replace the sampling-time log-probabilities by the training path's, before any optimizer step;
-        returns the seconds it took.
+    def _recompute_log_probs(
+        self, rollouts: Rollouts, phases: list[torch.Tensor], old_means: torch.Tensor | None = None
+    ) -> float:
+        """Replace the sampling-time log-probabilities by the training path's, before any optimizer step, and
+        write the trained steps' Gaussian means into ``old_means`` (``[num_steps, ...]``) when given (ratio
+        normalization); returns the seconds it took.
 
         Compiled sampling (no grad) and the compiled update (grad) run different graphs whose bf16 numerics
         differ (measured on CPU: on-policy max |r - 1| up to 7e-5); evaluated with the update's own graph and
@@ -611,8 +621,10 @@ class EGRPOTrainer:
             for micro_batch in steps.split(self.config.per_device_train_batch_size):
                 # Grad mode on: the update's graph. The unwrapped model: a forward of the DDP wrapper expects
                 # its backward. Nothing is kept, so the activations are freed at once.
-                log_prob, _, _ = self._step_log_probs(rollouts, micro_batch, self.unwrapped_model)
+                log_prob, mean, _ = self._step_log_probs(rollouts, micro_batch, self.unwrapped_model)
                 rollouts.log_probs[micro_batch] = log_prob.detach().view(len(micro_batch), -1)
+                if old_means is not None:
+                    old_means[micro_batch] = mean.detach().to(old_means.dtype)
         return time.perf_counter() - start
 
     def _step_inputs(self, rollouts: Rollouts, steps: torch.Tensor):
@@ -637,12 +649,27 @@ class EGRPOTrainer:
         )
         return step.log_prob, mean, std
 
-    def _policy_loss(self, rollouts: Rollouts, advantages: torch.Tensor, steps: torch.Tensor):
-        """PPO-clip loss of the trained steps ``steps``: one forward per step, shared by its ``K`` samples."""
+    def _policy_loss(
+        self, rollouts: Rollouts, advantages: torch.Tensor, steps: torch.Tensor, old_means: torch.Tensor | None = None
+    ):
+        """PPO-clip loss of the trained steps ``steps``: one forward per step, shared by its ``K`` samples.
+        ``old_means``: every trained step's mean at sampling, for GRPO-Guard's ratio normalization (None: off)."""
         config, adapter, strategy = self.config, self.adapter, self.strategy
         log_prob, mean, std = self._step_log_probs(rollouts, steps, self.model)
         sample_advantages = advantages[rollouts.sample_group[steps], rollouts.sample_member[steps]].flatten()
-        output = ppo_clip_loss(log_prob, rollouts.log_probs[steps].flatten(), sample_advantages, config.clip_range)
+        num_samples = rollouts.samples.shape[1]  # a step's K samples share its mean, std and weight
+        normalization = weights = None
+        if old_means is not None:
+            normalization = RatioNormalization(
+                mean_drift(mean, old_means[steps]).repeat_interleave(num_samples), std.repeat_interleave(num_samples)
+            )
+        if config.step_reweighting:
+            sigmas = self.schedule.sigmas.to(log_prob.device)
+            weights = step_weights(sigmas, rollouts.step_start[steps], rollouts.step_length[steps])
+            weights = weights.repeat_interleave(num_samples)
+        output = ppo_clip_loss(
+            log_prob, rollouts.log_probs[steps].flatten(), sample_advantages, config.clip_range, normalization, weights
+        )
         kl = torch.zeros(len(steps), device=log_prob.device)
         if strategy.beta > 0:
             latents, timesteps, conditioning, starts, lengths = self._step_inputs(rollouts, steps)
