@@ -14,6 +14,7 @@ LoRA's samples needs only :meth:`Family.trainer` with :attr:`Family.lora`, :attr
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,8 +23,9 @@ import pytest
 import torch
 from datasets import Dataset
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+from trl import TrlParser
 
-from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer
+from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer, plan_merges
 from trl_flow_egrpo.adapters import (
     Flux2Adapter,
     FluxAdapter,
@@ -620,3 +622,56 @@ WAN = Family(
 
 FAMILIES = {family.id: family for family in (FLUX, SD3, FLUX2, FLUX2_KLEIN, QWENIMAGE, ZIMAGE, WAN)}
 """Every pipeline the adapters support, by id."""
+
+
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "recipes")
+"""The folder of the YAML recipes."""
+
+
+def check_recipe_states_its_merge_plan(family: Family, recipe: str, script_arguments: type):
+    """Check that ``examples/recipes/<recipe>``, a recipe for ``family``, parses (unknown keys raise), sets the
+    paper's update (``optimizer_step: active_step``) and states the ``# merge plan:`` and ``Cost:`` lines that
+    ``plan_merges`` computes for its schedule, then the family's :attr:`Family.recipe_facts`.
+
+    Args:
+        family: the recipe's pipeline family.
+        recipe: the recipe's file name in ``examples/recipes/``.
+        script_arguments: the script's argument class parsed next to ``EGRPOConfig`` (``examples/hpd.py``'s).
+
+    Returns:
+        ``(script_args, config, plan, text)``: the parsed recipe, its merge plan and its text, for a recipe's own
+        further checks.
+    """
+    path = os.path.join(RECIPES, recipe)
+    script_args, config = TrlParser((script_arguments, EGRPOConfig)).parse_yaml_file(path)  # unknown keys raise
+    with open(path) as handle:
+        text = handle.read()
+    # The tiny pipeline has the family's VAE factor, patch size and scheduler config, so at the recipe's size (and
+    # frames) its schedule is the one the real model samples with.
+    pipe = family.build()
+    adapter = get_adapter(
+        pipe,
+        height=config.height,
+        width=config.width,
+        guidance_scale=config.guidance_scale,
+        max_sequence_length=config.max_sequence_length,
+        negative_prompt=config.negative_prompt,
+        num_frames=config.num_frames,
+    )
+    assert config.optimizer_step == "active_step"
+    num_steps = config.num_inference_steps
+    schedule = adapter.schedule(num_steps, config.shift)
+    plan = plan_merges(
+        schedule.sigmas,
+        config.noise_level,
+        config.entropy_threshold,
+        config.num_active_steps,
+        config.merge_length,
+        config.merge_windows,
+    )
+    assert "# merge plan: " + " ".join(f"({step.start}, {step.length})" for step in plan) + "\n" in text
+    evaluations = num_steps + config.num_generations * sum(num_steps - step.end for step in plan)
+    assert f"Cost: {evaluations} " in text
+    if family.recipe_facts is not None:
+        family.recipe_facts(text, script_args, config, pipe, adapter, schedule)
+    return script_args, config, plan, text

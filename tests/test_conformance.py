@@ -13,13 +13,11 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
-from trl import TrlParser
 
 from card_snippet import check_card_snippet_reproduces_samples
-from families import EVAL_PROMPTS, FAMILIES, NEGATIVE
+from families import EVAL_PROMPTS, FAMILIES, NEGATIVE, check_recipe_states_its_merge_plan
 from helpers import assert_training_raises_the_reward
-from trl_flow_egrpo import EGRPOConfig, plan_merges
-from trl_flow_egrpo.adapters import get_adapter
+from trl_flow_egrpo import plan_merges
 from trl_flow_egrpo.rollout import sample_ode, sample_rollouts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,35 +187,4 @@ def hpd():
 
 @pytest.mark.parametrize("family", [family for family in FAMILIES.values() if family.recipe], ids=lambda f: f.id)
 def test_recipe_states_the_merge_plan_of_its_schedule(hpd, family):
-    path = os.path.join(REPO, "examples", "recipes", family.recipe)
-    script_args, config = TrlParser((hpd.ScriptArguments, EGRPOConfig)).parse_yaml_file(path)  # unknown keys raise
-    with open(path) as handle:
-        text = handle.read()
-    # The tiny pipeline has the family's VAE factor, patch size and scheduler config, so at the recipe's size (and
-    # frames) its schedule is the one the real model samples with.
-    pipe = family.build()
-    adapter = get_adapter(
-        pipe,
-        height=config.height,
-        width=config.width,
-        guidance_scale=config.guidance_scale,
-        max_sequence_length=config.max_sequence_length,
-        negative_prompt=config.negative_prompt,
-        num_frames=config.num_frames,
-    )
-    assert config.optimizer_step == "active_step"
-    num_steps = config.num_inference_steps
-    schedule = adapter.schedule(num_steps, config.shift)
-    plan = plan_merges(
-        schedule.sigmas,
-        config.noise_level,
-        config.entropy_threshold,
-        config.num_active_steps,
-        config.merge_length,
-        config.merge_windows,
-    )
-    assert "# merge plan: " + " ".join(f"({step.start}, {step.length})" for step in plan) + "\n" in text
-    evaluations = num_steps + config.num_generations * sum(num_steps - step.end for step in plan)
-    assert f"Cost: {evaluations} " in text
-    if family.recipe_facts is not None:
-        family.recipe_facts(text, script_args, config, pipe, adapter, schedule)
+    check_recipe_states_its_merge_plan(family, family.recipe, hpd.ScriptArguments)
