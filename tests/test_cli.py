@@ -144,7 +144,7 @@ def test_report_to_from_the_command_line_and_the_recipe(tmp_path):
     assert config.report_to == config.log_with == "wandb"
     _, config = train.parse_arguments(["--config", str(recipe), "--report_to", "tensorboard"])
     assert config.report_to == "tensorboard"
-    recipe.write_text("log_with: wandb\n")  # the name of the existing recipes
+    recipe.write_text("log_with: wandb\n")  # the name recipes written for earlier versions use
     _, config = train.parse_arguments(["--config", str(recipe)])
     assert config.report_to == "wandb"
     _, config = evaluate.parse_arguments(["--config", str(recipe), "--log_with", "none"])
