@@ -103,6 +103,9 @@ ARMS: list[tuple[str, dict]] = [
     ("dance-grpo", dict(algorithm="dance-grpo")),
     ("mix-grpo", dict(algorithm="mix-grpo")),
     ("mix-grpo-flash", dict(algorithm="mix-grpo-flash")),
+    # Issue 21, beyond the GRPO family: trained on forward-noised ODE samples, each at its official defaults.
+    ("diffusion-nft", dict(algorithm="diffusion-nft")),
+    ("awm", dict(algorithm="awm")),
     ("e-grpo dpm++2m 0.4", dict(algorithm="e-grpo", completion_solver="dpmpp_2m", completion_steps_fraction=0.4)),
     ("e-grpo granular 1,2", dict(algorithm="e-grpo", completion_granularities=[1, 2])),
     # Issue 21: one change each on top of the best E-GRPO variant, so that each is compared with it seed by seed.

@@ -10,9 +10,11 @@ the snippet's prompt and seed.
 
 import re
 
+import numpy as np
 import torch
 from datasets import Dataset
 from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 
 from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer, hub
 from trl_flow_egrpo.rewards import ColorReward
@@ -85,9 +87,14 @@ def card_snippet_difference(build_pipeline, config_overrides: dict, tmp_path, mo
         seed=0,
         **config_overrides,
     )
-    trainer = EGRPOTrainer(config, pipeline, [ColorReward()], Dataset.from_dict({"prompt": ["a red apple"]}))
-    prompt = hub.USAGE_VIDEO_PROMPT if trainer.adapter.is_video else hub.USAGE_IMAGE_PROMPT
-    untrained = trainer.sample_images([prompt], seed=[hub.USAGE_SEED])[0]
+    # An image-editing family's snippet loads the user's source image: a picture of another size than the output.
+    source = tmp_path / hub.USAGE_SOURCE_IMAGE
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(source)
+    columns = {"prompt": ["a red apple"], "source_image": [str(source)]}
+    trainer = EGRPOTrainer(config, pipeline, [ColorReward()], Dataset.from_dict(columns))
+    prompt = hub.usage_prompt(trainer.adapter)
+    images = [str(source)] if trainer.adapter.edits_images else None
+    untrained = trainer.sample_images([prompt], seed=[hub.USAGE_SEED], images=images)[0]
     perturb_trained_weights(trainer.unwrapped_model)
     monkeypatch.setattr(hub, "upload_folder", lambda *args, **kwargs: "https://huggingface.co/commit")
     trainer.push_to_hub()  # the library's own save: the trained weights in diffusers' format and README.md
@@ -100,7 +107,7 @@ def card_snippet_difference(build_pipeline, config_overrides: dict, tmp_path, mo
         assert (tmp_path / "sample.png").is_file()  # the snippet ran to its end
         produced = produced.squeeze(0)
 
-    expected = trainer.sample_images([prompt], seed=[hub.USAGE_SEED])[0]
+    expected = trainer.sample_images([prompt], seed=[hub.USAGE_SEED], images=images)[0]
     assert (untrained - expected).abs().max() > 1e3 * TOLERANCE, "the trained weights change nothing: nothing is tested"
     assert produced.shape == expected.shape, (produced.shape, expected.shape)
     return (produced.float() - expected).abs().max().item()

@@ -13,8 +13,10 @@ LoRA's samples needs only :meth:`Family.trainer` with :attr:`Family.lora`, :attr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,25 +25,31 @@ import pytest
 import torch
 from datasets import Dataset
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+from PIL import Image
 from trl import TrlParser
 
 from trl_flow_egrpo import EGRPOConfig, EGRPOTrainer, plan_merges
 from trl_flow_egrpo.adapters import (
     Flux2Adapter,
     FluxAdapter,
+    FluxKontextAdapter,
     QwenImageAdapter,
+    QwenImageEditAdapter,
     SD3Adapter,
     WanAdapter,
     ZImageAdapter,
     get_adapter,
 )
+from trl_flow_egrpo.data import check_source_images, load_prompts
 from trl_flow_egrpo.registry import build_reward
 from trl_flow_egrpo.rewards import ColorReward, FrameAverageReward
 from trl_flow_egrpo.schedule import dynamic_shift_mu, scheduler_schedule
 from trl_flow_egrpo.tiny import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
+    build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,
+    build_tiny_qwenimage_edit_pipeline,
     build_tiny_qwenimage_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_wan_pipeline,
@@ -76,6 +84,17 @@ pipeline's own schedule (``shift=None``)."""
 
 def _as_is(pipeline, adapter, latents):
     return latents
+
+
+def source_images(prompts: list[str], height: int, width: int) -> list[Image.Image]:
+    """Test source images for an image-editing family: one RGB image per prompt, seeded by the prompt's text (so a
+    prompt has the same source wherever it is sampled) and smooth enough that a VAE keeps its content."""
+    images = []
+    for prompt in prompts:
+        rng = np.random.default_rng(zlib.crc32(prompt.encode()))
+        coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        images.append(Image.fromarray(coarse, mode="RGB").resize((width, height), Image.BILINEAR))
+    return images
 
 
 @dataclass(frozen=True)
@@ -170,6 +189,18 @@ class Family:
     """Cases of the model-card check, each an id and trainer settings (``tests/card_snippet.py``): where the
     pipeline's own defaults differ from the trainer's (a static shift, the scheduler's own shift, guidance, a
     negative prompt, a prompt length below the pipeline's default)."""
+    edits_images: bool = False
+    """Whether the family edits a source image: its dataset, encodings and samples then carry
+    :func:`source_images` of the prompts (the pipeline's sample at the family's size)."""
+
+    def images(self, prompts: list[str]) -> list[Image.Image] | None:
+        """The source images of ``prompts`` at the family's size for an image-editing family, else None."""
+        return source_images(prompts, self.size, self.size) if self.edits_images else None
+
+    def encode(self, adapter, prompts: list[str]):
+        """``adapter.encode_prompts`` of ``prompts``, with their source images for an image-editing family."""
+        images = self.images(prompts)
+        return adapter.encode_prompts(prompts) if images is None else adapter.encode_prompts(prompts, images)
 
     def adapter(self, pipeline, **kwargs):
         """The adapter of ``pipeline`` at the family's size and sequence length."""
@@ -196,11 +227,14 @@ class Family:
         values.update(overrides)
         if pipeline is None:
             pipeline = self.build(seed=0, **(sampling.pipeline_kwargs if sampling else {}))
+        columns = {"prompt": PROMPTS}
+        if self.edits_images:  # sources of another size than the output: the trainer resizes them
+            columns["source_image"] = source_images(PROMPTS, self.size // 2, self.size)
         return EGRPOTrainer(
             EGRPOConfig(**values),
             pipeline,
             [self.reward()],
-            Dataset.from_dict({"prompt": PROMPTS}),
+            Dataset.from_dict(columns),
             eval_dataset=eval_dataset,
             eval_reward_fns=eval_reward_fns,
         )
@@ -226,7 +260,7 @@ def _call(pipeline, output_type, **kwargs):
     return output.frames if hasattr(output, "frames") else output.images
 
 
-def _flux_sample(pipeline, adapter, prompts, noise, num_steps, output_type):
+def _flux_sample(pipeline, adapter, prompts, noise, num_steps, output_type, **extra):
     # FluxPipeline computes its own schedule (dynamic shift) unless the test gave it a static-shift scheduler.
     return _call(
         pipeline,
@@ -238,6 +272,23 @@ def _flux_sample(pipeline, adapter, prompts, noise, num_steps, output_type):
         height=adapter.height,
         width=adapter.width,
         max_sequence_length=adapter.max_sequence_length,
+        **extra,
+    )
+
+
+def _flux_kontext_sample(pipeline, adapter, prompts, noise, num_steps, output_type):
+    # The sources at the run's size, kept there (_auto_resize=False), and the output size kept (FluxKontextPipeline
+    # rescales it to max_area, one megapixel by default).
+    return _flux_sample(
+        pipeline,
+        adapter,
+        prompts,
+        noise,
+        num_steps,
+        output_type,
+        image=source_images(prompts, adapter.height, adapter.width),
+        _auto_resize=False,
+        max_area=adapter.height * adapter.width,
     )
 
 
@@ -279,7 +330,7 @@ def _flux2_sample(pipeline, adapter, prompts, noise, num_steps, output_type):
     )
 
 
-def _qwenimage_sample(pipeline, adapter, prompts, noise, num_steps, output_type):
+def _qwenimage_sample(pipeline, adapter, prompts, noise, num_steps, output_type, **extra):
     # true_cfg_scale is the guidance; the pipeline computes its own schedule (mu and terminal stretch).
     negative = (
         {"negative_prompt": [adapter.negative_prompt] * len(prompts)} if adapter.do_classifier_free_guidance else {}
@@ -295,7 +346,19 @@ def _qwenimage_sample(pipeline, adapter, prompts, noise, num_steps, output_type)
         width=adapter.width,
         max_sequence_length=adapter.max_sequence_length,
         **negative,
+        **extra,
     )
+
+
+def _qwenimage_edit_sample(pipeline, adapter, prompts, noise, num_steps, output_type):
+    # QwenImageEditPipeline resizes a single source image to about one megapixel (a list it passes to the text
+    # encoder as given): sources already at that size make both the same.
+    height, width = adapter.source_height, adapter.source_width
+    images = [
+        pipeline.image_processor.resize(image, height, width)
+        for image in source_images(prompts, adapter.height, adapter.width)
+    ]
+    return _qwenimage_sample(pipeline, adapter, prompts, noise, num_steps, output_type, image=images)
 
 
 def _zimage_sample(pipeline, adapter, prompts, noise, num_steps, output_type):
@@ -371,17 +434,41 @@ def _flux2_recipe_facts(text, script_args, config, pipeline, adapter, schedule):
     )
 
 
-def _qwenimage_recipe_facts(text, script_args, config, pipeline, adapter, schedule):
-    assert adapter.do_classifier_free_guidance
+def _scheduler_mu(pipeline, adapter) -> float:
+    """The dynamic shift ``mu`` the pipeline's scheduler config gives the adapter's image-token count."""
     scheduler = pipeline.scheduler.config
-    mu = dynamic_shift_mu(
+    return dynamic_shift_mu(
         adapter.num_image_tokens,
         scheduler.base_image_seq_len,
         scheduler.max_image_seq_len,
         scheduler.base_shift,
         scheduler.max_shift,
     )
+
+
+def _qwenimage_recipe_facts(text, script_args, config, pipeline, adapter, schedule):
+    assert adapter.do_classifier_free_guidance
+    mu = _scheduler_mu(pipeline, adapter)
     assert f"mu = {mu:.4f} for {adapter.num_image_tokens} image tokens" in text
+
+
+def _edit_recipe_facts(text, script_args, config, pipeline, adapter, schedule):
+    # The recipe's edit dataset: every source image validates, the reward reads its columns, the counts are stated.
+    # Its paths are relative to the repository root, where the recipe is launched.
+    with contextlib.chdir(os.path.dirname(os.path.dirname(RECIPES))):
+        train, test = (load_prompts(name) for name in (script_args.dataset_name, script_args.eval_dataset_name))
+        for role, dataset in (("train_dataset", train), ("eval_dataset", test)):
+            check_source_images(dataset, config.image_column, role, type(pipeline).__name__)
+    assert f"{len(train)} training and {len(test)} test edits" in text.replace("\n# ", " ")
+    for name in script_args.reward_funcs:
+        build_reward(name)
+    assert script_args.num_eval_prompts == 0 and f"all {len(test)} test edits" in text
+
+
+def _flux_kontext_recipe_facts(text, script_args, config, pipeline, adapter, schedule):
+    _edit_recipe_facts(text, script_args, config, pipeline, adapter, schedule)
+    mu = _scheduler_mu(pipeline, adapter)
+    assert config.shift is None and f"mu = {mu:.2f} for the {adapter.num_image_tokens} image tokens" in text
 
 
 def _zimage_recipe_facts(text, script_args, config, pipeline, adapter, schedule):
@@ -430,6 +517,27 @@ FLUX = Family(
         ("static-shift", dict(height=64, width=64, max_sequence_length=32, shift=3.0)),
         ("full-fine-tune", dict(height=64, width=64, max_sequence_length=32, shift=None, use_peft=False)),
     ),
+)
+
+FLUX_KONTEXT = FLUX.with_(
+    id="flux-kontext",
+    build=build_tiny_flux_kontext_pipeline,
+    adapter_class=FluxKontextAdapter,
+    sample=_flux_kontext_sample,
+    # FluxKontextPipeline.prepare_latents takes the source image first (None: the noise alone).
+    pipeline_noise=lambda pipeline, adapter, batch_size, generator: pipeline.prepare_latents(
+        None, batch_size, 16, adapter.height, adapter.width, torch.float32, "cpu", generator
+    )[0],
+    edits_images=True,
+    negative_refusals=(
+        (
+            Sampling("no-negative-pass", None, NEGATIVE),
+            r"is not allowed with FluxKontextPipeline: .*Set negative_prompt to ''",
+        ),
+    ),
+    recipe="flux_kontext_dev_edit.yaml",
+    recipe_facts=_flux_kontext_recipe_facts,
+    card=(("source-image", dict(height=64, width=64, max_sequence_length=32, shift=None)),),
 )
 
 SD3 = Family(
@@ -544,6 +652,36 @@ QWENIMAGE = Family(
     card=(("scheduler-shift", dict(height=32, width=32, max_sequence_length=32, shift=None)),),
 )
 
+QWENIMAGE_EDIT = QWENIMAGE.with_(
+    id="qwenimage-edit",
+    build=build_tiny_qwenimage_edit_pipeline,
+    adapter_class=QwenImageEditAdapter,
+    sequence_length=64,  # after the 64 dropped tokens, 18 of the tiny tokenizer's template remain, and the prompt
+    sample=_qwenimage_edit_sample,
+    pipeline_noise=lambda pipeline, adapter, batch_size, generator: pipeline.prepare_latents(
+        None, batch_size, 16, adapter.height, adapter.width, torch.float32, "cpu", generator
+    )[0],
+    edits_images=True,
+    # Every call carries the 4096 tokens of the ~1 MP source: few steps and rollouts keep the checks under minutes.
+    # Those tokens dominate the 4 noisy tokens' attention in the tiny model, so another guidance scale moves its
+    # 32x32 sample by less than 1e-4 (measured 6e-5 and 7e-5): the parity check cannot see guidance matter there, and
+    # tests/test_edit_pipelines.py checks that it changes the velocity instead.
+    parity=(
+        Sampling("cfg-model-card-negative", 4.0, " ", cfg=True, guidance_matters=False),
+        Sampling("no-cfg", 1.0, guidance_matters=False),
+    ),
+    on_policy=(Sampling("cfg", 4.0, NEGATIVE, cfg=True),),
+    lora=Sampling("cfg", 4.0, NEGATIVE, cfg=True),
+    parity_steps=3,
+    config=dict(guidance_scale=1.0, num_generations=2, num_active_steps=1),
+    recipe="qwen_image_edit.yaml",
+    recipe_facts=lambda *args: (_qwenimage_recipe_facts(*args), _edit_recipe_facts(*args)),
+    card=(("source-image", dict(height=32, width=32, max_sequence_length=64, shift=None)),),
+)
+"""Qwen-Image-Edit: not in :data:`FAMILIES`, because every transformer call carries its ~1 MP source's 4096 tokens
+(minutes per check on a CPU); ``tests/test_edit_pipelines.py`` runs the shared parity, on-policy, LoRA, model-card
+and recipe checks on it (marked slow), not the training one."""
+
 ZIMAGE = Family(
     id="zimage",
     build=build_tiny_zimage_pipeline,
@@ -620,7 +758,7 @@ WAN = Family(
     ),
 )
 
-FAMILIES = {family.id: family for family in (FLUX, SD3, FLUX2, FLUX2_KLEIN, QWENIMAGE, ZIMAGE, WAN)}
+FAMILIES = {family.id: family for family in (FLUX, SD3, FLUX2, FLUX2_KLEIN, QWENIMAGE, ZIMAGE, WAN, FLUX_KONTEXT)}
 """Every pipeline the adapters support, by id."""
 
 

@@ -63,6 +63,29 @@ def assert_reward_rose(before, after, min_gain: float) -> None:
     assert gain.mean() > 4 * standard_error, f"gain {gain.mean():.4f} within noise (s.e. {standard_error:.4f})"
 
 
+def assert_training_raises_the_colour_reward(trainer, min_gain: float) -> None:
+    """Train ``trainer`` and assert (:func:`assert_reward_rose`) that ColorReward of its deterministic samples of 16
+    prompts (4 subjects x 4 numbers, the same noise before and after) rose by more than ``min_gain``."""
+    reward = ColorReward()
+    prompts = [f"{thing} number {i}" for i in range(4) for thing in ("a red apple", "a rose", "the sea", "a house")]
+    before = reward(trainer.sample_images(prompts, seed=123), prompts)
+    trainer.train()
+    after = reward(trainer.sample_images(prompts, seed=123), prompts)
+    assert_reward_rose(before, after, min_gain)
+
+
+def count_velocity_rows(adapter):
+    """Wrap ``adapter.velocity`` to count the transformer rows it runs; returns the running count (a list)."""
+    rows, velocity = [0], adapter.velocity
+
+    def counted(model, latents, *args, **kwargs):
+        rows[0] += latents.shape[0]
+        return velocity(model, latents, *args, **kwargs)
+
+    adapter.velocity = counted
+    return rows
+
+
 def record_optimizer_steps(trainer) -> list[float]:
     """Make ``trainer``'s optimizer append, at each of its steps, the learning rate that step uses; returns the
     list (its length is the number of optimizer steps taken)."""
@@ -117,15 +140,15 @@ def plain_pipeline_images(pipeline, trainer, prompts: list[str], seed: int) -> t
 
 
 def assert_training_raises_the_reward(
-    trainer, prompts, min_gain: float = 0.004, seed: int = 123, reward=None
+    trainer, prompts, min_gain: float = 0.004, seed: int = 123, reward=None, images=None
 ) -> list[dict]:
     """Train ``trainer`` and require ``reward`` (default: the colour reward) of deterministic samples of ``prompts``
-    (the same noise before and after) to rise (:func:`assert_reward_rose`) with a finite loss every iteration;
-    returns the history."""
+    (the same noise, and for an image-editing family the same source ``images``, before and after) to rise
+    (:func:`assert_reward_rose`) with a finite loss every iteration; returns the history."""
     reward = ColorReward() if reward is None else reward
-    before = reward(trainer.sample_images(prompts, seed=seed), prompts)
+    before = reward(trainer.sample_images(prompts, seed=seed, images=images), prompts)
     history = trainer.train().log_history
-    after = reward(trainer.sample_images(prompts, seed=seed), prompts)
+    after = reward(trainer.sample_images(prompts, seed=seed, images=images), prompts)
     assert_reward_rose(before, after, min_gain=min_gain)
     assert len(history) == trainer.config.max_steps and all(math.isfinite(m["loss"]) for m in history)
     return history

@@ -112,9 +112,9 @@ def test_logged_rows_are_the_forward_rows_and_mfu_counts_them(tmp_path, guidance
     sampling_rows = []
     generate = trainer.generate
 
-    def counted_generate(prompts):  # the forward rows of the sampling phase, apart from the update's
+    def counted_generate(prompts, images=None):  # the forward rows of the sampling phase, apart from the update's
         rows.clear()
-        rollouts = generate(prompts)
+        rollouts = generate(prompts, images)
         sampling_rows.append(sum(rows))
         rows.clear()
         return rollouts

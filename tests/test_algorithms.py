@@ -3,11 +3,15 @@
 import pytest
 import torch
 
-from helpers import PROMPTS, assert_reward_rose, tiny_trainer
+from helpers import (
+    PROMPTS,
+    assert_training_raises_the_colour_reward,
+    count_velocity_rows,
+    tiny_trainer,
+)
 from trl_flow_egrpo import EGRPOConfig
 from trl_flow_egrpo.advantages import group_advantages
 from trl_flow_egrpo.algorithms import ALGORITHMS, DanceGRPO, FlowGRPO, MixGRPO, MixGRPOFlash, build_strategy
-from trl_flow_egrpo.rewards import ColorReward
 from trl_flow_egrpo.rollout import sample_ode, sample_trajectories
 from trl_flow_egrpo.schedule import Schedule, shifted_sigmas
 from trl_flow_egrpo.sde import constant_noise_sde_mean_std, sde_mean_std
@@ -139,8 +143,6 @@ and DanceGRPO +0.013 (3.8 s.e.); at the lowest versions (seed 0) DanceGRPO gains
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", [*BASELINES, FLASH])
 def test_baselines_raise_the_reward(tmp_path, algorithm):
-    reward = ColorReward()
-    prompts = [f"{thing} number {i}" for i in range(4) for thing in ("a red apple", "a rose", "the sea", "a house")]
     settings = LEARNING_SETTINGS[algorithm]
     trainer = _trainer(
         tmp_path,
@@ -151,10 +153,7 @@ def test_baselines_raise_the_reward(tmp_path, algorithm):
         learning_rate=settings["learning_rate"],
         clip_range=settings["learning_rate"],
     )
-    before = reward(trainer.sample_images(prompts, seed=123), prompts)
-    trainer.train()
-    after = reward(trainer.sample_images(prompts, seed=123), prompts)
-    assert_reward_rose(before, after, min_gain=0.002)
+    assert_training_raises_the_colour_reward(trainer, min_gain=0.002)
 
 
 def test_dance_grpo_resumes_exactly(tmp_path):
@@ -170,7 +169,7 @@ def test_dance_grpo_resumes_exactly(tmp_path):
 
 
 def test_every_algorithm_is_registered_and_bad_names_are_refused(tmp_path):
-    assert sorted(ALGORITHMS) == sorted(["e-grpo", *BASELINES, FLASH])
+    assert sorted(ALGORITHMS) == sorted(["e-grpo", *BASELINES, FLASH, "diffusion-nft", "awm"])
     with pytest.raises(ValueError, match="algorithm='ppo' is not allowed"):
         _trainer(tmp_path, "ppo")
 
@@ -228,22 +227,10 @@ def test_mix_grpo_shift_interval_defaults_to_each_official_script():
         _strategy("mix-grpo", 2, mix_window_size=1, num_active_steps=1)
 
 
-def _count_rows(adapter):
-    """Wrap ``adapter.velocity`` to count the transformer rows it runs; returns the running count (a list)."""
-    rows, velocity = [0], adapter.velocity
-
-    def counted(model, latents, *args, **kwargs):
-        rows[0] += latents.shape[0]
-        return velocity(model, latents, *args, **kwargs)
-
-    adapter.velocity = counted
-    return rows
-
-
 @pytest.mark.parametrize(("stride", "fraction"), [(1, 0.4), (0, 0.2), (1, 1.0)])
 def test_mix_grpo_flash_rows_are_its_closed_form(tmp_path, stride, fraction):
     trainer = _trainer(tmp_path, FLASH, mix_shift_interval=1, mix_window_stride=stride, mix_flash_fraction=fraction)
-    rows = _count_rows(trainer.adapter)
+    rows = count_velocity_rows(trainer.adapter)
     for iteration in range(STEPS - 2):  # every window position of T = 8 (windows below step 6)
         trainer.state.iteration = iteration
         start = iteration * stride

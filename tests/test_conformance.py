@@ -55,7 +55,7 @@ def test_anchor_trajectory_is_the_pipelines_sample(family, case):
             pipe.scheduler.config, shift=case.shift, use_dynamic_shifting=False
         )
     noise = adapter.initial_noise(len(PARITY_PROMPTS), torch.Generator().manual_seed(0))
-    conditioning = adapter.encode_prompts(PARITY_PROMPTS)
+    conditioning = family.encode(adapter, PARITY_PROMPTS)
     plan = plan_merges(schedule.sigmas, 0.7, 2.2, 3, "adaptive", "overlap")
     # Batches of 5 rows mix anchors and branches at different timesteps, as in training.
     rollouts = sample_rollouts(
@@ -105,7 +105,12 @@ def test_on_policy_ratios_are_one(tmp_path, family, case):
 
 @EVERY_FAMILY
 def test_training_raises_the_reward(tmp_path, family):
-    assert_training_raises_the_reward(family.trainer(tmp_path, **family.training), EVAL_PROMPTS, reward=family.reward())
+    assert_training_raises_the_reward(
+        family.trainer(tmp_path, **family.training),
+        EVAL_PROMPTS,
+        reward=family.reward(),
+        images=family.images(EVAL_PROMPTS),
+    )
 
 
 @EVERY_FAMILY
@@ -120,7 +125,7 @@ def test_saved_lora_loads_into_a_fresh_pipeline(tmp_path, family):
     for module in family.lora_modules:
         assert f"transformer.{module}.lora_A.weight" in saved
     prompts = EVAL_PROMPTS[:2]
-    trained = trainer.sample_images(prompts, seed=5)  # prompt i starts from seed 5 + i
+    trained = trainer.sample_images(prompts, seed=5, images=family.images(prompts))  # prompt i from seed 5 + i
     noise = torch.cat(
         [trainer.adapter.initial_noise(1, torch.Generator().manual_seed(5 + i)) for i in range(len(prompts))]
     )

@@ -416,9 +416,9 @@ def test_large_on_policy_deviation_is_reported(tmp_path, caplog):
     trainer = tiny_trainer(tmp_path, max_steps=1, clip_range=1e-4)
     generate = trainer.generate
 
-    def mismatched_generate(prompts):
+    def mismatched_generate(prompts, images=None):
         # Stored log-probs that the training forward cannot reproduce, as with a bf16 sampler and fp32 trainer.
-        rollouts = generate(prompts)
+        rollouts = generate(prompts, images)
         rollouts.log_probs += 1e-3
         return rollouts
 

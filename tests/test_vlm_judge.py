@@ -1,9 +1,10 @@
 """VLMJudgeReward against a small OpenAI-compatible chat-completions server written for the tests.
 
-The stand-in judge decodes the image it is sent and answers from its mean red level ``r``: "Yes" with
-probability ``r`` (split over the tokens "Yes" and " yes", with "No" taking the rest), or the reply
-"<10 r>" (the number alone, as the number question asks). So every score the reward computes can be checked
-exactly against the image. Tests can also make it send given candidates, a given reply, or any payload.
+The stand-in judge decodes the image it is sent (the last one, the edited image, when it is sent two) and
+answers from its mean red level ``r``: "Yes" with probability ``r`` (split over the tokens "Yes" and " yes",
+with "No" taking the rest), or the reply "<10 r>" (the number alone, as the number question asks). So every
+score the reward computes can be checked exactly against the image. Tests can also make it send given
+candidates, a given reply, or any payload.
 """
 
 import base64
@@ -23,6 +24,8 @@ from PIL import Image
 
 from helpers import tiny_trainer
 from trl_flow_egrpo.rewards.vlm import (
+    DEFAULT_EDIT_NUMBER_QUESTION,
+    DEFAULT_EDIT_QUESTION,
     DEFAULT_NUMBER_QUESTION,
     VLMJudgeError,
     VLMJudgeReward,
@@ -102,7 +105,7 @@ class JudgeHandler(BaseHTTPRequestHandler):
     @staticmethod
     def completion(body: dict, judge: FakeJudge) -> dict:
         content = body["messages"][-1]["content"]
-        red = mean_red(next(part["image_url"]["url"] for part in content if part["type"] == "image_url"))
+        red = mean_red([part["image_url"]["url"] for part in content if part["type"] == "image_url"][-1])
         reply = judge.reply if judge.reply is not None else f"{10 * red}"
         choice = {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}
         if body.get("logprobs") and not judge.omit_logprobs:
@@ -193,6 +196,60 @@ def mean_red_jpeg(image: torch.Tensor) -> float:
     from trl_flow_egrpo.rewards.vlm import image_data_url
 
     return mean_red(image_data_url(quantize(image[None])[0], "jpeg"))
+
+
+def as_pil(image: torch.Tensor) -> Image.Image:
+    """A ``[3, H, W]`` image in [0, 1] as the PIL image of its uint8 quantization (what a dataset would hold)."""
+    return Image.fromarray(quantize(image[None])[0].permute(1, 2, 0).numpy())
+
+
+def sent_images(body: dict) -> list[Image.Image]:
+    """The images of a request's user message, in the order they were sent."""
+    urls = [part["image_url"]["url"] for part in body["messages"][-1]["content"] if part["type"] == "image_url"]
+    return [Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB") for url in urls]
+
+
+def test_an_edit_judge_sends_the_source_then_the_edited_image(judge):
+    edited = images_with_red([0.9, 0.2, 0.6])
+    sources = images_with_red([0.1, 0.7, 0.4]).flip(-1)  # other reds, other pixels
+    reward = VLMJudgeReward(judge.base_url, MODEL, source_image_column="source_image")
+    scores = reward(edited, PROMPTS, source_image=[as_pil(source) for source in sources])
+    torch.testing.assert_close(scores, expected_red(edited), rtol=1e-6, atol=1e-6)  # the judge saw the edits
+    assert len(judge.requests) == 3
+    for body in judge.requests:
+        content = body["messages"][-1]["content"]
+        assert [part["type"] for part in content] == ["image_url", "image_url", "text"]
+        row = [DEFAULT_EDIT_QUESTION.format(prompt=prompt) for prompt in PROMPTS].index(content[2]["text"])
+        source, edit = (torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in sent_images(body))
+        assert torch.equal(source, quantize(sources[row : row + 1])[0])  # the source first, lossless (PNG)
+        assert torch.equal(edit, quantize(edited[row : row + 1])[0])
+
+
+def test_an_edit_judge_resizes_the_source_and_asks_for_a_number(judge, tmp_path):
+    path = tmp_path / "source.png"
+    Image.new("RGB", (48, 32), (255, 0, 0)).save(path)  # twice the edited images' 24 x 16, all red
+    edited = images_with_red([0.3, 0.8])
+    reward = VLMJudgeReward(judge.base_url, MODEL, score="number", source_image_column="before")
+    scores = reward(edited, PROMPTS[:2], before=[path, str(path)])
+    torch.testing.assert_close(scores, 10 * expected_red(edited), rtol=1e-5, atol=1e-5)
+    assert reward.question_template == DEFAULT_EDIT_NUMBER_QUESTION and reward.number_range == (0.0, 10.0)
+    for body in judge.requests:
+        source = sent_images(body)[0]
+        assert source.size == (24, 16) and np.asarray(source)[..., 0].min() == 255
+
+
+def test_an_edit_judge_without_its_source_column_says_which_and_how():
+    reward = VLMJudgeReward("http://127.0.0.1:1/v1", MODEL, source_image_column="source_image")
+    with pytest.raises(
+        ValueError,
+        match=r"reads the dataset column 'source_image', which this batch lacks \(columns: \['style'\]\)\. "
+        r"Add a 'source_image' column .* or pass source_image_column=<your column>",
+    ):
+        reward(images_with_red([0.3]), ["a"], style=["photo"])
+    with pytest.raises(ValueError, match=r"Column 'source_image' has 1 entries for 2 images"):
+        reward(images_with_red([0.3, 0.4]), ["a", "b"], source_image=[images_with_red([0.3])[0]])
+    with pytest.raises(TypeError, match=r"column 'source_image', row 0 is a NoneType: expected a PIL image"):
+        reward(images_with_red([0.3]), ["a"], source_image=[None])
 
 
 def test_an_endpoint_without_logprobs_gets_a_clear_error(judge):

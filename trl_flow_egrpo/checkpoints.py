@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE_PARAMS = "trainable_params.safetensors"
+OLD_POLICY = "old_policy.safetensors"
+"""The EMA "old" policy's parameters of a strategy that keeps one (DiffusionNFT), by parameter name."""
 MANIFEST = "checkpoint_manifest.json"
 """The file listing the size and SHA-256 of every other file of a checkpoint, written last."""
 _MANIFEST_FORMAT = 1
@@ -535,6 +537,41 @@ def load(accelerator, checkpoint: str, generator: torch.Generator) -> TrainerSta
             "from an earlier checkpoint, or check it was written with this configuration."
         ) from error
     return read_trainer_state(checkpoint)
+
+
+def save_old_policy(directory: str, old_policy: dict[str, torch.Tensor]) -> None:
+    """Write the old policy's parameters into the checkpoint ``directory`` (main process only)."""
+    from safetensors.torch import save_file
+
+    save_file(
+        {name: value.detach().contiguous().cpu() for name, value in old_policy.items()},
+        os.path.join(directory, OLD_POLICY),
+    )
+
+
+def load_old_policy(checkpoint: str, old_policy: dict[str, torch.Tensor]) -> None:
+    """Copy the old policy saved in ``checkpoint`` into ``old_policy`` (same names, in place).
+
+    Raises:
+        CheckpointError: the checkpoint has no old policy or one of other parameters.
+    """
+    from safetensors.torch import load_file
+
+    path = os.path.join(checkpoint, OLD_POLICY)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"Checkpoint {checkpoint} has no {OLD_POLICY}: it was written by an algorithm that keeps no old policy. "
+            "Resume with the algorithm it was trained with."
+        )
+    saved = load_file(path)
+    if set(saved) != set(old_policy):
+        raise CheckpointError(
+            f"Checkpoint {checkpoint}: {OLD_POLICY} holds other parameters than the trained ones (another LoRA rank "
+            "or target modules). Resume with the configuration it was trained with."
+        )
+    with torch.no_grad():
+        for name, value in old_policy.items():
+            value.copy_(saved[name])
 
 
 def register_trainable_params_hooks(accelerator) -> None:

@@ -239,14 +239,31 @@ class EGRPOConfig:
         "'e-grpo' (entropy-aware branching, the default), or a baseline of the GRPO family sharing everything "
         "else: 'flow-grpo' (G independent SDE trajectories per prompt), 'dance-grpo' (constant-noise SDE, one "
         "initial noise per group, random steps trained), 'mix-grpo' (SDE only in a sliding window of steps), "
-        "'mix-grpo-flash' (MixGRPO with a compressed DPM-Solver++ 2M ODE after the window).",
+        "'mix-grpo-flash' (MixGRPO with a compressed DPM-Solver++ 2M ODE after the window). Beyond the GRPO family, "
+        "trained on forward-noised ODE samples: 'diffusion-nft' (DiffusionNFT: implicit positive and negative "
+        "policies around an EMA old policy) and 'awm' (advantage-weighted flow matching, PPO-clipped).",
         default="e-grpo",
     )
     timestep_fraction: float | None = _doc(
         "Flow-GRPO / DanceGRPO: the fraction of each trajectory's steps that is trained (Flow-GRPO: the first "
         "int(T * fraction) steps; DanceGRPO: int((T - 1) * fraction) steps drawn at random per trajectory from "
-        "the first T - 1, as its official code). None: the algorithm's default (0.99 / 0.6).",
+        "the first T - 1, as its official code). DiffusionNFT / AWM: int(T * fraction) of the T schedule times, "
+        "drawn per sample, at which each ODE sample is forward-noised and trained. None: the algorithm's default "
+        "(Flow-GRPO 0.99, DanceGRPO 0.6, DiffusionNFT 0.99, AWM 0.9).",
         default=None,
+    )
+    nft_beta: float = _doc(
+        "DiffusionNFT: beta of its implicit policies (1 - beta) v_old + beta v (positive) and (1 + beta) v_old - "
+        "beta v (negative), in (0, 1]. Official: 1.0 (0.1 for OCR).",
+        default=1.0,
+    )
+    old_policy_decay_rate: float = _doc(
+        "DiffusionNFT: the EMA decay of its old (sampling) policy grows by this per optimizer step, from 0 (on-policy) "
+        "up to old_policy_decay_max; after each iteration old <- decay * old + (1 - decay) * current. Official: 0.001.",
+        default=0.001,
+    )
+    old_policy_decay_max: float = _doc(
+        "DiffusionNFT: the largest EMA decay of its old policy, in [0, 1). Official: 0.5.", default=0.5
     )
     dance_eta: float = _doc(
         "DanceGRPO: the constant diffusion coefficient eta of its SDE. DanceGRPO: 0.3.", default=0.3
@@ -396,7 +413,8 @@ class EGRPOConfig:
     beta: float | None = _doc(
         "Weight of a KL penalty to the frozen base model (LoRA disabled; a frozen copy when full "
         "fine-tuning). 0 = no penalty, as in the paper. None: the algorithm's default (0.01 for flow-grpo, as "
-        "its official PickScore config; 0 otherwise).",
+        "its official PickScore config; 1e-4 for diffusion-nft, on its velocity KL mean((v - v_ref)^2); 0 "
+        "otherwise).",
         default=None,
     )
     per_device_train_batch_size: int = _doc(
@@ -496,6 +514,13 @@ class EGRPOConfig:
         default=False,
     )
     prompt_column: str = _doc("Dataset column holding the prompts.", default="prompt")
+    image_column: str = _doc(
+        "Dataset column holding each prompt's source image, for image-editing pipelines (FLUX.1 Kontext, "
+        "Qwen-Image-Edit): a file path, a PIL image or an RGB array [H, W, 3] per row, checked when the trainer is "
+        "built and resized to one size per run. Rewards receive the loaded images in this column (docs/editing.md). "
+        "Text-to-image pipelines ignore it.",
+        default="source_image",
+    )
     shuffle_dataset: bool = _doc("Shuffle the prompts each epoch (seeded).", default=True)
 
     # --- checkpointing --------------------------------------------------------------------------
@@ -622,8 +647,21 @@ class EGRPOConfig:
                 refuse(name, ">= 1")
         if self.max_sequence_length > 512:
             refuse("max_sequence_length", "<= 512 (the text encoders' limit in the pipelines)")
-        if self.algorithm not in ("e-grpo", "flow-grpo", "dance-grpo", "mix-grpo", "mix-grpo-flash"):
-            refuse("algorithm", "one of 'e-grpo', 'flow-grpo', 'dance-grpo', 'mix-grpo', 'mix-grpo-flash'")
+        algorithms = ("e-grpo", "flow-grpo", "dance-grpo", "mix-grpo", "mix-grpo-flash", "diffusion-nft", "awm")
+        if self.algorithm not in algorithms:
+            refuse("algorithm", f"one of {', '.join(map(repr, algorithms))}")
+        if not (math.isfinite(self.nft_beta) and 0 < self.nft_beta <= 1):
+            refuse("nft_beta", "in (0, 1] (the weight of the trained policy in DiffusionNFT's implicit policies)")
+        if not (math.isfinite(self.old_policy_decay_rate) and self.old_policy_decay_rate >= 0):
+            refuse("old_policy_decay_rate", "a finite number >= 0 (0 keeps the old policy equal to the current one)")
+        if not 0 <= self.old_policy_decay_max < 1:
+            refuse("old_policy_decay_max", "in [0, 1) (at 1 the old policy would never move)")
+        if self.ratio_normalization and self.algorithm in ("diffusion-nft", "awm"):
+            raise ValueError(
+                f"ratio_normalization=True is not allowed with algorithm={self.algorithm!r}: GRPO-Guard normalizes "
+                "the ratios of Gaussian sampling steps, and this algorithm trains on forward-noised ODE samples, "
+                "which have none. Leave ratio_normalization off."
+            )
         if self.timestep_fraction is not None and not 0 < self.timestep_fraction <= 1:
             refuse("timestep_fraction", "in (0, 1], or None for the algorithm's default")
         if not (math.isfinite(self.dance_eta) and self.dance_eta > 0):

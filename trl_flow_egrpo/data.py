@@ -282,3 +282,92 @@ def padded_shard(size: int, process_index: int, num_processes: int) -> list[int]
     per_process = -(-size // num_processes)
     first = process_index * per_process
     return [min(i, size - 1) for i in range(first, first + per_process)]
+
+
+def load_source_image(value):
+    """A dataset row's source image (for image-editing pipelines) as an RGB ``PIL.Image``: from a file path, a PIL
+    image, or an array ``[H, W, 3]`` (uint8 values, or floats in [0, 1]; nested lists as ``datasets`` stores
+    arrays). :func:`check_source_images` validates the same values with clear errors; this assumes valid input."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(value, (str, os.PathLike)):
+        with Image.open(value) as image:
+            return image.copy()  # read fully, so the file is closed
+    if isinstance(value, Image.Image):
+        return value
+    array = np.asarray(value)
+    if array.dtype.kind == "f":
+        array = np.rint(array * 255)
+    return Image.fromarray(array.astype(np.uint8), mode="RGB")
+
+
+def check_source_images(data, image_column: str, role: str, pipeline_name: str) -> None:
+    """Check that every row of ``data`` has a usable source image in ``image_column``: the column exists, and each
+    value is a readable RGB image file, an RGB PIL image, or an RGB array ``[H, W, 3]`` (uint8, or floats in
+    [0, 1]).
+
+    Raises:
+        ValueError: naming ``role``, the row, the problem (missing column, missing or unreadable file, wrong mode,
+            wrong shape or values) and the fix.
+    """
+    columns = getattr(data, "column_names", None) or list(data[0])
+    if image_column not in columns:
+        raise ValueError(
+            f"{role} has no source-image column '{image_column}' (columns: {columns}), and {pipeline_name} edits a "
+            "source image per prompt. Add a column of image paths, PIL images or RGB arrays [H, W, 3], or set "
+            "EGRPOConfig.image_column to the column that holds them (docs/editing.md)."
+        )
+    for index, value in enumerate(_column_values(data, image_column)):
+        problem = _source_image_problem(value)
+        if problem is not None:
+            raise ValueError(f"{role}: the source image in column '{image_column}' of row {index} {problem}")
+
+
+def _source_image_problem(value) -> str | None:
+    """Why ``value`` is not a usable source image (the rest of a sentence, with the fix), or None."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    convert = "Convert it to RGB first, e.g. PIL.Image.open(path).convert('RGB'), and save or pass that."
+    if isinstance(value, (str, os.PathLike)):
+        if not os.path.isfile(value):
+            return (
+                f"is the path {str(value)!r}, which does not exist. Fix the path (relative paths are read from the "
+                "working directory) or drop the row."
+            )
+        try:
+            with Image.open(value) as image:
+                mode = image.mode
+                image.verify()  # reads the whole file: a truncated or corrupt image fails here, not mid-run
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            return (
+                f"is the file {str(value)!r}, which PIL cannot read as an image ({error}). Replace the file or drop "
+                "the row."
+            )
+        if mode != "RGB":
+            return f"is the file {str(value)!r}, a {mode} image, not RGB. {convert}"
+        return None
+    if isinstance(value, Image.Image):
+        return None if value.mode == "RGB" else f"is a {value.mode} PIL image, not RGB. {convert}"
+    if value is None or isinstance(value, (bool, int, float, dict, bytes)):
+        return (
+            f"is {value!r} ({type(value).__name__}). Give a file path, an RGB PIL image or an RGB array [H, W, 3] "
+            "per row, or fill or drop the rows without one."
+        )
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as error:
+        return f"is not an image: {error}. Give a file path, an RGB PIL image or an RGB array [H, W, 3]."
+    if array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape:
+        return (
+            f"is an array of shape {tuple(array.shape)}, not an RGB image [H, W, 3] (channels last). Transpose a "
+            "[3, H, W] array with array.transpose(1, 2, 0); repeat a grayscale [H, W] array to 3 channels."
+        )
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            return "is a float array with values outside [0, 1]. Scale it to [0, 1] or pass uint8 values 0-255."
+        return None
+    if array.dtype.kind not in "ui" or array.min() < 0 or array.max() > 255:
+        return f"is a {array.dtype} array; give uint8 values 0-255 (or floats in [0, 1])."
+    return None

@@ -45,6 +45,19 @@ USAGE_IMAGE_PROMPT = "a photo of an astronaut riding a horse"
 """The prompt of the model card's snippet for an image family."""
 USAGE_VIDEO_PROMPT = "a cat walking on the beach"
 """The prompt of the model card's snippet for a video family."""
+USAGE_EDIT_PROMPT = "turn it into a watercolor painting"
+"""The prompt of the model card's snippet for an image-editing family (FLUX.1 Kontext, Qwen-Image-Edit)."""
+USAGE_SOURCE_IMAGE = "source.png"
+"""The source image the snippet of an image-editing family loads (the user's own)."""
+
+
+def usage_prompt(adapter) -> str:
+    """The prompt of the model card's snippet for ``adapter``'s family: a video, an edit or an image prompt."""
+    if adapter.is_video:
+        return USAGE_VIDEO_PROMPT
+    return USAGE_EDIT_PROMPT if adapter.edits_images else USAGE_IMAGE_PROMPT
+
+
 USAGE_SEED = 0
 """The snippet samples what ``trainer.sample_images([prompt], seed=USAGE_SEED)`` returns."""
 
@@ -533,6 +546,8 @@ def _usage(base_model: str | None, repo_id: str, adapter, use_lora: bool, config
     lines += [f"from diffusers import {', '.join(imports)}"] if imports else []
     if adapter.is_video:
         lines.append("from diffusers.utils import export_to_video")
+    if adapter.edits_images:
+        lines.append("from diffusers.utils import load_image")
     lines += ["", 'device = "cuda" if torch.cuda.is_available() else "cpu"']
     if not use_lora:
         lines.append(
@@ -556,7 +571,9 @@ def _usage(base_model: str | None, repo_id: str, adapter, use_lora: bool, config
     if scheduler:
         lines += ["# The schedule the model was trained with:", f"pipe.scheduler = {scheduler}"]
     lines.append("pipe.to(device)")
-    prompt, output = (USAGE_VIDEO_PROMPT, "video") if adapter.is_video else (USAGE_IMAGE_PROMPT, "image")
+    if adapter.edits_images:
+        lines.append(f'source_image = load_image("{USAGE_SOURCE_IMAGE}")  # the image to edit')
+    prompt, output = usage_prompt(adapter), "video" if adapter.is_video else "image"
     lines += [
         f"# The trainer's sample_images([prompt], seed={USAGE_SEED}): its noise comes from a CPU generator.",
         f"{output} = pipe(",

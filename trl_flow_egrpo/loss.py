@@ -1,5 +1,6 @@
 r"""The PPO-clip objective of the policy update (METHOD.md section 6), with GRPO-Guard's ratio normalization as an
-option.
+option; and the objectives of the forward-process methods (DiffusionNFT, AWM), trained on forward-noised clean
+samples instead of the rollouts' stochastic steps.
 
 .. math:: L = \mathrm{mean}_j \max\big(-A_j r_j,\; -A_j \,\mathrm{clip}(r_j, 1 - \epsilon, 1 + \epsilon)\big),
           \qquad r_j = \exp(\log p_\theta(x'_j) - \log p_{old}(x'_j))
@@ -111,3 +112,85 @@ def ppo_clip_loss(
         approx_kl = ((raw_ratio - 1) - log_ratio).mean()
         is_clipped = clipped > unclipped
     return PolicyLossOutput(loss=loss, ratio=ratio.detach(), clipped=is_clipped, approx_kl=approx_kl)
+
+
+# --- forward-process objectives (DiffusionNFT, AWM): trained on forward-noised clean samples -----------------
+
+
+def forward_noise(clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The flow-matching forward process ``x_t = (1 - t) x0 + t eps`` at ``t = sigma`` (``[B]``), in float32."""
+    t = sigma.to(torch.float32).view(-1, *[1] * (clean.dim() - 1))
+    return (1 - t) * clean.to(torch.float32) + t * noise.to(torch.float32)
+
+
+def flow_matching_log_likelihood(velocity: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``-mean((v - (eps - x0))^2)`` over each row's elements, ``[B]``: the flow-matching loss negated, which AWM
+    uses as the policy's log-likelihood of its clean sample ``x0`` (up to constants and the time weighting)."""
+    target = noise.to(torch.float32) - clean.to(torch.float32)
+    return -(velocity.to(torch.float32) - target).pow(2).flatten(1).mean(dim=1)
+
+
+def nft_optimality(advantages: torch.Tensor, advantage_clip: float) -> torch.Tensor:
+    """DiffusionNFT's optimality probability ``r = clamp(A / (2 A_max) + 1/2, 0, 1)`` of clipped advantages:
+    ``A = 0`` (the group's mean) is 1/2, ``A = +-A_max`` are 1 and 0."""
+    return torch.clamp(advantages / (2 * advantage_clip) + 0.5, 0.0, 1.0)
+
+
+def _x0_regression(prediction: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """``mean((x0_hat - x0)^2) / sg(mean|x0_hat - x0|)`` per row, ``[B]``: DiffusionNFT's adaptively weighted x0
+    regression. The stop-gradient weight (at least 1e-5) evens out the loss's scale across timesteps and samples,
+    whose x0 errors differ by orders of magnitude."""
+    error = prediction - clean
+    weight = error.detach().abs().flatten(1).mean(dim=1).clamp(min=1e-5)
+    return error.pow(2).flatten(1).mean(dim=1) / weight
+
+
+def nft_loss(
+    velocity: torch.Tensor,
+    old_velocity: torch.Tensor,
+    noisy: torch.Tensor,
+    clean: torch.Tensor,
+    sigma: torch.Tensor,
+    optimality: torch.Tensor,
+    nft_beta: float,
+    advantage_clip: float,
+) -> torch.Tensor:
+    r"""DiffusionNFT's loss (to minimize), a scalar: the mean over the batch of
+
+    .. math:: \frac{A_{max}}{\beta}\Big(r\, \ell(v^+) + (1 - r)\, \ell(v^-)\Big), \quad
+              v^+ = (1 - \beta) v_{old} + \beta v_\theta, \quad v^- = (1 + \beta) v_{old} - \beta v_\theta
+
+    where ``l(v)`` regresses ``x_t - t v`` on the clean sample ``x0`` (:func:`_x0_regression`; the x0 error is
+    ``t`` times the velocity error against ``eps - x0``). A sample of optimality ``r = 1`` pulls the implicit
+    positive policy ``v+`` to it, ``r = 0`` the implicit negative one ``v-``, i.e. pushes ``v_theta`` away:
+    the two cancel at ``r = 1/2``. ``old_velocity`` is the sampling ("old") policy's, without gradient.
+    ``A_max / beta`` keeps the gradient's scale independent of ``beta`` and of the advantage clip (official)."""
+    t = sigma.to(torch.float32).view(-1, *[1] * (clean.dim() - 1))
+    velocity, old_velocity = velocity.to(torch.float32), old_velocity.detach().to(torch.float32)
+    positive = (1 - nft_beta) * old_velocity + nft_beta * velocity
+    negative = (1 + nft_beta) * old_velocity - nft_beta * velocity
+    clean = clean.to(torch.float32)
+    per_sample = optimality * _x0_regression(noisy - t * positive, clean) + (1 - optimality) * _x0_regression(
+        noisy - t * negative, clean
+    )
+    return (per_sample * advantage_clip / nft_beta).mean()
+
+
+def velocity_kl(velocity: torch.Tensor, reference_velocity: torch.Tensor) -> torch.Tensor:
+    """``mean((v - v_ref)^2)`` over each row's elements, ``[B]``: the velocity-space KL penalty of the
+    forward-process methods (DiffusionNFT's and AWM's official form, without the Gaussian's ``1 / (2 s^2)``)."""
+    return (velocity.to(torch.float32) - reference_velocity.detach().to(torch.float32)).pow(2).flatten(1).mean(dim=1)
+
+
+def old_policy_decay(optimizer_steps: int, rate: float, maximum: float) -> float:
+    """The EMA decay of DiffusionNFT's old policy after ``optimizer_steps`` optimizer steps: ``min(rate * steps,
+    maximum)``. It starts at 0 (the old policy is the current one: on-policy) and lets the old policy lag more as
+    training goes on (official ``decay_type=1``: rate 0.001, maximum 0.5)."""
+    return min(rate * optimizer_steps, maximum)
+
+
+@torch.no_grad()
+def ema_update_(old: dict[str, torch.Tensor], current: dict[str, torch.Tensor], decay: float) -> None:
+    """In place, ``old <- decay * old + (1 - decay) * current`` for every tensor of ``old`` (same names)."""
+    for name, tensor in old.items():
+        tensor.mul_(decay).add_(current[name].detach().to(tensor.dtype), alpha=1 - decay)

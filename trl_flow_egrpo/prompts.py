@@ -70,36 +70,49 @@ class PromptEncoder:
         blob = json.dumps(description, sort_keys=True, default=str).encode()
         return f"{adapter.family}-{hashlib.sha256(blob).hexdigest()[:16]}"
 
-    def __call__(self, prompts: list[str]) -> Conditioning:
-        """The conditioning of ``prompts`` (one row per prompt, on ``device``), from the cache where it can."""
+    def __call__(self, prompts: list[str], images: list | None = None) -> Conditioning:
+        """The conditioning of ``prompts`` (one row per prompt, on ``device``), from the cache where it can.
+        ``images``: each prompt's source image, for image-editing families (an entry is then keyed by the prompt
+        and the image's pixels)."""
         if self.cache_dir is None:
-            return self._encode(prompts)
-        cached = {prompt: self._load(prompt) for prompt in dict.fromkeys(prompts)}
-        missing = [prompt for prompt, rows in cached.items() if rows is None]
+            return self._encode(prompts, images)
+        keys = (
+            list(prompts)
+            if images is None
+            else [f"{p}\n{_image_digest(i)}" for p, i in zip(prompts, images, strict=True)]
+        )
+        first = {key: index for index, key in reversed(list(enumerate(keys)))}  # each key's first row
+        cached = {key: self._load(key) for key in first}
+        missing = [key for key, rows in cached.items() if rows is None]
         if missing:
-            encoded = self._encode(missing)
-            for i, prompt in enumerate(missing):
-                cached[prompt] = {name: tensor[i : i + 1] for name, tensor in encoded.items()}
-                self._store(prompt, cached[prompt])
-        return {
-            name: torch.cat([cached[prompt][name] for prompt in prompts]).to(self.device) for name in cached[prompts[0]]
-        }
+            encoded = self._encode(
+                [prompts[first[key]] for key in missing],
+                None if images is None else [images[first[key]] for key in missing],
+            )
+            for i, key in enumerate(missing):
+                cached[key] = {name: tensor[i : i + 1] for name, tensor in encoded.items()}
+                self._store(key, cached[key])
+        return {name: torch.cat([cached[key][name] for key in keys]).to(self.device) for name in cached[keys[0]]}
 
-    def warm(self, prompts, batch_size: int = 16) -> int:
-        """Encode and cache every prompt of ``prompts`` not cached yet; returns how many were encoded."""
+    def warm(self, prompts, batch_size: int = 16, images: list | None = None) -> int:
+        """Encode and cache every prompt of ``prompts`` (with its source image of ``images``, for an image-editing
+        family) not cached yet; returns how many were encoded."""
         if self.cache_dir is None:
             raise ValueError("PromptEncoder.warm needs a cache_dir (EGRPOConfig.prompt_cache_dir).")
         before = self.num_encoded
-        prompts = list(dict.fromkeys(prompts))
+        if images is None:
+            prompts = list(dict.fromkeys(prompts))
         for start in range(0, len(prompts), batch_size):
-            self(prompts[start : start + batch_size])
+            self(prompts[start : start + batch_size], None if images is None else images[start : start + batch_size])
         return self.num_encoded - before
 
-    def _encode(self, prompts: list[str]) -> Conditioning:
+    def _encode(self, prompts: list[str], images: list | None) -> Conditioning:
         if self.offload:
             self._move_encoders(self.device)
         try:
-            conditioning = self.adapter.encode_prompts(prompts)
+            conditioning = (
+                self.adapter.encode_prompts(prompts) if images is None else self.adapter.encode_prompts(prompts, images)
+            )
         finally:
             if self.offload:
                 self._move_encoders("cpu")
@@ -138,6 +151,11 @@ class PromptEncoder:
             metadata={"prompt": prompt},
         )
         os.replace(staging, path)
+
+
+def _image_digest(image) -> str:
+    """A digest of a PIL image's size and pixels (an edit prompt's cache entry depends on its source image)."""
+    return hashlib.sha256(repr(image.size).encode() + image.tobytes()).hexdigest()
 
 
 def _fingerprint(module: torch.nn.Module) -> list[float]:

@@ -185,11 +185,12 @@ def precompute_run_prompts(trainer) -> int:
     config = trainer.config
     if config.prompt_cache_dir is None:
         raise ValueError("precompute_run_prompts needs a cache for the embeddings: set prompt_cache_dir.")
-    prompts = [
-        row[config.prompt_column]
+    rows = [
+        row
         for iteration in range(trainer.state.iteration, config.max_steps)
         for row in trainer.iteration_rows(iteration)
     ]
     if trainer.eval_dataset is not None:
-        prompts += [trainer.eval_dataset[i][config.prompt_column] for i in range(len(trainer.eval_dataset))]
-    return trainer.prompt_encoder.warm(prompts)
+        rows += trainer.with_source_images([trainer.eval_dataset[i] for i in range(len(trainer.eval_dataset))])
+    # An image-editing family's entries are keyed by prompt and source image too.
+    return trainer.prompt_encoder.warm([row[config.prompt_column] for row in rows], images=trainer.source_images(rows))

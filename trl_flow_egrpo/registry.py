@@ -12,6 +12,7 @@ from .rewards import (
     BrightnessReward,
     CLIPScoreReward,
     ColorReward,
+    EditConsistencyReward,
     FrameAverageReward,
     HPSv2Reward,
     ImageRewardReward,
@@ -33,6 +34,7 @@ REWARDS: dict[str, Callable[..., Callable]] = {
     "color": ColorReward,
     "brightness": BrightnessReward,
     "temporal_consistency": TemporalConsistencyReward,
+    "edit_consistency": EditConsistencyReward,
 }
 """Command-line name -> reward class (built with its defaults: the checkpoints of :data:`REWARD_SOURCES`)."""
 
@@ -54,6 +56,8 @@ REWARD_SOURCES: dict[str, str] = {
     "brightness": "Brightness (weight-free): the mean pixel value",
     "temporal_consistency": "Temporal consistency of videos (weight-free): minus the mean absolute difference of "
     "consecutive frames",
+    "edit_consistency": "Edit consistency (weight-free): how much of the source image an edit keeps outside its edit "
+    "region and changes inside it, in [0, 1]",
 }
 """A reward's logged name (its ``name`` attribute) -> what it is and which weights it uses by default."""
 

@@ -64,6 +64,10 @@ class Rollouts:
             to (:func:`~trl_flow_egrpo.advantages.sum_advantages_into_targets`). E-GRPO's
             ``completion_granularities`` score each sample ``x'`` once per stride, in groups of their own that
             all target the first stride's group. None: each group targets itself.
+        step_velocity: ``[num_steps, ...]`` or None: the forward-process methods (DiffusionNFT, AWM) train on
+            forward-noised clean samples: ``step_latents`` is then the clean sample ``x0``, ``samples[:, 0]`` the
+            forward noise ``eps`` and ``step_start`` the index of ``t = sigma_k``; this holds the sampling
+            policy's velocity at ``x_t = (1 - t) x0 + t eps``. None for the other algorithms.
     """
 
     num_prompts: int
@@ -86,6 +90,7 @@ class Rollouts:
     num_model_calls: int
     num_transformer_rows: int
     group_target: torch.Tensor | None = None
+    step_velocity: torch.Tensor | None = None
 
     @property
     def num_groups(self) -> int:
@@ -139,6 +144,7 @@ def concat_rollouts(parts: list[Rollouts]) -> Rollouts:
         group_target=torch.cat(
             [part.advantage_target + offset for part, offset in zip(parts, group_offsets, strict=True)]
         ),
+        step_velocity=None if parts[0].step_velocity is None else torch.cat([part.step_velocity for part in parts]),
     )
 
 

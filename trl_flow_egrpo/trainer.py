@@ -35,10 +35,18 @@ from .advantages import group_advantages, sum_advantages_into_targets
 from .algorithms import build_strategy
 from .checkpoints import TrainerState
 from .config import EGRPOConfig, check_mixed_precision_on_device
-from .data import as_prompt_dataset, iteration_prompt_indices, padded_shard
+from .data import as_prompt_dataset, check_source_images, iteration_prompt_indices, load_source_image, padded_shard
 from .distributed import allow_mixed_precision_change, is_multiprocess_cpu_run
 from .failures import propagate_failures
-from .loss import RatioNormalization, mean_drift, ppo_clip_loss, step_weights
+from .loss import (
+    RatioNormalization,
+    ema_update_,
+    forward_noise,
+    mean_drift,
+    ppo_clip_loss,
+    step_weights,
+    velocity_kl,
+)
 from .metrics import rollout_metrics, sampling_cost_metrics, throughput_metrics, update_metrics
 from .prompts import PromptEncoder
 from .rollout import Rollouts, concat_rollouts, prompt_generators, sample_images
@@ -135,6 +143,11 @@ class EGRPOTrainer:
                 "negative-prompt pass. Raise guidance_scale to turn guidance on (SD3, Qwen-Image and Wan: > 1; "
                 "Z-Image: > 0), or set negative_prompt to ''."
             )
+        if self.adapter.edits_images:  # a missing or unreadable source image fails here, not mid-run
+            pipeline_name = type(pipeline).__name__
+            check_source_images(self.train_dataset, config.image_column, "train_dataset", pipeline_name)
+            if self.eval_dataset is not None:
+                check_source_images(self.eval_dataset, config.image_column, "eval_dataset", pipeline_name)
         self.pipeline = pipeline
 
         allow_mixed_precision_change(config.mixed_precision)  # a second trainer in a notebook
@@ -160,6 +173,14 @@ class EGRPOTrainer:
 
         self.schedule = self.adapter.schedule(config.num_inference_steps, config.shift)
         self.strategy = build_strategy(config, self.schedule)
+        if self.strategy.keeps_old_policy and (
+            backends.is_fsdp(self.accelerator) or backends.is_deepspeed(self.accelerator)
+        ):
+            raise ValueError(
+                f"algorithm={config.algorithm!r} samples with an EMA copy of the trained parameters, which this "
+                "trainer keeps per process and cannot keep for parameters sharded by FSDP or DeepSpeed. Launch "
+                "with DDP (a plain `accelerate launch`) or one process, or use another algorithm."
+            )
 
         self.model, self.reference_model = self._prepare_transformer()
         self.speed_switches = acceleration.apply_speed_switches(self.model, config)
@@ -198,6 +219,8 @@ class EGRPOTrainer:
         self.generator = torch.Generator("cpu").manual_seed(config.seed + self.accelerator.process_index)
         self.state = TrainerState()
         self.num_trainable_parameters = sum(p.numel() for p in trainable)
+        # DiffusionNFT samples with an EMA "old" copy of the trained parameters, equal to them at the start.
+        self.old_policy = self._trainable_parameters(clone=True) if self.strategy.keeps_old_policy else None
 
     # ------------------------------------------------------------------ setup
 
@@ -283,6 +306,33 @@ class EGRPOTrainer:
         """The trained transformer without distributed wrappers."""
         return self.accelerator.unwrap_model(self.model)
 
+    def _trainable_parameters(self, clone: bool = False) -> dict[str, torch.Tensor]:
+        """The trained parameters by name (detached copies with ``clone``)."""
+        return {
+            name: parameter.detach().clone() if clone else parameter
+            for name, parameter in self.unwrapped_model.named_parameters()
+            if parameter.requires_grad
+        }
+
+    @contextlib.contextmanager
+    def _sampling_policy(self):
+        """The policy the strategy samples with: the current one, or its old policy swapped into the trained
+        parameters (and the current values restored after)."""
+        if self.old_policy is None:
+            yield
+            return
+        parameters = self._trainable_parameters()
+        current = {name: parameter.detach().clone() for name, parameter in parameters.items()}
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(self.old_policy[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, parameter in parameters.items():
+                    parameter.copy_(current[name])
+
     # ------------------------------------------------------------------ data
 
     def iteration_rows(self, iteration: int) -> list[dict]:
@@ -297,7 +347,19 @@ class EGRPOTrainer:
             config.seed,
             config.shuffle_dataset,
         )
-        return [self.train_dataset[i] for i in indices]
+        return self.with_source_images([self.train_dataset[i] for i in indices])
+
+    def with_source_images(self, rows: list[dict]) -> list[dict]:
+        """``rows`` with their source images loaded as RGB PIL images (``config.image_column``), for an
+        image-editing family; the rows as they are otherwise. Rewards receive these images in that column."""
+        column = self.config.image_column
+        if not self.adapter.edits_images:
+            return rows
+        return [{**row, column: load_source_image(row[column])} for row in rows]
+
+    def source_images(self, rows: list[dict]) -> list | None:
+        """The source images of rows from :meth:`with_source_images` (None for a text-to-image family)."""
+        return [row[self.config.image_column] for row in rows] if self.adapter.edits_images else None
 
     # ------------------------------------------------------------------ training loop
 
@@ -365,7 +427,7 @@ class EGRPOTrainer:
         else:
             start = time.perf_counter()
             with peaks("sampling"):
-                rollouts = self.generate([row[config.prompt_column] for row in rows])
+                rollouts = self.generate([row[config.prompt_column] for row in rows], self.source_images(rows))
             sampling_seconds = time.perf_counter() - start
             with peaks("rewards"):
                 rewards, anchor_rewards = self.score(rollouts, rows)
@@ -380,6 +442,9 @@ class EGRPOTrainer:
             # E-GRPO's completion granularities: each stride's groups add their advantages to the trained group.
             update_stats = self.update(rollouts, sum_advantages_into_targets(advantages, rollouts.advantage_target))
         update_seconds = time.perf_counter() - start
+        if self.old_policy is not None:  # after the iteration's optimizer steps, as the official DiffusionNFT
+            steps = (self.state.iteration + 1) * self.optimizer_steps_per_iteration
+            ema_update_(self.old_policy, self._trainable_parameters(), self.strategy.old_policy_decay(steps))
 
         self.state.iteration += 1
         metrics = self._metrics(rollouts, rewards, anchor_rewards, advantages, update_stats)
@@ -427,7 +492,7 @@ class EGRPOTrainer:
         parts, futures = [], []
         with ThreadPoolExecutor(max_workers=1) as pool:
             for i in range(len(rows)):
-                parts.append(self.generate([rows[i][self.config.prompt_column]]))
+                parts.append(self.generate([rows[i][self.config.prompt_column]], self.source_images(rows[i : i + 1])))
                 futures.append(pool.submit(self.score, parts[-1], rows[i : i + 1]))
             sampling_seconds = time.perf_counter() - start
             scores = [future.result() for future in futures]
@@ -440,24 +505,31 @@ class EGRPOTrainer:
         )
 
     @torch.no_grad()
-    def generate(self, prompts: list[str]) -> Rollouts:
-        """Sample this process's rollouts of ``prompts`` with the current policy (``config.algorithm``'s way)."""
-        conditioning = self.prompt_encoder(prompts)
+    def generate(self, prompts: list[str], images: list | None = None) -> Rollouts:
+        """Sample this process's rollouts of ``prompts`` with the sampling policy (the current one, or the
+        strategy's old policy: :meth:`_sampling_policy`), ``config.algorithm``'s way;
+        ``images``: each prompt's source image (RGB PIL images), for an image-editing family."""
+        conditioning = self.prompt_encoder(prompts, self._checked_images(prompts, images))
         generators = prompt_generators(self.generator, len(prompts))
         self.model.eval()
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), self._sampling_policy():
             return self.strategy.sample(
                 self.adapter, self.unwrapped_model, conditioning, generators, self.state.iteration
             )
 
     @torch.no_grad()
-    def sample_images(self, prompts: list[str], seed: int | Sequence[int] = 0) -> torch.Tensor:
+    def sample_images(
+        self, prompts: list[str], seed: int | Sequence[int] = 0, images: list | None = None
+    ) -> torch.Tensor:
         """Deterministic (ODE) images of the current policy, ``[B, 3, H, W]`` in [0, 1] (videos: ``[B, F, 3, H, W]``).
 
         Prompt ``i`` starts from noise seeded by ``seed + i`` (or ``seed[i]`` given a list), so the same
-        prompts and seeds give the same noise: before/after comparisons are paired.
+        prompts and seeds give the same noise: before/after comparisons are paired. An image-editing family
+        needs ``images``, each prompt's source image (anything the dataset's image column may hold).
         """
         config = self.config
+        images = self._checked_images(prompts, images and [load_source_image(image) for image in images])
+        encode = self.prompt_encoder if images is None else (lambda texts: self.prompt_encoder(texts, images))
         seeds = list(seed) if isinstance(seed, Sequence) else [seed + i for i in range(len(prompts))]
         self.model.eval()
         with self.accelerator.autocast():
@@ -469,7 +541,7 @@ class EGRPOTrainer:
                 seeds,
                 config.rollout_batch_size,
                 config.decode_batch_size,
-                self.prompt_encoder,
+                encode,
             )
 
     def evaluate(self) -> dict[str, float]:
@@ -485,9 +557,11 @@ class EGRPOTrainer:
             raise ValueError("evaluate() needs an eval_dataset: pass one to EGRPOTrainer(..., eval_dataset=...).")
         size = len(self.eval_dataset)
         positions = padded_shard(size, accelerator.process_index, accelerator.num_processes)
-        rows = [self.eval_dataset[i] for i in positions]
+        rows = self.with_source_images([self.eval_dataset[i] for i in positions])
         images = self.sample_images(
-            [row[config.prompt_column] for row in rows], [config.eval_seed + i for i in positions]
+            [row[config.prompt_column] for row in rows],
+            [config.eval_seed + i for i in positions],
+            self.source_images(rows),
         )
         names = self.reward_names + self.eval_reward_names
         scores = score_images(self.reward_fns + self.eval_reward_fns, names, images, rows, config.prompt_column)
@@ -507,6 +581,21 @@ class EGRPOTrainer:
         accelerator.log(metrics, step=self.state.iteration)
         self.state.eval_history.append({"iteration": self.state.iteration, **metrics})
         return metrics
+
+    def _checked_images(self, prompts: list[str], images: list | None) -> list | None:
+        """``images`` when they fit the family: one per prompt for an image-editing family, None otherwise."""
+        pipeline = type(self.pipeline).__name__
+        if not self.adapter.edits_images:
+            if images is not None:
+                raise ValueError(f"{pipeline} generates from text alone: pass no source images (images=None).")
+            return None
+        if images is None or len(images) != len(prompts):
+            given = "none" if images is None else len(images)
+            raise ValueError(
+                f"{pipeline} edits a source image per prompt: pass images=[...], one per prompt ({len(prompts)} "
+                f"prompts, {given} images)."
+            )
+        return images
 
     def score(self, rollouts: Rollouts, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of every rollout ``[num_groups, G, num_rewards]`` and of the anchors ``[P or 0, num_rewards]``.
@@ -550,9 +639,10 @@ class EGRPOTrainer:
         # GRPO-Guard's ratio normalization needs each trained step's mean under the sampling policy: the rollouts
         # do not keep it, so the pre-pass records it from the training path before any optimizer step.
         old_means = torch.empty_like(rollouts.step_latents) if config.ratio_normalization else None
+        # A forward-process strategy's old log-probabilities come from the velocities the sampler recorded.
         recompute_seconds = (
             self._recompute_log_probs(rollouts, phases, old_means)
-            if config.compile_transformer or config.ratio_normalization
+            if (config.compile_transformer or config.ratio_normalization) and not self.strategy.trains_forward_process
             else None
         )
         for _ in range(config.num_inner_epochs):
@@ -593,7 +683,13 @@ class EGRPOTrainer:
         metrics["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
         if recompute_seconds is not None:
             metrics["time/recompute_log_probs"] = recompute_seconds
-        if metrics["ratio/on_policy_max_abs_dev"] > 0.1 * config.clip_range and accelerator.is_main_process:
+        # With an old policy that lags the current one (DiffusionNFT), the first step's ratios are not on-policy.
+        lagging = self.old_policy is not None and self.state.iteration > 0
+        if (
+            metrics["ratio/on_policy_max_abs_dev"] > 0.1 * config.clip_range
+            and accelerator.is_main_process
+            and not lagging
+        ):
             # Sampling and training compute different log-probs for the same policy: the clip then acts on
             # numerical noise instead of policy change (METHOD.md section 6).
             logger.warning(
@@ -653,8 +749,11 @@ class EGRPOTrainer:
         self, rollouts: Rollouts, advantages: torch.Tensor, steps: torch.Tensor, old_means: torch.Tensor | None = None
     ):
         """PPO-clip loss of the trained steps ``steps``: one forward per step, shared by its ``K`` samples.
-        ``old_means``: every trained step's mean at sampling, for GRPO-Guard's ratio normalization (None: off)."""
+        ``old_means``: every trained step's mean at sampling, for GRPO-Guard's ratio normalization (None: off).
+        A forward-process strategy's loss instead: :meth:`_forward_process_loss`."""
         config, adapter, strategy = self.config, self.adapter, self.strategy
+        if strategy.trains_forward_process:
+            return self._forward_process_loss(rollouts, advantages, steps)
         log_prob, mean, std = self._step_log_probs(rollouts, steps, self.model)
         sample_advantages = advantages[rollouts.sample_group[steps], rollouts.sample_member[steps]].flatten()
         num_samples = rollouts.samples.shape[1]  # a step's K samples share its mean, std and weight
@@ -677,6 +776,28 @@ class EGRPOTrainer:
                 reference_velocity = adapter.velocity(reference, latents, timesteps, conditioning)
             reference_mean, _ = strategy.step_distribution(latents, reference_velocity, starts, lengths)
             kl = strategy.kl_to_reference(mean, reference_mean, std, starts, lengths)
+        return output, kl
+
+    def _forward_process_loss(self, rollouts: Rollouts, advantages: torch.Tensor, steps: torch.Tensor):
+        """DiffusionNFT / AWM: the strategy's loss of the trained samples ``steps``, at their forward-noised clean
+        samples (one forward each), and the velocity KL to the frozen base model (zeros when ``beta`` is 0)."""
+        strategy = self.strategy
+        clean, noise, starts = rollouts.step_latents[steps], rollouts.samples[steps, 0], rollouts.step_start[steps]
+        sigma = self.schedule.sigmas.to(clean.device)[starts]
+        noisy = forward_noise(clean, noise, sigma)  # the sampler's x_t, recomputed identically
+        timesteps = self.schedule.timesteps.to(clean.device)[starts]
+        conditioning = select_rows(rollouts.conditioning, rollouts.step_prompt[steps])
+        with self.accelerator.autocast():
+            velocity = self.adapter.velocity(self.model, noisy, timesteps, conditioning)
+        sample_advantages = advantages[rollouts.sample_group[steps], rollouts.sample_member[steps]].flatten()
+        output = strategy.forward_process_loss(
+            velocity, rollouts.step_velocity[steps], noisy, clean, noise, sigma, sample_advantages
+        )
+        kl = torch.zeros(len(steps), device=velocity.device)
+        if strategy.beta > 0:
+            with torch.no_grad(), self.accelerator.autocast(), self._reference_model() as reference:
+                reference_velocity = self.adapter.velocity(reference, noisy, timesteps, conditioning)
+            kl = velocity_kl(velocity, reference_velocity)
         return output, kl
 
     @contextlib.contextmanager
@@ -876,8 +997,15 @@ class EGRPOTrainer:
             config.to_dict(),
             self.generator,
             config.save_total_limit,
-            save_extra=self.save_model if config.use_peft else None,
+            save_extra=self._save_checkpoint_extra,
         )
+
+    def _save_checkpoint_extra(self, directory: str) -> None:
+        """The checkpoint's files beyond the accelerate state: the LoRA in diffusers format, the old policy."""
+        if self.config.use_peft:
+            self.save_model(directory)
+        if self.old_policy is not None and self.accelerator.is_main_process:
+            checkpoints.save_old_policy(directory, self.old_policy)
 
     def load_checkpoint(self, checkpoint: str | bool) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint`, so that training continues exactly as if it
@@ -891,4 +1019,6 @@ class EGRPOTrainer:
         """
         checkpoint = checkpoints.resume_checkpoint(self.accelerator, checkpoint, self.config.output_dir)
         self.state = checkpoints.load(self.accelerator, checkpoint, self.generator)
+        if self.old_policy is not None:
+            checkpoints.load_old_policy(checkpoint, self.old_policy)
         logger.info("Resumed from %s at iteration %d.", checkpoint, self.state.iteration)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from .base import Conditioning, ModelAdapter, select_rows
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
+from .flux_kontext import FluxKontextAdapter
 from .qwenimage import QwenImageAdapter
+from .qwenimage_edit import QwenImageEditAdapter
 from .sd3 import SD3Adapter
 from .wan import WanAdapter
 from .zimage import ZImageAdapter
@@ -17,6 +19,8 @@ ADAPTERS: list[type[ModelAdapter]] = [
     QwenImageAdapter,
     WanAdapter,
     ZImageAdapter,
+    FluxKontextAdapter,
+    QwenImageEditAdapter,
 ]
 """Adapter classes tried in order by :func:`get_adapter`."""
 
@@ -52,8 +56,10 @@ __all__ = [
     "Conditioning",
     "Flux2Adapter",
     "FluxAdapter",
+    "FluxKontextAdapter",
     "ModelAdapter",
     "QwenImageAdapter",
+    "QwenImageEditAdapter",
     "SD3Adapter",
     "WanAdapter",
     "ZImageAdapter",

@@ -81,6 +81,10 @@ class ModelAdapter(ABC):
     """Whether the family's pipeline can have a negative-prompt pass (classifier-free guidance). False for a
     guidance-distilled family without one (FLUX.1): the trainer then refuses a ``negative_prompt`` rather than
     ignore it."""
+    edits_images: ClassVar[bool] = False
+    """Whether the family edits a source image (FLUX.1 Kontext, Qwen-Image-Edit). Its :meth:`encode_prompts` then
+    takes ``(prompts, images)``, one RGB ``PIL.Image`` per prompt, which the trainer loads from the dataset's
+    ``EGRPOConfig.image_column``; the source image's encoding lives in the conditioning, one row per prompt."""
     is_video: ClassVar[bool] = False
     """Whether the family generates videos: its adapter then takes ``num_frames`` and decodes ``[B, F, 3, H, W]``."""
 

@@ -74,19 +74,27 @@ class FluxAdapter(ModelAdapter):
             noise, batch_size, self.num_channels, self.latent_height, self.latent_width
         ).to(self.device)
 
+    def image_token_ids(self, device, dtype) -> torch.Tensor:
+        """Position ids ``[N, 3]`` of the image tokens the transformer sees (the packed latent grid's)."""
+        return self.pipeline._prepare_latent_image_ids(
+            1, self.latent_height // 2, self.latent_width // 2, device, dtype
+        )
+
+    def image_tokens(self, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """The image tokens the transformer sees: the noisy latents (FLUX.1 Kontext appends its source image's)."""
+        return latents
+
     def velocity(self, model, latents, timesteps, conditioning):
         transformer = self.transformer
         dtype = self.transformer_dtype
         batch_size = latents.shape[0]
         device = latents.device
-        image_ids = self.pipeline._prepare_latent_image_ids(
-            batch_size, self.latent_height // 2, self.latent_width // 2, device, dtype
-        )
+        image_ids = self.image_token_ids(device, dtype)
         text_ids = torch.zeros(conditioning["prompt_embeds"].shape[1], 3, device=device, dtype=dtype)
         guidance = None
         if transformer.config.guidance_embeds:
             guidance = torch.full((batch_size,), self.guidance_scale, device=device, dtype=torch.float32)
-        hidden_states = latents.to(dtype)
+        hidden_states = self.image_tokens(latents, conditioning).to(dtype)
         # As FluxPipeline: the timestep is cast to the latents' dtype, then scaled to [0, 1].
         timestep = timesteps.to(device=device, dtype=hidden_states.dtype) / 1000
         velocity = model(
@@ -99,7 +107,7 @@ class FluxAdapter(ModelAdapter):
             img_ids=image_ids,
             return_dict=False,
         )[0]
-        return velocity.to(torch.float32)
+        return velocity[:, : latents.shape[1]].to(torch.float32)  # the noisy tokens' (Kontext: not the source's)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -124,14 +124,31 @@ class QwenImageAdapter(ModelAdapter):
         """The token grid ``(frames, rows, columns)`` of one image, in the transformer's per-sample list form."""
         return [[(1, self.latent_height // 2, self.latent_width // 2)]]
 
-    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pipeline's encoding, padded (with masked zeros) to ``max_sequence_length``: ``([P, L, D], [P, L])``."""
+    @property
+    def encoded_length(self) -> int:
+        """The length every prompt's embeddings are padded to: ``max_sequence_length`` (Qwen-Image-Edit adds its
+        source image's vision tokens)."""
+        return self.max_sequence_length
+
+    def _encode(self, prompts: list[str], **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pipeline's encoding (``inputs``: further ``encode_prompt`` arguments), padded with masked zeros to
+        :attr:`encoded_length`: ``([P, L, D], [P, L])``."""
         embeds, mask = self.pipeline.encode_prompt(
-            prompt=prompts, device=self.device, num_images_per_prompt=1, max_sequence_length=self.max_sequence_length
+            prompt=prompts,
+            device=self.device,
+            num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
+            **inputs,
         )
         if mask is None:  # the pipeline drops an all-ones mask
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        padding = self.max_sequence_length - embeds.shape[1]
+        padding = self.encoded_length - embeds.shape[1]
+        if padding < 0:
+            raise ValueError(
+                f"A prompt's encoding has {embeds.shape[1]} tokens, more than the {self.encoded_length} this run "
+                f"pads to (max_sequence_length={self.max_sequence_length}, plus the source image's vision tokens for "
+                "an editing pipeline). Raise EGRPOConfig.max_sequence_length or shorten the prompt."
+            )
         return (
             torch.nn.functional.pad(embeds, (0, 0, 0, padding)),
             torch.nn.functional.pad(mask.to(torch.long), (0, padding)),
@@ -159,7 +176,7 @@ class QwenImageAdapter(ModelAdapter):
         """The policy's velocity: the transformer's, or the norm-rescaled classifier-free-guided combination of
         a conditional and a negative pass made in one batched call (rows ``[cond, negative]``)."""
         dtype = self.transformer_dtype
-        hidden_states = latents.to(dtype)
+        hidden_states = self.image_tokens(latents, conditioning).to(dtype)
         # As the pipeline: the timestep in the latents' dtype, divided by 1000.
         timestep = timesteps.to(device=latents.device, dtype=hidden_states.dtype) / 1000
         embeds, mask = conditioning["prompt_embeds"], conditioning["prompt_embeds_mask"]
@@ -178,12 +195,16 @@ class QwenImageAdapter(ModelAdapter):
             encoder_hidden_states_mask=None if mask.all() else mask,
             img_shapes=self.img_shapes * len(hidden_states),
             return_dict=False,
-        )[0].to(torch.float32)
+        )[0][:, : latents.shape[1]].to(torch.float32)  # the noisy tokens' (Qwen-Image-Edit: not the source's)
         if self.do_classifier_free_guidance:
             cond, negative = velocity.chunk(2)
             guided = negative + self.guidance_scale * (cond - negative)
             velocity = guided * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
         return velocity
+
+    def image_tokens(self, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """The image tokens the transformer sees: the noisy latents (Qwen-Image-Edit appends its source's)."""
+        return latents
 
     def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Packed tokens to the VAE's ``[B, 16, 1, H/8, W/8]``, its per-channel normalization undone (in the

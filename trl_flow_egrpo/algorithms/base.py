@@ -3,7 +3,9 @@
 Everything else (rewards, group advantages, the PPO-clip loss, optimizer steps, logging, checkpoints, the Hub)
 is shared by the trainer. A strategy decides: the initial noises, which steps are stochastic (SDE) and which
 deterministic (ODE), which stochastic steps are trained, how rollouts form groups, and the Gaussian of a
-trained step (so that the update recomputes the same log-probability the sampler drew with).
+trained step (so that the update recomputes the same log-probability the sampler drew with). A forward-process
+strategy (:attr:`RolloutStrategy.trains_forward_process`: DiffusionNFT, AWM) instead samples clean images with the
+ODE and trains on forward-noised copies of them with its own loss, optionally against an EMA "old" policy.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import ClassVar
 import torch
 
 from ..adapters import Conditioning, ModelAdapter
+from ..loss import PolicyLossOutput
 from ..rollout import Rollouts
 from ..schedule import Schedule
 from ..sde import gaussian_kl
@@ -36,6 +39,15 @@ class RolloutStrategy(ABC):
 
     default_advantage_std: ClassVar[str] = "group"
     """The reward std ``EGRPOConfig.advantage_std = None`` stands for with this algorithm."""
+
+    trains_forward_process: ClassVar[bool] = False
+    """Whether the update trains on forward-noised clean samples (:meth:`forward_process_loss`, DiffusionNFT and
+    AWM) instead of the PPO-clip loss of the rollouts' stochastic steps (:meth:`step_distribution`)."""
+
+    keeps_old_policy: ClassVar[bool] = False
+    """Whether the strategy samples with an "old" policy: an EMA copy of the trained parameters that the trainer
+    keeps, checkpoints and moves after every iteration by :meth:`old_policy_decay` (DiffusionNFT). False: it
+    samples with the current policy."""
 
     def __init__(self, config, schedule: Schedule):
         self.config = config
@@ -76,6 +88,26 @@ class RolloutStrategy(ABC):
         """The KL penalty ``[B]`` of trained steps whose Gaussians have means ``mean`` (policy) and
         ``reference_mean`` (frozen base) and the same ``std``: :func:`~trl_flow_egrpo.sde.gaussian_kl`."""
         return gaussian_kl(mean, reference_mean, std)
+
+    def forward_process_loss(
+        self,
+        velocity: torch.Tensor,
+        old_velocity: torch.Tensor,
+        noisy: torch.Tensor,
+        clean: torch.Tensor,
+        noise: torch.Tensor,
+        sigma: torch.Tensor,
+        advantages: torch.Tensor,
+    ) -> PolicyLossOutput:
+        """The loss of a micro-batch of forward-process samples (only with :attr:`trains_forward_process`): the
+        policy's ``velocity`` (with gradient) and the sampling policy's ``old_velocity`` at ``noisy = (1 - sigma)
+        clean + sigma noise``, and each sample's advantage, all ``[B, ...]`` / ``[B]``."""
+        raise NotImplementedError(f"{type(self).__name__} trains the rollouts' stochastic steps, not x0 samples.")
+
+    def old_policy_decay(self, optimizer_steps: int) -> float:
+        """The EMA decay of the old policy's update after ``optimizer_steps`` optimizer steps in all (only with
+        :attr:`keeps_old_policy`): ``old <- decay * old + (1 - decay) * current``."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no old policy.")
 
     @property
     @abstractmethod

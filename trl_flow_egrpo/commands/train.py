@@ -32,6 +32,7 @@ REWARD_NAMES = (
     "color",
     "brightness",
     "temporal_consistency",
+    "edit_consistency",
 )
 """The keys of ``trl_flow_egrpo.registry.REWARDS``, for the options' help (the registry imports torch, which
 ``--help`` does not; tests/test_cli.py checks the two agree)."""

@@ -27,6 +27,7 @@ from ._http import (
     resolve_total_timeout,
     with_retries,
 )
+from .edit import SOURCE_FORMATS, column_entries, source_image_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,16 @@ DEFAULT_NUMBER_QUESTION = (
     'Rate how well this image shows "{prompt}" on a scale from 0 to 10. Answer with the number only.'
 )
 """The question of ``score="number"``; it asks for the one answer format :func:`number_answer` accepts."""
+DEFAULT_EDIT_QUESTION = (
+    "The first image is the original, the second the edited one. Does the edited image follow the instruction "
+    '"{prompt}" and leave the rest of the original unchanged? Answer Yes or No.'
+)
+"""The question of ``score="yes_probability"`` when the judge sees the source image too (``source_image_column``)."""
+DEFAULT_EDIT_NUMBER_QUESTION = (
+    "The first image is the original, the second the edited one. Rate from 0 to 10 how well the edit follows the "
+    'instruction "{prompt}" and leaves the rest of the original unchanged. Answer with the number only.'
+)
+"""The question of ``score="number"`` with ``source_image_column``; on the scale of :data:`DEFAULT_NUMBER_RANGE`."""
 DEFAULT_NUMBER_RANGE = (0.0, 10.0)
 """The scale :data:`DEFAULT_NUMBER_QUESTION` asks for: its ``number_range`` when none is given."""
 DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
@@ -253,12 +264,19 @@ class VLMJudgeReward:
     429/5xx answers are retried ``retries`` times with exponential backoff, within ``total_timeout``.
     Thread-safe. The API key never appears in its repr or its errors.
 
+    For image editing, ``source_image_column`` names the dataset column of the images before the edit: each
+    request then sends the source image first and the edited image second, in the same user message, before the
+    question (:data:`DEFAULT_EDIT_QUESTION` or :data:`DEFAULT_EDIT_NUMBER_QUESTION` by default, which say which
+    image is which). A source entry is anything :func:`~trl_flow_egrpo.rewards.edit.source_image_tensor` reads
+    (PIL image, path, array, tensor); it is resized to the edited image's size and sent in ``image_format``.
+
     Args:
         base_url: the API base, e.g. ``"http://127.0.0.1:8000/v1"`` (the part before ``/chat/completions``).
             Credentials in it (``http://user:key@host``) are refused: the key goes in ``api_key``.
         model: the model name the server serves (vLLM: ``--served-model-name`` or the model path).
         question_template: the question, with ``{prompt}`` and any dataset column as ``{column}``; ``None``
-            takes :data:`DEFAULT_QUESTION` or, for ``score="number"``, :data:`DEFAULT_NUMBER_QUESTION`.
+            takes :data:`DEFAULT_QUESTION` or, for ``score="number"``, :data:`DEFAULT_NUMBER_QUESTION` (their
+            ``DEFAULT_EDIT_...`` versions with ``source_image_column``).
         score: ``"yes_probability"`` or ``"number"``.
         api_key: sent as ``Authorization: Bearer``; ``None`` sends none (vLLM's ``--api-key``).
         system_prompt: an optional system message.
@@ -279,6 +297,8 @@ class VLMJudgeReward:
             ``2 * timeout``.
         max_response_bytes: the largest answer accepted (default 1 MiB); a larger one is an error naming the
             endpoint and the cap.
+        source_image_column: the dataset column of the source images, for judging edits (both images are sent);
+            ``None`` (default) sends the generated image alone.
 
     Attributes:
         parse_failures: how many replies could not be parsed so far (raised or scored with
@@ -308,6 +328,7 @@ class VLMJudgeReward:
         name: str = "vlm_judge",
         total_timeout: float | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        source_image_column: str | None = None,
     ):
         check_retry_settings(timeout, retries, backoff)
         self.total_timeout = resolve_total_timeout(total_timeout, timeout)
@@ -333,7 +354,10 @@ class VLMJudgeReward:
             on_parse_failure = unparsable_score
         self.on_parse_failure = _checked_policy(on_parse_failure)
         if question_template is None:
-            question_template = DEFAULT_NUMBER_QUESTION if score == "number" else DEFAULT_QUESTION
+            if source_image_column is None:
+                question_template = DEFAULT_NUMBER_QUESTION if score == "number" else DEFAULT_QUESTION
+            else:
+                question_template = DEFAULT_EDIT_NUMBER_QUESTION if score == "number" else DEFAULT_EDIT_QUESTION
             if score == "number" and number_range is None:
                 number_range = DEFAULT_NUMBER_RANGE
         self.number_range = _checked_range(number_range)
@@ -348,6 +372,7 @@ class VLMJudgeReward:
         self.system_prompt, self.retries, self.backoff = system_prompt, retries, backoff
         self.top_logprobs, self.max_tokens, self.image_format = top_logprobs, max_tokens, image_format
         self.extra_body, self.name, self.max_concurrency = dict(extra_body or {}), name, max_concurrency
+        self.source_image_column = source_image_column
         self.parse_failures = 0
         self._count_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -366,13 +391,32 @@ class VLMJudgeReward:
             raise ValueError(f"VLMJudgeReward expects images of shape [B, 3, H, W], got {tuple(images.shape)}.")
         if len(prompts) != images.shape[0]:
             raise ValueError(f"VLMJudgeReward got {images.shape[0]} images but {len(prompts)} prompts.")
+        sources = self._sources(images, columns)
         questions = [
             self.question(prompt, {name: values[i] for name, values in columns.items()})
             for i, prompt in enumerate(prompts)
         ]
         quantized = quantize(images)
-        scores = list(self._executor().map(self.score_one, quantized, questions))
+        scores = list(self._executor().map(self.score_one, quantized, questions, sources))
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
+
+    def _sources(self, images: torch.Tensor, columns: dict) -> list[torch.Tensor | None]:
+        """The uint8 source image of each generated image (resized to its size), or None each without
+        ``source_image_column``."""
+        if self.source_image_column is None:
+            return [None] * images.shape[0]
+        entries = column_entries(
+            columns,
+            self.source_image_column,
+            images.shape[0],
+            f"one source image per row: {SOURCE_FORMATS}",
+            "source_image_column",
+        )
+        sources = [
+            source_image_tensor(entry, tuple(images.shape[-2:]), f"column {self.source_image_column!r}, row {row}")
+            for row, entry in enumerate(entries)
+        ]
+        return list(quantize(torch.stack(sources)))
 
     def question(self, prompt: str, row: dict) -> str:
         """The question for one image: the template filled with its prompt and dataset columns."""
@@ -384,18 +428,15 @@ class VLMJudgeReward:
                 f"neither 'prompt' nor a dataset column (columns: {sorted(row)})."
             ) from error
 
-    def request_body(self, image: torch.Tensor, question: str) -> dict:
-        """The chat-completions request for one uint8 ``[3, H, W]`` image and its question."""
+    def request_body(self, image: torch.Tensor, question: str, source: torch.Tensor | None = None) -> dict:
+        """The chat-completions request for one uint8 ``[3, H, W]`` image and its question; given the uint8
+        ``source`` image of an edit, it goes first, the edited ``image`` second."""
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append(
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": image_data_url(image, self.image_format)}},
-                    {"type": "text", "text": question},
-                ],
-            }
-        )
+        shown = [image] if source is None else [source, image]
+        content = [
+            {"type": "image_url", "image_url": {"url": image_data_url(picture, self.image_format)}} for picture in shown
+        ]
+        messages.append({"role": "user", "content": [*content, {"type": "text", "text": question}]})
         body = {"model": self.model, "messages": messages, "temperature": 0.0}
         if self.score_mode == "yes_probability":
             body.update(max_tokens=1, logprobs=True, top_logprobs=self.top_logprobs)
@@ -403,9 +444,9 @@ class VLMJudgeReward:
             body.update(max_tokens=self.max_tokens)
         return {**body, **self.extra_body}
 
-    def score_one(self, image: torch.Tensor, question: str) -> float:
-        """Ask about one uint8 image and turn the answer into its score."""
-        return self.score_answer(self._post(json.dumps(self.request_body(image, question)).encode()))
+    def score_one(self, image: torch.Tensor, question: str, source: torch.Tensor | None = None) -> float:
+        """Ask about one uint8 image (after its uint8 ``source``, for an edit) and turn the answer into its score."""
+        return self.score_answer(self._post(json.dumps(self.request_body(image, question, source)).encode()))
 
     def score_answer(self, response: Response) -> float:
         """The score of one chat-completions answer (the status already checked to be 200).

@@ -26,18 +26,25 @@ def build_tiny_qwenimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.floa
         A ``diffusers.QwenImagePipeline`` on the CPU with every component in eval mode. Sizes must be multiples
         of 16; 32x32 gives 4 image tokens.
     """
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from diffusers import QwenImagePipeline
 
     # The pipeline sets its prompt template in __init__: read it from an empty instance.
     template = QwenImagePipeline(
         scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None
     ).prompt_template_encode
+    pipeline = QwenImagePipeline(**tiny_qwenimage_components(seed, template))
+    for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder):
+        module.eval()
+    return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
+
+
+def tiny_qwenimage_components(seed: int, template: str) -> dict:
+    """The components of the tiny Qwen-Image pipelines (see :func:`build_tiny_qwenimage_pipeline`): scheduler, VAE,
+    text encoder, transformer, and a tokenizer whose vocabulary makes each word of ``template`` (the pipeline's
+    prompt template, which it drops by token count) one token."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
     tokenizer = tiny_qwen_tokenizer(chat_template=None, whole_words=template.format(""))
     vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     tokenizer.add_tokens(vision_tokens, special_tokens=True)
@@ -62,7 +69,7 @@ def build_tiny_qwenimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.floa
         text_encoder = Qwen2_5_VLForConditionalGeneration(
             Qwen2_5_VLConfig(
                 text_config=dict(
-                    vocab_size=512,
+                    vocab_size=max(512, len(tokenizer)),
                     hidden_size=hidden,
                     intermediate_size=64,
                     num_hidden_layers=2,
@@ -102,9 +109,4 @@ def build_tiny_qwenimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.floa
         shift_terminal=0.02,
         time_shift_type="exponential",
     )
-    pipeline = QwenImagePipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
-    )
-    for module in (transformer, vae, text_encoder):
-        module.eval()
-    return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
+    return dict(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
