@@ -204,3 +204,13 @@ def test_evaluate_ignores_the_training_keys_of_a_recipe(tmp_path):
     recipe.write_text("reward_funcs: [color]\ndataset_name: prompts.txt\nheight: 64\n")
     _, config = evaluate.parse_arguments(["--config", str(recipe)])
     assert config.height == 64
+
+
+def test_evaluate_refuses_an_editing_model_with_the_way_to_evaluate_it(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("make the square red\n")
+    with pytest.raises(SystemExit, match="FluxKontextPipeline edits a source image per prompt.*eval_dataset"):
+        evaluate.main(
+            ["--model_name_or_path", "tiny-flux-kontext", "--test_dataset_name", str(prompts), "--metrics", "color"]
+            + ["--torch_dtype", "float32", "--height", "64", "--width", "64"]
+        )

@@ -100,6 +100,8 @@ TINY_PIPELINES = {
     "tiny-qwenimage": "build_tiny_qwenimage_pipeline",
     "tiny-wan": "build_tiny_wan_pipeline",
     "tiny-zimage": "build_tiny_zimage_pipeline",
+    "tiny-flux-kontext": "build_tiny_flux_kontext_pipeline",
+    "tiny-qwenimage-edit": "build_tiny_qwenimage_edit_pipeline",
 }
 """Pipeline names that build an embedded tiny pipeline (:mod:`trl_flow_egrpo.tiny`) instead of loading one."""
 

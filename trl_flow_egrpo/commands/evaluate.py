@@ -85,8 +85,8 @@ class EvalArguments:
     model_name_or_path: str = field(
         default="black-forest-labs/FLUX.1-dev",
         metadata={
-            "help": "The base pipeline (Hub id or path); 'tiny', 'tiny-sd3', 'tiny-flux2', 'tiny-flux2-klein' "
-            "and 'tiny-qwenimage' build an embedded tiny pipeline of that family."
+            "help": "The base pipeline (Hub id or path); the names of trl_flow_egrpo.registry.TINY_PIPELINES "
+            "('tiny', 'tiny-sd3', 'tiny-flux2', 'tiny-qwenimage', ...) build an embedded tiny pipeline of that family."
         },
     )
     torch_dtype: str = field(default="bfloat16", metadata={"help": "dtype the pipeline is loaded in."})
@@ -369,6 +369,12 @@ def evaluate(args: EvalArguments, config: EGRPOConfig) -> None:
         guidance_scale=config.guidance_scale,
         num_frames=config.num_frames,
     )
+    if adapter.edits_images:
+        raise SystemExit(
+            f"trl-flow-egrpo evaluate scores text-to-image models on prompts alone; {type(pipeline).__name__} edits "
+            "a source image per prompt. Evaluate an editing model with EGRPOTrainer.evaluate() on an eval_dataset "
+            "that has a source-image column (the train command does so with eval_dataset_name; docs/editing.md)."
+        )
     family = adapter.family
     protocol = resolve_protocol(args, config, adapter)
     logger.info(
