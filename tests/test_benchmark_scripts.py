@@ -67,8 +67,8 @@ def test_learning_efficiency_smoke_sweeps_reports_and_caches(tmp_path, monkeypat
     assert len(runs) == len(arms) * (2 + 2)  # 2 learning rates x 1 sweep seed, 2 report seeds
     for run in runs:
         assert [point["iteration"] for point in run["points"]] == [0, 2]
-        # Flow-GRPO's KL term (beta 0.01 by default) forwards the frozen base once per update row.
-        reference = 1 if run["arm"] == "flow-grpo" else 0
+        # A KL term (Flow-GRPO: beta 0.01 by default, DiffusionNFT: 1e-4) forwards the frozen base once per update row.
+        reference = 1 if run["arm"] in ("flow-grpo", "diffusion-nft") else 0
         for point in run["points"]:
             assert point["reference_rows"] == reference * point["update_rows"]
             assert point["total"] == point["sampling_rows"] + 3 * point["update_rows"] + point["reference_rows"]
