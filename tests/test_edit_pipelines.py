@@ -253,6 +253,11 @@ def test_qwenimage_edit_on_policy_ratios_are_one(tmp_path, case):
 
 
 @pytest.mark.slow
+def test_qwenimage_edit_training_raises_the_reward(tmp_path):
+    conformance.test_training_raises_the_reward(tmp_path, QWENIMAGE_EDIT)
+
+
+@pytest.mark.slow
 def test_qwenimage_edit_saved_lora_loads_into_a_fresh_pipeline(tmp_path):
     conformance.test_saved_lora_loads_into_a_fresh_pipeline(tmp_path, QWENIMAGE_EDIT)
 
