@@ -138,6 +138,13 @@ ARMS: list[tuple[str, dict]] = [
 """(label, EGRPOConfig fields): every arm of the benchmark. Labels starting with 'e-grpo' are E-GRPO's; the others
 are the baselines. An arm the installed library cannot configure is left out with its reason."""
 
+PARENT_ARMS: dict[str, str] = {
+    "e-grpo dpm++2m 0.4 cps tau 3.5": "e-grpo dpm++2m 0.4",
+    "e-grpo dpm++2m 0.4 guard": "e-grpo dpm++2m 0.4",
+}
+"""Arms that change one thing on another arm (their *parent*): the report compares each with its parent seed by
+seed (final gain at the equal row budget, and rows to reach the target), which is what the change is worth."""
+
 
 def is_egrpo(label: str) -> bool:
     """Whether an arm is one of E-GRPO's (the others are baselines)."""
@@ -611,7 +618,8 @@ def summarize(runs_by_arm: dict[str, list[dict]], target: float = TARGET_GAIN, n
     Per arm: seeds, rows and iterations per run, the start reward, the final gain (± s.e.), rows and iterations to
     reach ``target`` (seed-mean curve). Then, for each E-GRPO arm, its ratio of rows to reach the target to the
     best baseline's with a paired bootstrap interval; and the per-iteration ordering: each arm's gain at the
-    common iteration with the paired difference to 'e-grpo' and its interval.
+    common iteration with the paired difference to 'e-grpo' and its interval; and for each arm of
+    :data:`PARENT_ARMS`, its paired final-gain difference to its parent and its rows ratio to the parent.
     """
     rows = {}
     for arm, runs in runs_by_arm.items():
@@ -638,6 +646,19 @@ def summarize(runs_by_arm: dict[str, list[dict]], target: float = TARGET_GAIN, n
                 ratios.setdefault(arm, {})[x] = power.paired_bootstrap(
                     arms, best_baseline_ratio(arm, baselines, target, x), num_resamples
                 )
+    changes = {}
+    for arm, parent in PARENT_ARMS.items():
+        if arm in runs_by_arm and parent in runs_by_arm:
+            pair = {arm: runs_by_arm[arm], parent: runs_by_arm[parent]}
+            changes[arm] = dict(
+                parent=parent,
+                final_gain_difference=power.paired_difference(
+                    runs_by_arm[arm], runs_by_arm[parent], power.final_gain, num_resamples
+                ),
+                rows_ratio=power.paired_bootstrap(
+                    pair, power.reach_ratio_statistic(arm, parent, target, "total"), num_resamples
+                ),
+            )
     ordering = {}
     if "e-grpo" in runs_by_arm and len(runs_by_arm) > 1:
         at = common_iteration(runs_by_arm)
@@ -650,7 +671,7 @@ def summarize(runs_by_arm: dict[str, list[dict]], target: float = TARGET_GAIN, n
                     runs, runs_by_arm["e-grpo"], lambda run: power.gain_at(run, at), num_resamples
                 )
             ordering["arms"][arm] = entry
-    return dict(target_gain=target, rows=rows, ratios=ratios, ordering=ordering, baselines=baselines)
+    return dict(target_gain=target, rows=rows, ratios=ratios, ordering=ordering, changes=changes, baselines=baselines)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -765,6 +786,26 @@ def markdown_report(
                     f"| {arm} | {entry['gain']:+.4f} ± {entry['se']:.4f} | {difference['estimate']:+.4f} "
                     f"| [{difference['low']:+.4f}, {difference['high']:+.4f}] | {power.verdict(difference)} |"
                 )
+    if summary.get("changes"):
+        lines += [
+            "",
+            "## One change on a parent arm, paired by seed",
+            "",
+            "Final gain at the equal row budget, minus the parent's (95% paired bootstrap interval), and rows to "
+            "reach the target over the parent's (inf: the arm's mean curve does not reach it in that share of "
+            "resamples).",
+            "",
+            "| arm | parent | final-gain difference | 95% interval | verdict 'arm > parent' | rows ratio "
+            "| 95% interval | seeds |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for arm, change in summary["changes"].items():
+            difference, rows_ratio = change["final_gain_difference"], change["rows_ratio"]
+            lines.append(
+                f"| {arm} | {change['parent']} | {difference['estimate']:+.4f} "
+                f"| [{difference['low']:+.4f}, {difference['high']:+.4f}] | {power.verdict(difference)} "
+                f"| {_number(rows_ratio['estimate'], 2)} | {_interval(rows_ratio)} | {difference['seeds']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -830,6 +871,13 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__, with_l
     )
     parser.add_argument("--arms", default=None, help="Comma-separated arm labels to run (default: all available).")
     parser.add_argument(
+        "--learning_rates",
+        default=None,
+        help="Comma-separated learning rates that replace the mode's sweep grid in this call (e.g. only the "
+        "parent's best and its neighbours for an arm that changes one thing on a tuned arm). The choice is made "
+        "among the swept rates of each arm that are cached; a later call with the whole grid runs the rest.",
+    )
+    parser.add_argument(
         "--seeds", type=int, default=None, help="Report seeds 0..N-1 (default: the mode's); more adds to the cache."
     )
     parser.add_argument(
@@ -857,6 +905,9 @@ def mode_of(args, modes: dict[str, Mode]) -> tuple[str, Mode]:
     """The mode the flags select: ``(name, mode)``."""
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
     mode = modes[name]
+    if getattr(args, "learning_rates", None):
+        grid = tuple(float(value) for value in args.learning_rates.split(","))
+        mode = dataclasses.replace(mode, learning_rates=grid)
     return name, mode
 
 

@@ -58,6 +58,9 @@ def test_learning_efficiency_smoke_sweeps_reports_and_caches(tmp_path, monkeypat
     assert int(by_arm["flow-grpo"][3]) == PROMPTS * G * T
     assert all(row[2] == "2" and row[5] == "2" for row in rows)  # two report seeds, two iterations each
     assert "## E-GRPO / best baseline" in report and "## Per-iteration ordering: gain at iteration 2" in report
+    changes = table_rows(report, "| arm | parent |")
+    assert [(row[0], row[1]) for row in changes] == list(learning_efficiency.PARENT_ARMS.items())
+    assert all(row[-1] == "2" for row in changes)  # paired over the two report seeds
 
     results = json.loads((tmp_path / "learning_efficiency_smoke.json").read_text())
     assert set(results["learning_rates"]) == set(arms)
@@ -90,6 +93,12 @@ def test_learning_efficiency_smoke_sweeps_reports_and_caches(tmp_path, monkeypat
     report = (tmp_path / "learning_efficiency_smoke.md").read_text()
     seeds = [(row[0], row[2]) for row in table_rows(report, "| arm | lr | seeds |")]
     assert seeds == [("e-grpo", "3"), ("flow-grpo", "3")]
+
+    # --learning_rates replaces the sweep grid: only the new rate's sweep run trains, the report's table shows it.
+    trained.clear()
+    learning_efficiency.main([*argv, "--arms", "awm", "--learning_rates", "2e-3", "--phase", "sweep"])
+    assert [(job.arm, job.learning_rate, job.split) for job in trained] == [("awm", 2e-3, "validation")]
+    assert "| arm | lr 0.002 | chosen |" in (tmp_path / "learning_efficiency_smoke.md").read_text()
 
 
 def test_learning_efficiency_names_an_unavailable_arm(capsys):
