@@ -252,6 +252,8 @@ def test_best_baseline_ratio_takes_the_fastest_baseline():
     assert statistic(runs) == pytest.approx(0.25)
     summary = learning_efficiency.summarize(runs, num_resamples=50)
     assert summary["ratios"]["e-grpo"]["total"]["estimate"] == pytest.approx(0.25)
+    # Final gains 0.2, 0.02 and 0.05: the lead is over the baseline with the largest one.
+    assert summary["ratios"]["e-grpo"]["final_gain_lead"]["estimate"] == pytest.approx(0.15)
     assert summary["rows"]["fast"]["rows_to_reach"] == pytest.approx(4000)
     assert summary["ordering"]["iteration"] == 10
     assert summary["ordering"]["arms"]["fast"]["difference_to_e_grpo"]["estimate"] == pytest.approx(-0.15)
