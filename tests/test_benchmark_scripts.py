@@ -134,6 +134,75 @@ def test_ablations_smoke_lays_out_the_tables_and_verdicts(tmp_path):
     assert (tmp_path / "ablations_smoke.png").read_bytes()[:8] == PNG_MAGIC
 
 
+DPM_BASE = "e-grpo dpm++2m 0.4"
+
+
+def test_ablations_on_another_base_layer_the_settings_on_its_fields(tmp_path):
+    (tmp_path / "learning_efficiency_smoke.json").write_text(json.dumps(dict(learning_rates={DPM_BASE: 7e-4})))
+    reference = ablations.reference_label(DPM_BASE)
+    argv = ["--smoke", "--model", "tiny", "--workers", "1", "--out", str(tmp_path), "--base", DPM_BASE]
+    ablations.main([*argv, "--arms", f"{reference},tau 2.6"])
+    report = (tmp_path / "ablations_smoke_e-grpo_dpm++2m_0.4.md").read_text()
+    assert f"Base arm: `{DPM_BASE}` (algorithm=e-grpo, completion_solver=dpmpp_2m" in report
+    assert "Left out: 'DPM++ 2M, 40% of steps'" in report  # the base itself: it would be the reference run twice
+    tau_table = next(section for section in report.split("\n## ") if section.startswith("Entropy threshold"))
+    rows = {row[0]: row for row in table_rows(tau_table, "| setting |")}
+    assert list(rows) == [reference, "tau 2.6"] and rows[reference][6] == "-" and rows["tau 2.6"][6] != "-"
+    assert not (tmp_path / "ablations_smoke.md").exists()  # the paper's ablations' names stay theirs
+    results = json.loads((tmp_path / "ablations_smoke_e-grpo_dpm++2m_0.4.json").read_text())
+    assert (results["base"], results["left_out"], results["learning_rate"]) == (
+        DPM_BASE,
+        ["DPM++ 2M, 40% of steps"],
+        7e-4,
+    )
+    runs = [json.loads(path.read_text()) for path in (tmp_path / "cache").glob("*/*.json")]
+    assert {path.name for path in (tmp_path / "cache").iterdir()} == {"ablations_smoke_tiny_e-grpo_dpm++2m_0.4"}
+    assert sorted((run["arm"], run["seed"]) for run in runs) == [
+        (reference, 0),
+        (reference, 1),
+        ("tau 2.6", 0),
+        ("tau 2.6", 1),
+    ]
+    for run in runs:
+        assert run["fields"]["completion_solver"] == "dpmpp_2m" and run["fields"]["completion_steps_fraction"] == 0.4
+        assert run["fields"].get("entropy_threshold") == (2.6 if run["arm"] == "tau 2.6" else None)
+        assert run["learning_rate"] == 7e-4
+
+
+def test_ablations_refuse_a_base_they_cannot_layer_on(tmp_path, capsys):
+    argv = ["--smoke", "--model", "tiny", "--out", str(tmp_path)]
+    for base in ("no such arm", "flow-grpo", "e-grpo dpm++2m 0.2 cps tau 3.5"):  # the last sets tau
+        with pytest.raises(SystemExit, match=r"choose among \['e-grpo', 'e-grpo dpm\+\+2m 0.4'"):
+            ablations.main([*argv, "--base", base])
+    with pytest.raises(SystemExit, match="--iterations 0: give a positive number"):
+        ablations.main([*argv, "--iterations", "0"])
+    with pytest.raises(SystemExit):
+        ablations.main(["--help"])
+    usage = capsys.readouterr().out
+    assert "--base LABEL" in usage and "--iterations N" in usage
+    assert list(tmp_path.iterdir()) == []  # refused before anything ran
+
+
+def test_ablations_default_base_keeps_the_papers_settings_and_names():
+    """The default base runs exactly the jobs it ran before --base existed, so their cache keys stay valid."""
+    settings, left_out = ablations.settings_on(ablations.DEFAULT_BASE)
+    assert settings == [(label, dict(algorithm="e-grpo", **fields)) for label, fields in ablations.SETTINGS.items()]
+    assert left_out == []
+    assert ablations.reference_label(ablations.DEFAULT_BASE) == ablations.PAPER
+    assert ablations.file_suffix(ablations.DEFAULT_BASE) == ""
+    assert ablations.mode_with("full", None) is ablations.MODES["full"]
+
+
+def test_ablations_iterations_replace_the_modes_and_key_the_cache(tmp_path, monkeypatch):
+    argv = ["--smoke", "--model", "tiny", "--workers", "1", "--out", str(tmp_path), "--arms", "tau 2.6", "--seeds", "1"]
+    ablations.main([*argv, "--iterations", "3"])
+    path = tmp_path / "cache" / "ablations_smoke_tiny" / "tau_2.6__lr0.000125__report__s0.json"
+    assert [point["iteration"] for point in json.loads(path.read_text())["points"]] == [0, 3]
+    # The mode's 2 iterations are another run: the 3-iteration one in the cache is not reused for it.
+    ablations.main(argv)
+    assert [point["iteration"] for point in json.loads(path.read_text())["points"]] == [0, 2]
+
+
 def test_a_seed_gives_every_algorithm_the_same_prompts_and_random_streams(tmp_path):
     """Paired seeds: with the same config.seed, every algorithm draws the same prompts at every iteration and
     consumes its rollout generator identically (one per-prompt seed per prompt), so the per-prompt random streams
@@ -293,8 +362,8 @@ def test_ablation_claims_get_verdicts_from_paired_intervals():
     assert summary["claims"]["adaptive > fixed merges > none"]["verdict"] == "confirmed"
     assert summary["claims"]["first 8 > all > second 8"]["verdict"] == "refuted"
     assert "tau 2.2 best" not in summary["claims"]  # its settings did not run
-    assert summary["against_paper"]["fixed 2"]["estimate"] == pytest.approx(-0.02)
-    assert summary["against_paper"]["fixed 2"]["resolves"]
+    assert summary["against_reference"]["fixed 2"]["estimate"] == pytest.approx(-0.02)
+    assert summary["against_reference"]["fixed 2"]["resolves"]
 
 
 def test_sweep_picks_the_learning_rate_with_the_largest_mean_gain():
