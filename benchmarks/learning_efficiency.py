@@ -2,13 +2,14 @@
 sweep per algorithm, bootstrap intervals.
 
     python benchmarks/learning_efficiency.py --quick            # 3 lrs x 1 sweep seed, 3 report seeds (< 15 min)
-    python benchmarks/learning_efficiency.py                    # 4 lrs x 3 sweep seeds, 20 report seeds (CPU-hours)
+    python benchmarks/learning_efficiency.py                    # 5 lrs x 3 sweep seeds, 20 report seeds (CPU-hours)
+    python benchmarks/learning_efficiency.py --arms awm --learning_rates 1e-3   # one arm, one more rate
     python benchmarks/learning_efficiency.py --seeds 40         # add report seeds to the cached full run
     python benchmarks/learning_efficiency.py --report_only      # rebuild the report from the cache, train nothing
     python benchmarks/learning_efficiency.py --smoke --model tiny   # seconds: checks the script works
 
-An *arm* is a label and the ``EGRPOConfig`` fields it sets (:data:`ARMS`: the algorithms, MixGRPO-Flash, and
-E-GRPO with its completion options). Every arm trains a LoRA on the testbed (benchmarks/testbed, ColourPurityReward)
+An *arm* is a label and the ``EGRPOConfig`` fields it sets (:data:`ARMS`: the algorithms, MixGRPO-Flash,
+DiffusionNFT, AWM, E-GRPO with its completion options, and with CPS or GRPO-Guard on its best variant). Every arm trains a LoRA on the testbed (benchmarks/testbed, ColourPurityReward)
 with the shared hyperparameters (:data:`SHARED`), the same ``optimizer_step`` included, until its cumulative cost
 passes the budget. The cost is counted in transformer rows, the same way for every arm:
 
@@ -37,7 +38,8 @@ E-GRPO.
 
 Each (arm, learning rate, split, seed) run writes its curve to ``<out>/cache/learning_efficiency_<mode>/`` as it
 finishes; a later call skips the cached runs, so an interrupted run resumes and ``--seeds`` adds seeds. The report
-is built from what is cached and says how many seeds each arm has. Writes
+is built from what is cached, for every arm (``--arms`` and ``--learning_rates`` choose what a call trains, not what
+it reports), and says how many seeds each arm has. Writes
 ``<out>/learning_efficiency_<mode>.{md,png,json}``.
 
 ``--model tiny`` replaces the testbed with the library's random-weight tiny FLUX pipeline and ColorReward
@@ -873,13 +875,10 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__, with_l
     parser.add_argument(
         "--checkpoint", default=None, help="A testbed pipeline saved elsewhere (default: the committed one)."
     )
-    parser.add_argument("--arms", default=None, help="Comma-separated arm labels to run (default: all available).")
     parser.add_argument(
-        "--learning_rates",
+        "--arms",
         default=None,
-        help="Comma-separated learning rates that replace the mode's sweep grid in this call (e.g. only the "
-        "parent's best and its neighbours for an arm that changes one thing on a tuned arm). The choice is made "
-        "among the swept rates of each arm that are cached; a later call with the whole grid runs the rest.",
+        help="Comma-separated arm labels to train (default: all available).",
     )
     parser.add_argument(
         "--seeds", type=int, default=None, help="Report seeds 0..N-1 (default: the mode's); more adds to the cache."
@@ -893,7 +892,15 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__, with_l
     parser.add_argument(
         "--report_only", action="store_true", help="Train nothing: build the report from the cached runs."
     )
-    if with_learning_rate:
+    if not with_learning_rate:
+        parser.add_argument(
+            "--learning_rates",
+            default=None,
+            help="Comma-separated learning rates this call sweeps instead of the mode's grid (e.g. only the parent's "
+            "best and its neighbours for an arm that changes one thing on a tuned arm, or one more rate at the grid's "
+            "edge). The report chooses each arm's rate among all its cached sweep rates, of the grid and these.",
+        )
+    else:
         parser.add_argument(
             "--learning_rate",
             type=float,
@@ -908,11 +915,7 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__, with_l
 def mode_of(args, modes: dict[str, Mode]) -> tuple[str, Mode]:
     """The mode the flags select: ``(name, mode)``."""
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
-    mode = modes[name]
-    if getattr(args, "learning_rates", None):
-        grid = tuple(float(value) for value in args.learning_rates.split(","))
-        mode = dataclasses.replace(mode, learning_rates=grid)
-    return name, mode
+    return name, modes[name]
 
 
 def report_seeds(args, mode: Mode) -> tuple[int, ...]:
@@ -936,37 +939,45 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     command = ("python benchmarks/learning_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     mode_name, mode = mode_of(args, MODES)
-    arms = available_arms(ARMS, args.arms.split(",") if args.arms else None)
+    arms = available_arms(ARMS)
+    to_train = available_arms(arms, args.arms.split(",")) if args.arms else arms
+    grid = tuple(float(value) for value in args.learning_rates.split(",")) if args.learning_rates else None
+    # The rates this call trains; the report chooses among every rate of the mode's grid and these, as cached.
+    mode_trained = dataclasses.replace(mode, learning_rates=grid) if grid else mode
+    mode = dataclasses.replace(mode, learning_rates=tuple(sorted({*mode.learning_rates, *(grid or ())})))
     backend_args = backend_arguments(args, mode)
     cache_dir = os.path.join(args.out, "cache", f"learning_efficiency_{mode_name}_{args.model}")
     start = time.perf_counter()
+    train = not args.report_only
 
-    sweep_jobs = [
-        make_job(label, fields, lr, seed, "validation")
-        for label, fields in arms
-        for lr in mode.learning_rates
-        for seed in mode.sweep_seeds
-    ]
-    if args.report_only or args.phase == "report":
-        sweep = cached_runs(backend_args, sweep_jobs, mode, cache_dir)
-    else:
-        sweep = run_jobs(backend_args, sweep_jobs, mode, args.workers, cache_dir)
+    def sweep_jobs(arms: list[tuple[str, dict]], mode: Mode) -> list[Job]:
+        return [
+            make_job(label, fields, lr, seed, "validation")
+            for label, fields in arms
+            for lr in mode.learning_rates
+            for seed in mode.sweep_seeds
+        ]
+
+    def report_jobs(arms: list[tuple[str, dict]], choices: dict) -> list[Job]:
+        return [
+            make_job(label, fields, choices[label]["best"], seed, "report")
+            for seed in report_seeds(args, mode)  # seed-major: a run cut short has every arm at its first seeds
+            for label, fields in arms
+            if label in choices
+        ]
+
+    if train and args.phase != "report":
+        run_jobs(backend_args, sweep_jobs(to_train, mode_trained), mode, args.workers, cache_dir)
+    # The report covers every arm with cached runs, not only those this call trains (--arms, --learning_rates).
+    sweep = cached_runs(backend_args, sweep_jobs(arms, mode), mode, cache_dir)
     choices = choose_learning_rates(sweep)
     missing = [label for label, _ in arms if label not in choices]
     if missing:
-        # Only where nothing was to be trained (--report_only, --phase report): report the arms that were swept.
         print(f"No cached sweep runs of {missing} yet: they are left out (run --phase sweep).", flush=True)
-        arms = [arm for arm in arms if arm[0] in choices]
-
-    report_jobs = [
-        make_job(label, fields, choices[label]["best"], seed, "report")
-        for seed in report_seeds(args, mode)  # seed-major: a run cut short has every arm at its first seeds
-        for label, fields in arms
-    ]
-    if args.report_only or args.phase == "sweep":
-        report_runs = cached_runs(backend_args, report_jobs, mode, cache_dir)
-    else:
-        report_runs = run_jobs(backend_args, report_jobs, mode, args.workers, cache_dir)
+    if train and args.phase != "sweep":
+        run_jobs(backend_args, report_jobs(to_train, choices), mode, args.workers, cache_dir)
+    report_runs = cached_runs(backend_args, report_jobs(arms, choices), mode, cache_dir)
+    arms = [arm for arm in arms if arm[0] in choices]
     seconds = time.perf_counter() - start
     runs_by_arm = group_by_arm(report_runs, arms)
     summary = summarize(runs_by_arm) if runs_by_arm else None  # None: the sweep only, so far
