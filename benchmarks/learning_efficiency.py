@@ -8,10 +8,11 @@ sweep per algorithm, bootstrap intervals.
     python benchmarks/learning_efficiency.py --report_only      # rebuild the report from the cache, train nothing
     python benchmarks/learning_efficiency.py --smoke --model tiny   # seconds: checks the script works
 
-An *arm* is a label and the ``EGRPOConfig`` fields it sets (:data:`ARMS`: the algorithms, MixGRPO-Flash,
-DiffusionNFT, AWM, E-GRPO with its completion options, and with CPS or GRPO-Guard on its best variant). Every arm trains a LoRA on the testbed (benchmarks/testbed, ColourPurityReward)
-with the shared hyperparameters (:data:`SHARED`), the same ``optimizer_step`` included, until its cumulative cost
-passes the budget. The cost is counted in transformer rows, the same way for every arm:
+An *arm* is a label and the ``EGRPOConfig`` fields it sets (:data:`ARMS`: the algorithms, MixGRPO-Flash, DiffusionNFT,
+AWM, E-GRPO with its completion options, and with CPS or GRPO-Guard on its best variant). Every arm trains a LoRA on the
+testbed (benchmarks/testbed, ColourPurityReward) with the shared hyperparameters (:data:`SHARED`), the same
+``optimizer_step`` included, until its cumulative cost passes the budget. The cost is counted in transformer rows, the
+same way for every arm:
 
 - sampling rows: the trainer's ``trajectory_evaluations`` metric (the testbed has no CFG: ``transformer_rows`` too);
 - update rows: ``len(rollouts.step_start)`` per inner epoch (the trainer's own closed form for its throughput);
@@ -571,15 +572,28 @@ def sweep_score(run: dict) -> float:
     return power.mean(gains) if gains else 0.0
 
 
+def lowest_gain(run: dict) -> float:
+    """The lowest gain of a run at any of its evaluations: how far it fell (a collapse shows here first)."""
+    return min(power.gains([p["reward"] for p in run["points"]]))
+
+
 def choose_learning_rates(sweep: list[dict]) -> dict[str, dict]:
-    """Per arm: every swept learning rate's mean score (:func:`sweep_score`) and s.e. over sweep seeds, and the
-    best learning rate (largest mean score)."""
-    choices: dict[str, dict] = {}
+    """Per arm: every swept learning rate's mean score (:func:`sweep_score`), s.e. over sweep seeds and lowest
+    gain of any seed at any evaluation (:func:`lowest_gain`), and the best learning rate (largest mean score)."""
+    runs_by: dict[str, dict] = {}
     for run in sweep:
-        choices.setdefault(run["arm"], {}).setdefault(run["learning_rate"], []).append(sweep_score(run))
+        runs_by.setdefault(run["arm"], {}).setdefault(run["learning_rate"], []).append(run)
     result = {}
-    for arm, by_lr in choices.items():
-        scores = {lr: dict(mean=power.mean(s), se=power.standard_error(s), seeds=len(s)) for lr, s in by_lr.items()}
+    for arm, by_lr in runs_by.items():
+        scores = {}
+        for lr, runs in by_lr.items():
+            values = [sweep_score(run) for run in runs]
+            scores[lr] = dict(
+                mean=power.mean(values),
+                se=power.standard_error(values),
+                seeds=len(values),
+                lowest=min(lowest_gain(run) for run in runs),
+            )
         result[arm] = dict(scores=scores, best=max(scores, key=lambda lr: scores[lr]["mean"]))
     return result
 
@@ -633,6 +647,7 @@ def summarize(runs_by_arm: dict[str, list[dict]], target: float = TARGET_GAIN, n
             iterations=max(run["points"][-1]["iteration"] for run in runs),
             rows_to_reach=power.rows_to_reach(runs, target, "total"),
             iterations_to_reach=power.rows_to_reach(runs, target, "iteration"),
+            lowest_gain=min(lowest_gain(run) for run in runs),
             sampling_rows_per_iteration=power.mean([run["sampling_rows_per_iteration"] for run in runs]),
             update_rows_per_iteration=power.mean([run["update_rows_per_iteration"] for run in runs]),
             cpu_seconds=power.mean([run.get("cpu_seconds", run["seconds"]) for run in runs]),
@@ -687,6 +702,10 @@ def _number(value: float | None, digits: int = 0) -> str:
     return "undefined" if math.isnan(value) else f"{value:,.{digits}f}"
 
 
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.4f}"
+
+
 def _interval(result: dict, digits: int = 2) -> str:
     low, high = result["low"], result["high"]
     if math.isnan(low):
@@ -733,6 +752,17 @@ def markdown_report(
             score = choice["scores"].get(lr)
             cells.append("-" if score is None else f"{score['mean']:+.4f} ± {score['se']:.4f} ({score['seeds']})")
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {choice['best']:g} |")
+    lines += [
+        "",
+        "Stability: the lowest validation gain of any sweep seed at any evaluation point (a run that collapses, "
+        "or swings, shows here).",
+        "",
+        "| arm | " + " | ".join(f"lr {lr:g}" for lr in mode.learning_rates) + " |",
+        "|---|" + "---|" * len(mode.learning_rates),
+    ]
+    for arm, choice in choices.items():
+        cells = [_signed(choice["scores"].get(lr, {}).get("lowest")) for lr in mode.learning_rates]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     if summary is None:
         return "\n".join([*lines, "", "No report runs are cached yet (run without --phase sweep)."]) + "\n"
     lines += [
@@ -740,14 +770,16 @@ def markdown_report(
         f"## Report split, each arm at its chosen learning rate (target: gain +{target} over the start)",
         "",
         "| arm | lr | seeds | sampling rows / it | update rows / it | iterations | reward at 0 "
-        "| final gain (± s.e.) | rows to reach target | iterations to reach target | CPU-s / run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| final gain (± s.e.) | lowest gain of any seed | rows to reach target | iterations to reach target "
+        "| CPU-s / run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, row in summary["rows"].items():
         lines.append(
             f"| {arm} | {choices[arm]['best']:g} | {row['seeds']} | {row['sampling_rows_per_iteration']:,.0f} "
             f"| {row['update_rows_per_iteration']:,.0f} | {row['iterations']} | {row['initial_reward']:.4f} "
-            f"| {row['final_gain']:+.4f} ± {row['final_gain_se']:.4f} | {_number(row['rows_to_reach'])} "
+            f"| {row['final_gain']:+.4f} ± {row['final_gain_se']:.4f} | {row['lowest_gain']:+.4f} "
+            f"| {_number(row['rows_to_reach'])} "
             f"| {_number(row['iterations_to_reach'], 1)} | {row['cpu_seconds']:.0f} |"
         )
     if summary["ratios"]:

@@ -58,6 +58,7 @@ def test_learning_efficiency_smoke_sweeps_reports_and_caches(tmp_path, monkeypat
     assert int(by_arm["flow-grpo"][3]) == PROMPTS * G * T
     assert all(row[2] == "2" and row[5] == "2" for row in rows)  # two report seeds, two iterations each
     assert "## E-GRPO / best baseline" in report and "## Per-iteration ordering: gain at iteration 2" in report
+    assert "Stability: the lowest validation gain" in report
     changes = table_rows(report, "| arm | parent |")
     assert [(row[0], row[1]) for row in changes] == list(learning_efficiency.PARENT_ARMS.items())
     assert all(row[-1] == "2" for row in changes)  # paired over the two report seeds
@@ -373,10 +374,12 @@ def test_sweep_picks_the_learning_rate_with_the_largest_mean_gain():
     def run(arm, lr, seed, gains):
         return dict(arm=arm, learning_rate=lr, seed=seed, points=[dict(reward=0.5 + g) for g in [0.0, *gains]])
 
-    sweep = [run("a", 1e-3, 0, [0.01, 0.0]), run("a", 1e-3, 1, [0.0, 0.0]), run("a", 5e-4, 0, [0.01, 0.01])]
+    sweep = [run("a", 1e-3, 0, [0.01, 0.0]), run("a", 1e-3, 1, [-0.03, 0.03]), run("a", 5e-4, 0, [0.01, 0.01])]
     choice = learning_efficiency.choose_learning_rates(sweep)["a"]
     assert choice["best"] == 5e-4
     assert choice["scores"][1e-3]["mean"] == pytest.approx(0.0025) and choice["scores"][1e-3]["seeds"] == 2
+    # The lowest gain of any seed at any evaluation: the dip of seed 1, not a mean.
+    assert choice["scores"][1e-3]["lowest"] == pytest.approx(-0.03) and choice["scores"][5e-4]["lowest"] == 0.0
 
 
 def test_validation_and_report_prompts_share_no_composition():
