@@ -101,7 +101,7 @@ EVAL_SEED = 1000
 """Evaluation prompt ``i`` is always sampled from the noise of seed ``EVAL_SEED + i``."""
 
 DPM_0_2: dict = dict(algorithm="e-grpo", completion_solver="dpmpp_2m", completion_steps_fraction=0.2)
-"""E-GRPO with DPM-Solver++ 2M completions on 0.2 of the steps: the parent of the issue-21 arms."""
+"""E-GRPO with DPM-Solver++ 2M completions on 0.2 of the steps: the parent of the CPS and GRPO-Guard arms."""
 
 ARMS: list[tuple[str, dict]] = [
     ("e-grpo", dict(algorithm="e-grpo")),
@@ -127,12 +127,18 @@ ARMS: list[tuple[str, dict]] = [
 """(label, EGRPOConfig fields): every arm of the benchmark. Labels starting with 'e-grpo' are E-GRPO's; the others
 are the baselines. An arm the installed library cannot configure is left out with its reason."""
 
-PARENT_ARMS: dict[str, str] = {
-    "e-grpo dpm++2m 0.2 cps tau 3.5": "e-grpo dpm++2m 0.2",
-    "e-grpo dpm++2m 0.2 guard": "e-grpo dpm++2m 0.2",
-}
-"""Arms that change one thing on another arm (their *parent*): the report compares each with its parent seed by
-seed (final gain at the equal row budget, and rows to reach the target), which is what the change is worth."""
+PAIRED_COMPARISONS: list[tuple[str, str]] = [
+    # One change each on a parent arm: what the change is worth.
+    ("e-grpo dpm++2m 0.2 cps tau 3.5", "e-grpo dpm++2m 0.2"),
+    ("e-grpo dpm++2m 0.2 guard", "e-grpo dpm++2m 0.2"),
+    # The claims of DiffusionNFT ("3-25x" fewer samples than Flow-GRPO) and AWM (faster than Flow-GRPO).
+    ("diffusion-nft", "flow-grpo"),
+    ("awm", "flow-grpo"),
+    # The paper's E-GRPO against the cheaper-completion variant that learns.
+    ("e-grpo dpm++2m 0.2", "e-grpo dpm++2m 0.4"),
+]
+"""(arm, reference) pairs the report compares seed by seed: the final gain at the equal row budget minus the
+reference's, and the rows to reach the target over the reference's, each with a paired bootstrap interval."""
 
 
 def is_egrpo(label: str) -> bool:
@@ -633,7 +639,7 @@ def summarize(runs_by_arm: dict[str, list[dict]], target: float = TARGET_GAIN, n
     best baseline's with a paired bootstrap interval, and its final gain minus the best baseline's; the
     per-iteration ordering: each arm's gain at the common iteration with the paired difference to 'e-grpo' and its
     interval; and for each arm of
-    :data:`PARENT_ARMS`, its paired final-gain difference to its parent and its rows ratio to the parent.
+    :data:`PAIRED_COMPARISONS`, the paired final-gain difference and rows ratio of the arm to its reference.
     """
     rows = {}
     for arm, runs in runs_by_arm.items():
@@ -664,18 +670,21 @@ def summarize(runs_by_arm: dict[str, list[dict]], target: float = TARGET_GAIN, n
             ratios[arm]["final_gain_lead"] = power.paired_bootstrap(
                 arms, final_gain_lead(arm, baselines), num_resamples
             )
-    changes = {}
-    for arm, parent in PARENT_ARMS.items():
-        if arm in runs_by_arm and parent in runs_by_arm:
-            pair = {arm: runs_by_arm[arm], parent: runs_by_arm[parent]}
-            changes[arm] = dict(
-                parent=parent,
-                final_gain_difference=power.paired_difference(
-                    runs_by_arm[arm], runs_by_arm[parent], power.final_gain, num_resamples
-                ),
-                rows_ratio=power.paired_bootstrap(
-                    pair, power.reach_ratio_statistic(arm, parent, target, "total"), num_resamples
-                ),
+    comparisons = []
+    for arm, reference in PAIRED_COMPARISONS:
+        if arm in runs_by_arm and reference in runs_by_arm:
+            pair = {arm: runs_by_arm[arm], reference: runs_by_arm[reference]}
+            comparisons.append(
+                dict(
+                    arm=arm,
+                    reference=reference,
+                    final_gain_difference=power.paired_difference(
+                        runs_by_arm[arm], runs_by_arm[reference], power.final_gain, num_resamples
+                    ),
+                    rows_ratio=power.paired_bootstrap(
+                        pair, power.reach_ratio_statistic(arm, reference, target, "total"), num_resamples
+                    ),
+                )
             )
     ordering = {}
     if "e-grpo" in runs_by_arm and len(runs_by_arm) > 1:
@@ -689,7 +698,9 @@ def summarize(runs_by_arm: dict[str, list[dict]], target: float = TARGET_GAIN, n
                     runs, runs_by_arm["e-grpo"], lambda run: power.gain_at(run, at), num_resamples
                 )
             ordering["arms"][arm] = entry
-    return dict(target_gain=target, rows=rows, ratios=ratios, ordering=ordering, changes=changes, baselines=baselines)
+    return dict(
+        target_gain=target, rows=rows, ratios=ratios, ordering=ordering, comparisons=comparisons, baselines=baselines
+    )
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -824,23 +835,23 @@ def markdown_report(
                     f"| {arm} | {entry['gain']:+.4f} ± {entry['se']:.4f} | {difference['estimate']:+.4f} "
                     f"| [{difference['low']:+.4f}, {difference['high']:+.4f}] | {power.verdict(difference)} |"
                 )
-    if summary.get("changes"):
+    if summary.get("comparisons"):
         lines += [
             "",
-            "## One change on a parent arm, paired by seed",
+            "## Paired comparisons (one change on a parent arm; a method's claim against its baseline)",
             "",
-            "Final gain at the equal row budget, minus the parent's (95% paired bootstrap interval), and rows to "
-            "reach the target over the parent's (inf: the arm's mean curve does not reach it in that share of "
-            "resamples).",
+            "Final gain at the equal row budget, minus the reference's (95% paired bootstrap interval), and rows to "
+            "reach the target over the reference's (inf: the arm's mean curve does not reach it in that share of "
+            "resamples; 0: the reference's does not while the arm's does; undefined: neither does).",
             "",
-            "| arm | parent | final-gain difference | 95% interval | verdict 'arm > parent' | rows ratio "
+            "| arm | reference | final-gain difference | 95% interval | verdict 'arm > reference' | rows ratio "
             "| 95% interval | seeds |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for arm, change in summary["changes"].items():
-            difference, rows_ratio = change["final_gain_difference"], change["rows_ratio"]
+        for comparison in summary["comparisons"]:
+            difference, rows_ratio = comparison["final_gain_difference"], comparison["rows_ratio"]
             lines.append(
-                f"| {arm} | {change['parent']} | {difference['estimate']:+.4f} "
+                f"| {comparison['arm']} | {comparison['reference']} | {difference['estimate']:+.4f} "
                 f"| [{difference['low']:+.4f}, {difference['high']:+.4f}] | {power.verdict(difference)} "
                 f"| {_number(rows_ratio['estimate'], 2)} | {_interval(rows_ratio)} | {difference['seeds']} |"
             )

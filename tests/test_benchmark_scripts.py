@@ -59,9 +59,9 @@ def test_learning_efficiency_smoke_sweeps_reports_and_caches(tmp_path, monkeypat
     assert all(row[2] == "2" and row[5] == "2" for row in rows)  # two report seeds, two iterations each
     assert "## E-GRPO / best baseline" in report and "## Per-iteration ordering: gain at iteration 2" in report
     assert "Stability: the lowest validation gain" in report
-    changes = table_rows(report, "| arm | parent |")
-    assert [(row[0], row[1]) for row in changes] == list(learning_efficiency.PARENT_ARMS.items())
-    assert all(row[-1] == "2" for row in changes)  # paired over the two report seeds
+    comparisons = table_rows(report, "| arm | reference |")
+    assert [(row[0], row[1]) for row in comparisons] == learning_efficiency.PAIRED_COMPARISONS
+    assert all(row[-1] == "2" for row in comparisons)  # paired over the two report seeds
 
     results = json.loads((tmp_path / "learning_efficiency_smoke.json").read_text())
     assert set(results["learning_rates"]) == set(arms)
