@@ -894,6 +894,38 @@ def plot(runs_by_arm: dict[str, list[dict]], target: float, path: str, title: st
     plt.close(figure)
 
 
+def plot_seeds(runs_by_arm: dict[str, list[dict]], path: str, title: str) -> None:
+    """One panel per arm: every seed's gain curve against total rows (thin) and their mean (thick), so that a
+    seed that collapses or swings is seen, not averaged away."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 4
+    rows = math.ceil(len(runs_by_arm) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), sharex=True, sharey=True, squeeze=False)
+    for axis, (arm, runs) in zip(axes.flat, runs_by_arm.items(), strict=False):  # spare panels stay empty
+        curves = [power.gains([p["reward"] for p in run["points"]]) for run in runs]
+        for run, curve in zip(runs, curves, strict=True):
+            axis.plot([p["total"] for p in run["points"]], curve, linewidth=0.6, alpha=0.5)
+        xs = power.mean_curve([[p["total"] for p in run["points"]] for run in runs])
+        axis.plot(xs, power.mean_curve(curves), color="black", linewidth=2)
+        axis.axhline(0, color="grey", linewidth=0.8)
+        axis.set_title(f"{arm} ({len(runs)} seeds)", fontsize=9)
+        axis.grid(alpha=0.3)
+    for axis in axes.flat[len(runs_by_arm) :]:
+        axis.set_visible(False)
+    for axis in axes[-1]:
+        axis.set_xlabel("total rows")
+    for axis in axes[:, 0]:
+        axis.set_ylabel("gain over the start")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
 # ---------------------------------------------------------------------------------------------- command line
 
 
@@ -1052,6 +1084,7 @@ def main(argv: list[str] | None = None) -> dict:
         seeds = sorted({len(runs) for runs in runs_by_arm.values()})
         title = f"Learning efficiency on the {args.model} ({mode_name}, {seeds} seeds)"
         plot(runs_by_arm, TARGET_GAIN, stem + ".png", title)
+        plot_seeds(runs_by_arm, stem + "_seeds.png", f"Every report seed's curve ({mode_name}, {args.model})")
     print(report)
     print(f"wall time: {seconds:.1f} s; wrote {stem}.md, .png, .json")
     return dict(summary=summary, choices=choices)

@@ -77,6 +77,7 @@ def test_learning_efficiency_smoke_sweeps_reports_and_caches(tmp_path, monkeypat
             assert point["reference_rows"] == reference * point["update_rows"]
             assert point["total"] == point["sampling_rows"] + 3 * point["update_rows"] + point["reference_rows"]
     assert (tmp_path / "learning_efficiency_smoke.png").read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / "learning_efficiency_smoke_seeds.png").read_bytes()[:8] == PNG_MAGIC
 
     # A second call trains nothing; --seeds 3 trains exactly the new seed of the arms asked for.
     trained = []
