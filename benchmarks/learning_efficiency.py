@@ -638,8 +638,8 @@ def summarize(runs_by_arm: dict[str, list[dict]], target: float = TARGET_GAIN, n
     reach ``target`` (seed-mean curve). Then, for each E-GRPO arm, its ratio of rows to reach the target to the
     best baseline's with a paired bootstrap interval, and its final gain minus the best baseline's; the
     per-iteration ordering: each arm's gain at the common iteration with the paired difference to 'e-grpo' and its
-    interval; and for each arm of
-    :data:`PAIRED_COMPARISONS`, the paired final-gain difference and rows ratio of the arm to its reference.
+    interval; and for each pair of :data:`PAIRED_COMPARISONS`, the paired final-gain difference and rows ratio of
+    the arm to its reference.
     """
     rows = {}
     for arm, runs in runs_by_arm.items():
@@ -715,6 +715,10 @@ def _number(value: float | None, digits: int = 0) -> str:
 
 def _signed(value: float | None) -> str:
     return "-" if value is None else f"{value:+.4f}"
+
+
+def _signed_interval(result: dict) -> str:
+    return f"[{result['low']:+.4f}, {result['high']:+.4f}]"
 
 
 def _interval(result: dict, digits: int = 2) -> str:
@@ -815,7 +819,7 @@ def markdown_report(
             lines.append(
                 f"| {arm} | {_number(rows_ratio['estimate'], 2)} | {_interval(rows_ratio)} | {goal} "
                 f"| {_number(iteration_ratio['estimate'], 2)} | {_interval(iteration_ratio)} "
-                f"| {lead['estimate']:+.4f} | [{lead['low']:+.4f}, {lead['high']:+.4f}] | {rows_ratio['seeds']} |"
+                f"| {lead['estimate']:+.4f} | {_signed_interval(lead)} | {rows_ratio['seeds']} |"
             )
     if summary["ordering"]:
         ordering = summary["ordering"]
@@ -833,7 +837,7 @@ def markdown_report(
             else:
                 lines.append(
                     f"| {arm} | {entry['gain']:+.4f} ± {entry['se']:.4f} | {difference['estimate']:+.4f} "
-                    f"| [{difference['low']:+.4f}, {difference['high']:+.4f}] | {power.verdict(difference)} |"
+                    f"| {_signed_interval(difference)} | {power.verdict(difference)} |"
                 )
     if summary.get("comparisons"):
         lines += [
@@ -852,7 +856,7 @@ def markdown_report(
             difference, rows_ratio = comparison["final_gain_difference"], comparison["rows_ratio"]
             lines.append(
                 f"| {comparison['arm']} | {comparison['reference']} | {difference['estimate']:+.4f} "
-                f"| [{difference['low']:+.4f}, {difference['high']:+.4f}] | {power.verdict(difference)} "
+                f"| {_signed_interval(difference)} | {power.verdict(difference)} "
                 f"| {_number(rows_ratio['estimate'], 2)} | {_interval(rows_ratio)} | {difference['seeds']} |"
             )
     return "\n".join(lines) + "\n"
